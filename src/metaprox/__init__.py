@@ -1,0 +1,12 @@
+"""metaprox: proximal meta-learning (Meta-MinibatchProx) for PyTorch."""
+
+from metaprox.algorithms import InexactInnerSolveWarning, MetaLearner, MetaMinibatchProx, NonFiniteError
+from metaprox.models import MLP
+from metaprox.prox import SquaredL2
+from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerResult, ProxProblem
+from metaprox.tasks import Task, TaskDataError
+
+__version__ = "0.1.0"
+
+__all__ = ["Task", "TaskDataError", "MetaMinibatchProx", "MetaLearner", "SGD", "Adam", "ExactLeastSquares",
+           "MLP", "SquaredL2", "InnerResult", "ProxProblem", "NonFiniteError", "InexactInnerSolveWarning"]

@@ -1,0 +1,240 @@
+"""`MetaLearner`: what every meta-gradient rule shares — meta-parameters, inner solves, the outer step.
+
+The meta-parameters ``w`` are the model's trainable parameters. One outer iteration (:meth:`MetaLearner.step`):
+
+1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched);
+2. ask the rule (:meth:`meta_gradient`, the only thing a subclass defines) for the meta-gradient;
+3. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
+4. return the diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaprox.execution import Execution, FunctionalModel, Oracle
+from metaprox.losses import Loss, LossFn, resolve_loss
+from metaprox.prox import SquaredL2, make_prox
+from metaprox.solvers import SGD, InnerResult, InnerSolver, ProxProblem
+from metaprox.tasks.task import Task
+
+__all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning"]
+
+Tensors = list[torch.Tensor]
+OptimizerSpec = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or meta-gradient became NaN/inf; the meta-parameters were left untouched."""
+
+
+class InexactInnerSolveWarning(RuntimeWarning):
+    """Inner stationarity is far above the meta-gradient norm: the inner problems are not being solved."""
+
+
+@dataclass
+class SolvedGroup:
+    """Tasks ``indices`` (into the minibatch) solved together, with their oracle and inner result."""
+
+    indices: list[int]
+    oracle: Oracle
+    result: InnerResult
+
+
+def _check_weights(weights: Any, n: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != n:
+        raise ValueError(f"got {w.numel()} task weights for {n} tasks.")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("task weights must be finite, ≥ 0, and not all zero.")
+    return w / w.sum()
+
+
+class MetaLearner:
+    """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments."""
+
+    def __init__(self, model: nn.Module, loss: str | LossFn | Loss = "mse",
+                 lam: float | Mapping[str, float] | SquaredL2 = 1.0, inner: InnerSolver | None = None,
+                 meta_optimizer: OptimizerSpec = None, outer_lr: float = 1.0, total_steps: int | None = None,
+                 schedule: str = "linear", execution: str = "auto", seed: int = 0,
+                 stationarity_warn_ratio: float = 10.0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.fmodel = FunctionalModel(model)
+        self.names = self.fmodel.names
+        self.loss = resolve_loss(loss)
+        self.prox = make_prox(lam, self.names)
+        self.inner = inner if inner is not None else SGD()
+        if not isinstance(self.inner, InnerSolver):
+            raise TypeError(f"inner must be a metaprox solver (SGD, Adam, ExactLeastSquares), got {self.inner!r}.")
+        self.execution = Execution(self.fmodel, self.loss, execution)
+        if schedule not in ("linear", "constant"):
+            raise ValueError(f"unknown schedule {schedule!r}: use 'linear' (η_s = α(1 − s/S)) or 'constant'.")
+        if schedule == "linear" and total_steps is None:
+            schedule = "constant"
+        if total_steps is not None and int(total_steps) < 1:
+            raise ValueError(f"total_steps = {total_steps}: must be ≥ 1.")
+        self.schedule, self.total_steps = schedule, total_steps
+        self.optimizer = self._make_optimizer(meta_optimizer, outer_lr)
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step_count = 0
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.stationarity_warn_ratio = stationarity_warn_ratio
+        self._warned = False
+
+    # ----- construction helpers -------------------------------------------------------------------
+    def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
+        params = self.fmodel.params()
+        if spec is None:
+            if not outer_lr > 0:
+                raise ValueError(f"outer_lr = {outer_lr}: must be > 0.")
+            return torch.optim.SGD(params, lr=outer_lr)
+        opt = spec if isinstance(spec, torch.optim.Optimizer) else spec(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError("meta_optimizer must be a torch.optim.Optimizer or a callable params -> Optimizer.")
+        given = {id(p) for g in opt.param_groups for p in g["params"]}
+        if given != {id(p) for p in params}:
+            raise ValueError("meta_optimizer must optimize exactly the model's trainable parameters "
+                             "(build it with model.parameters()).")
+        return opt
+
+    def lr_factor(self, step: int) -> float:
+        """Schedule factor for outer iteration ``step`` (0-based): the paper's η_s = α(1 − s/S), or 1."""
+        if self.schedule == "constant":
+            return 1.0
+        return max(0.0, 1.0 - step / float(self.total_steps))  # type: ignore[arg-type]
+
+    # ----- the inner solve --------------------------------------------------------------------------
+    def center(self) -> Tensors:
+        return [p.detach() for p in self.fmodel.params()]
+
+    def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
+              prox: SquaredL2 | None = None, monitor: bool = True, query: bool = False) -> list[SolvedGroup]:
+        """Solve every task's prox problem (batched by shape); returns the groups with their results."""
+        if isinstance(tasks, Task):
+            tasks = [tasks]
+        if len(tasks) == 0:
+            raise ValueError("got an empty list of tasks.")
+        for t in tasks:
+            if not isinstance(t, Task):
+                raise TypeError(f"tasks must be metaprox.Task objects, got {type(t).__name__}.")
+        c = self.center() if center is None else center
+        solver, penalty = inner or self.inner, prox or self.prox
+        out = []
+        for idx in self.execution.groups(tasks):
+            group = [tasks[i] for i in idx]
+            x, y = self.execution.stack(group)
+            oracle = self.execution.oracle(x, y)
+            if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
+                with torch.no_grad():
+                    self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
+                self._shapes_checked = True
+            result = solver.solve(ProxProblem(oracle, penalty, c), generator=self.generator, monitor=monitor)
+            out.append(SolvedGroup(idx, oracle, result))
+        return out
+
+    # ----- the outer step ---------------------------------------------------------------------------
+    def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
+                      weights: torch.Tensor) -> Tensors:
+        """The meta-gradient for w (one tensor per parameter, no task axis). Defined by each rule."""
+        raise NotImplementedError
+
+    def step(self, tasks: Sequence[Task], weights: Sequence[float] | torch.Tensor | None = None,
+             monitor: bool = True) -> dict[str, float]:
+        """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``)."""
+        if isinstance(tasks, Task):
+            tasks = [tasks]
+        a = _check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
+        w = self.center()
+        solved = self.solve(tasks, center=w, monitor=monitor)
+        grads = self.meta_gradient(tasks, solved, a)
+        gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        if not math.isfinite(gnorm):
+            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "
+                                 f"parameters were not updated. Lower the learning rates or λ.")
+        factor = self.lr_factor(self.step_count)
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * factor
+        for p, g in zip(self.fmodel.params(), grads):
+            p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        diag: dict[str, float] = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"],
+                                  "meta_grad_norm": gnorm}
+        if monitor:
+            diag.update(self.monitors(solved, w, a, gnorm))
+        return diag
+
+    def monitors(self, solved: list[SolvedGroup], w: Tensors, a: torch.Tensor, gnorm: float) -> dict[str, float]:
+        """Theory monitors: mean inner stationarity, mean ‖v_T − w‖² (σ²), mean φ_T, mean inner loss."""
+        n = float(sum(len(s.indices) for s in solved))
+        stat = sq = phi = loss = 0.0
+        for s in solved:
+            r = s.result
+            assert r.loss is not None and r.stationarity is not None
+            stat += float(r.stationarity.sum())
+            sq += float(self.prox.sqdist(r.params, w).sum())
+            phi += float((r.loss + self.prox.value(r.params, w)).sum())
+            loss += float(r.loss.sum())
+        out = {"inner_stationarity": stat / n, "sigma2": sq / n, "phi": phi / n, "inner_loss": loss / n}
+        if not math.isfinite(out["phi"]):
+            raise NonFiniteError(f"non-finite task loss at outer step {self.step_count}.")
+        if out["inner_stationarity"] > self.stationarity_warn_ratio * max(gnorm, 1e-12) and not self._warned:
+            self._warned = True
+            warnings.warn(f"mean inner stationarity {out['inner_stationarity']:.3g} is more than "
+                          f"{self.stationarity_warn_ratio:g}× the meta-gradient norm {gnorm:.3g}: the inner "
+                          f"problems are far from solved, so the meta-gradient is mostly solver error. Use more "
+                          f"inner steps or a larger inner learning rate.", InexactInnerSolveWarning, stacklevel=3)
+        return out
+
+    # ----- using the prior ----------------------------------------------------------------------------
+    def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
+              inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
+        """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters.
+
+        ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ).
+        """
+        solver = inner or self.inner
+        if steps is not None:
+            solver = solver.with_steps(steps)
+        prox = self.prox if lam is None else make_prox(lam, self.names)
+        (group,) = self.solve([task], inner=solver, prox=prox, monitor=False)
+        return {n: t[0] for n, t in zip(self.names, group.result.params)}
+
+    def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Model output on ``x`` with the given parameters (e.g. from :meth:`adapt`)."""
+        missing = set(self.names) - set(params)
+        if missing:
+            raise KeyError(f"params lack {sorted(missing)}; pass the dict returned by adapt().")
+        return self.fmodel.single(dict(params), x)
+
+    # ----- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count,
+                "params": {n: p.detach().clone() for n, p in zip(self.names, self.fmodel.params())},
+                "optimizer": self.optimizer.state_dict(), "base_lrs": list(self._base_lrs),
+                "generator": self.generator.get_state().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        params = state["params"]
+        if set(params) != set(self.names):
+            raise KeyError(f"state has parameters {sorted(params)} but the model has {sorted(self.names)}.")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.fmodel.params()):
+                if params[n].shape != p.shape:
+                    raise ValueError(f"parameter {n!r}: state shape {tuple(params[n].shape)} != model "
+                                     f"shape {tuple(p.shape)}.")
+                p.copy_(params[n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._base_lrs = list(state["base_lrs"])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])

@@ -101,5 +101,7 @@ class Task:
         return (tuple(self.x.shape), tuple(self.y.shape), self.x.dtype, self.y.dtype, q)
 
     def to(self, device: torch.device | str) -> Task:
-        mv = (lambda t: None if t is None else t.to(device))
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return Task(mv(self.x), mv(self.y), mv(self.x_query), mv(self.y_query), self.name)

@@ -1,0 +1,101 @@
+"""Config → objects: the model, the task family, the inner solver and the meta-learner of a run.
+
+Task families registered here give the trainer two things: ``train_batch(n, generator)`` (meta-training tasks)
+and ``eval_sets(split)`` (named lists of test tasks with query sets, e.g. ``{"5-shot": [...]}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaprox.algorithms.base import MetaLearner
+from metaprox.algorithms.mmp import MetaMinibatchProx
+from metaprox.config import ConfigError
+from metaprox.models.mlp import MLP
+from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerSolver
+from metaprox.tasks.sine import SineFamily
+from metaprox.tasks.task import Task
+
+__all__ = ["build_model", "build_inner", "build_learner", "build_family", "FAMILIES", "ALGORITHMS"]
+
+ALGORITHMS: dict[str, type[MetaLearner]] = {"mmp": MetaMinibatchProx}
+
+
+class SineTasks:
+    """The sine family bound to a run config."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        t = cfg["task"]
+        self.family = SineFamily(*t["amp_range"], *t["phase_range"], *t["x_range"])
+        self.cfg = cfg
+
+    def train_batch(self, n: int, generator: torch.Generator) -> list[Task]:
+        t = self.cfg["task"]
+        return self.family.sample(n, t["train_points"], generator, num_query=t["query_points"])
+
+    def eval_sets(self, split: str) -> dict[str, list[Task]]:
+        e = self.cfg["eval"]
+        seed = e["seed"] if split == "test" else e["val_seed"]
+        out = {}
+        for shots in e["shots"]:
+            g = torch.Generator().manual_seed(seed * 1000 + shots)
+            out[f"{shots}-shot"] = self.family.test_tasks(e["tasks"], shots, g, e["points"])
+        return out
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any]], Any]] = {"sine": SineTasks}
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    m = cfg["model"]
+    if m["kind"] == "mlp":
+        return MLP(m["sizes"], m["activation"])
+    raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp'].")
+
+
+def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None) -> InnerSolver:
+    i = cfg["inner"]
+    steps = i["steps"] if steps is None else steps
+    lr = i["lr"] if lr is None else lr
+    bs = i["batch_size"] or None
+    if i["solver"] == "sgd":
+        return SGD(lr=lr, steps=steps, momentum=i["momentum"], batch_size=bs)
+    if i["solver"] == "adam":
+        return Adam(lr=lr, steps=steps, beta1=i["beta1"], batch_size=bs)
+    if i["solver"] == "exact_least_squares":
+        return ExactLeastSquares()
+    raise ConfigError(f"unknown inner.solver {i['solver']!r}; choose 'sgd', 'adam' or 'exact_least_squares'.")
+
+
+def _optimizer_factory(cfg: dict[str, Any]) -> Callable[..., torch.optim.Optimizer]:
+    o = cfg["outer"]
+    if o["optimizer"] == "sgd":
+        return lambda p: torch.optim.SGD(p, lr=o["lr"])
+    if o["optimizer"] == "adam":
+        return lambda p: torch.optim.Adam(p, lr=o["lr"])
+    raise ConfigError(f"unknown outer.optimizer {o['optimizer']!r}; choose 'sgd' or 'adam'.")
+
+
+def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLearner:
+    if cfg["algorithm"] not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {cfg['algorithm']!r}; available: {sorted(ALGORITHMS)}.")
+    if model is None:
+        torch.manual_seed(cfg["seed"])
+        model = build_model(cfg)
+    model = model.to(cfg["device"])
+    loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
+    return ALGORITHMS[cfg["algorithm"]](
+        model, loss, lam=cfg["prox"]["lam"], inner=build_inner(cfg), meta_optimizer=_optimizer_factory(cfg),
+        total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"], execution=cfg["execution"],
+        seed=cfg["seed"])
+
+
+def build_family(cfg: dict[str, Any]) -> Any:
+    fam = cfg["task"]["family"]
+    if fam not in FAMILIES:
+        raise ConfigError(f"unknown task.family {fam!r}; available: {sorted(FAMILIES)}.")
+    return FAMILIES[fam](cfg)

@@ -1,0 +1,108 @@
+"""The ``metaprox`` command: ``train``, ``eval``, ``bench`` and ``plot``.
+
+    metaprox train CONFIG --out DIR [--set key=value ...] [--resume]
+    metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
+    metaprox bench NAME [--json]
+    metaprox plot DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from metaprox.checkpoint import CheckpointError
+from metaprox.config import ConfigError
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set outer.steps=1000 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaprox", description="Proximal meta-learning (Meta-MinibatchProx).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="meta-train from a config file into a run directory")
+    t.add_argument("config", help="config file (TOML/YAML/JSON), e.g. configs/sine.toml")
+    t.add_argument("--out", required=True, help="run directory (created; holds config, metrics, checkpoints)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(t)
+    e = sub.add_parser("eval", help="evaluate a run's learned prior on its test (or validation) tasks")
+    e.add_argument("run_dir")
+    e.add_argument("--split", choices=["test", "val"], default="test",
+                   help="'val' draws fresh tasks with eval.val_seed: tune there, report 'test'")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
+    _common(e)
+    b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
+    b.add_argument("name", help="benchmark name: sine")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
+    pl = sub.add_parser("plot", help="(re)draw a run's figures")
+    pl.add_argument("run_dir")
+    return p
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from metaprox.config import apply_overrides, resolve
+    from metaprox.evaluate import _table, evaluate_run
+    from metaprox.rundir import load_learner
+
+    learner, cfg, _ = load_learner(args.run_dir)
+    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
+    cfg = resolve(apply_overrides(cfg, args.overrides))
+    result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(_table(result), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from metaprox.config import load_config
+            from metaprox.evaluate import _table
+            from metaprox.train import train
+
+            cfg = load_config(args.config, args.overrides)
+            result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+            print(_table(result), end="")
+            print(f"run directory: {args.out} (plots in {args.out}/plots)")
+        elif args.command == "eval":
+            return _eval(args)
+        elif args.command == "bench":
+            from metaprox.bench import run_bench
+
+            result = run_bench(args.name, quick=args.quick)
+            print(json.dumps(result, indent=1) if args.json else result["markdown"])
+        elif args.command == "plot":
+            from metaprox.plots import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+    except (ConfigError, CheckpointError, ValueError, TypeError, KeyError) as e:
+        print(f"metaprox: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from metaprox.train import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"metaprox: {e}", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

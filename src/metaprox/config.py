@@ -1,0 +1,167 @@
+"""Run configuration: TOML (or YAML) files under ``configs/``, defaults, validation and ``--set`` overrides.
+
+A config is a nested dict with a fixed schema (``DEFAULTS``). Unknown keys are errors (a typo must not
+silently run the default), and every value is type-checked against its default. The resolved config is written
+to the run directory as ``config.json``; figures and tables take their labels from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve", "apply_overrides", "parse_value"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed: unknown key, wrong type or impossible value."""
+
+
+# The schema: every key a run understands, with its default. ``None`` means "optional / derived".
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "seed": 0,
+    "device": "cpu",
+    "algorithm": "mmp",
+    "execution": "auto",
+    "task": {
+        "family": "sine",
+        "train_points": 50,        # support points per meta-training task
+        "query_points": 0,         # query points per meta-training task (MAML-family rules)
+        "amp_range": [0.1, 5.0],
+        "phase_range": [0.0, 6.283185307179586],
+        "x_range": [-5.0, 5.0],
+    },
+    "model": {"kind": "mlp", "sizes": [1, 40, 40, 1], "activation": "tanh"},
+    "prox": {"lam": 0.5},
+    "inner": {"solver": "sgd", "lr": 0.02, "steps": 15, "momentum": 0.0, "beta1": 0.9, "batch_size": 0},
+    "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5},
+    "eval": {
+        "shots": [5, 10],
+        "tasks": 200,
+        "points": 200,
+        "steps": [0, 1, 15, 32],   # test-time steps reported; the curve runs to the largest
+        "lam": None,               # test-time λ (None: the training λ)
+        "lr": None,                # test-time inner lr (None: the training inner lr)
+        "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
+        "val_seed": 7,
+    },
+    "log": {"every": 100, "checkpoint_every": 2000, "tensorboard": "auto", "progress": True},
+}
+
+
+def _check_types(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str = "") -> None:
+    for key, value in cfg.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            close = [k for k in schema if k[:3] == key[:3]]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}.{hint} Valid keys here: {sorted(schema)}.")
+        default = schema[key]
+        if isinstance(default, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {path!r} must be a table/section, got {value!r}.")
+            _check_types(value, default, path + ".")
+        elif default is None or value is None:
+            continue
+        elif isinstance(default, bool):
+            if not isinstance(value, bool) and not (isinstance(default, bool) and value == "auto"):
+                raise ConfigError(f"config key {path!r} must be true/false, got {value!r}.")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"config key {path!r} must be a number, got {value!r}.")
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                    and not value.is_integer() and key not in ("lr", "lam", "momentum", "beta1"):
+                raise ConfigError(f"config key {path!r} must be an integer, got {value!r}.")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"config key {path!r} must be a string, got {value!r}.")
+        elif isinstance(default, list):
+            if not isinstance(value, list):
+                raise ConfigError(f"config key {path!r} must be a list, got {value!r}.")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a TOML literal (numbers, booleans, lists, quoted strings); else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (as given to ``--set``)."""
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. outer.lr=0.5).")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = out
+        schema: Any = DEFAULTS
+        for p in parts[:-1]:
+            if not isinstance(schema, dict) or p not in schema or not isinstance(schema[p], dict):
+                raise ConfigError(f"unknown config section {p!r} in override {item!r}.")
+            schema = schema[p]
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parse_value(text.strip())
+    return out
+
+
+def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a (partial) config and fill in defaults; also cross-field checks."""
+    _check_types(cfg, DEFAULTS)
+    out = _merge(DEFAULTS, cfg)
+    lam = out["prox"]["lam"]
+    if not isinstance(lam, (dict, int, float)) or isinstance(lam, bool):
+        raise ConfigError(f"prox.lam must be a number or a table of pattern = λ, got {lam!r}.")
+    for v in (lam.values() if isinstance(lam, dict) else [lam]):
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"prox.lam = {v!r}: λ must be > 0.")
+    if out["outer"]["meta_batch"] < 1 or out["outer"]["steps"] < 1:
+        raise ConfigError("outer.meta_batch and outer.steps must be ≥ 1.")
+    if out["inner"]["steps"] < 0:
+        raise ConfigError("inner.steps must be ≥ 0.")
+    if any(s < 0 for s in out["eval"]["steps"]) or not out["eval"]["steps"]:
+        raise ConfigError("eval.steps must be a non-empty list of step counts ≥ 0.")
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a TOML/YAML/JSON config file, apply overrides, validate and fill defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples).")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML.") from e
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"config {str(path)!r}: use a .toml, .yaml or .json file.")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from e
+    return resolve(apply_overrides(raw, overrides))

@@ -1,0 +1,139 @@
+"""The training loop of a run: config → tasks → outer steps → metrics, checkpoints, evaluation, plots.
+
+``train(cfg, out_dir)`` starts a run; ``train(cfg, out_dir, resume=True)`` continues it from its last
+checkpoint, bitwise identical (on CPU) to an uninterrupted run: the task-sampling and inner-minibatch
+generators, optimizer state and step counter are all checkpointed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaprox.algorithms.base import NonFiniteError
+from metaprox.build import build_family, build_learner
+from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
+from metaprox.config import ConfigError
+from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
+
+__all__ = ["train", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training hit a NaN/inf; the run directory keeps its last good checkpoint."""
+
+
+def _diff(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}{k}.")]
+    return [] if a == b else [f"{where[:-1]}: {a!r} → {b!r}"]
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, mode: str | bool):
+        self.writer = None
+        if mode in (False, "false", "off"):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if mode is True or mode == "true":
+                raise ConfigError("log.tensorboard = true but tensorboard is not installed "
+                                  "(pip install tensorboard, or set log.tensorboard = 'auto').") from None
+            return
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, int(row["step"]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progress: bool | None = None,
+          evaluate: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or resume) meta-training; returns the final evaluation (or {} if ``evaluate`` is False).
+
+    ``stop_at`` ends the session after that many outer iterations (with a checkpoint), as an interruption
+    would; a later ``resume=True`` call continues to ``outer.steps``.
+    """
+    run_dir = Path(out_dir)
+    has_ckpt = (run_dir / "checkpoint.json").is_file()
+    if has_ckpt and not resume:
+        raise ConfigError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
+                          f"another --out.")
+    if resume and has_ckpt:
+        stored = read_config(run_dir)
+        changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval."))]
+        if changed:
+            raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+
+    learner = build_learner(cfg)
+    family = build_family(cfg)
+    sampler = torch.Generator().manual_seed(cfg["seed"])
+    rows: list[dict[str, Any]] = []
+    elapsed0 = 0.0
+    if resume and has_ckpt:
+        state, meta = load_checkpoint(run_dir)
+        learner.load_state_dict(state)
+        sampler.set_state(decode_rng(meta["sampler"]))
+        elapsed0 = float(meta.get("elapsed", 0.0))
+        rows = [r for r in read_metrics(run_dir) if r["step"] <= state["step"]]
+    elif resume:
+        raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
+
+    total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
+    show = log["progress"] if progress is None else progress
+    tb = _TensorBoard(run_dir, log["tensorboard"])
+    t0 = time.perf_counter()
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, learner.state_dict(),
+                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
+        write_metrics(run_dir, rows)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=learner.step_count, disable=not show, desc=cfg["name"], unit="it",
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        end = total if stop_at is None else min(total, stop_at)
+        while learner.step_count < end:
+            s = learner.step_count
+            monitor = s == 0 or (s + 1) % log["every"] == 0 or s + 1 == total
+            tasks = family.train_batch(mb, sampler)
+            try:
+                diag = learner.step(tasks, monitor=monitor)
+            except NonFiniteError as e:
+                write_metrics(run_dir, rows)
+                raise TrainingDiverged(f"training stopped at step {s}: {e} The last good checkpoint in "
+                                       f"{str(run_dir)!r} is kept.") from e
+            if monitor:
+                row = {**diag, "step": learner.step_count, "time": elapsed0 + time.perf_counter() - t0}
+                rows.append(row)
+                tb.log(row)
+                bar.set_postfix(phi=f"{diag['phi']:.3g}", grad=f"{diag['meta_grad_norm']:.2g}", refresh=False)
+            if learner.step_count % log["checkpoint_every"] == 0 or learner.step_count == end:
+                checkpoint()
+            bar.update(1)
+    finally:
+        bar.close()
+        tb.close()
+    if not evaluate or learner.step_count < total:
+        return {}
+    from metaprox.evaluate import evaluate_run
+    from metaprox.plots import plot_run
+
+    result = evaluate_run(run_dir, learner=learner, cfg=cfg)
+    plot_run(run_dir, learner=learner, cfg=cfg)
+    return result

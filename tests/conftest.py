@@ -1,0 +1,47 @@
+"""Shared fixtures: small linear least-squares task sets with closed-form answers, tiny nonlinear tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metaprox
+
+
+def linear_tasks(n_tasks: int = 4, n: int = 12, d: int = 3, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, 1, generator=g, dtype=dtype)
+    tasks = []
+    for i in range(n_tasks):
+        x = torch.randn(n, d, generator=g, dtype=dtype)
+        w = base + 0.5 * torch.randn(d, 1, generator=g, dtype=dtype)
+        y = x @ w + 0.3 + 0.1 * torch.randn(n, 1, generator=g, dtype=dtype)
+        tasks.append(metaprox.Task(x, y, name=f"lin{i}"))
+    return tasks
+
+
+def linear_model(d: int = 3, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(d, 1).to(dtype)
+
+
+def quad_terms(task: metaprox.Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """L(θ) = ½ θᵀAθ − bᵀθ + const for θ = [weight, bias] and the mean squared error."""
+    xa = torch.cat([task.x, torch.ones(task.num_examples, 1, dtype=task.x.dtype)], 1)
+    n = task.num_examples
+    return (2.0 / n) * xa.T @ xa, (2.0 / n) * (xa.T @ task.y).flatten()
+
+
+def theta(params) -> torch.Tensor:
+    return torch.cat([params["weight"].flatten(), params["bias"].flatten()])
+
+
+@pytest.fixture
+def lin_tasks():
+    return linear_tasks()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -41,7 +41,9 @@ class Conv4(nn.Module):
         momentum, eps: BatchNorm momentum (running mode) and epsilon.
         channels_last: run convolutions in channels-last memory format (a CPU/GPU speed option only).
 
-    Parameter names: ``conv{i}.weight/bias``, ``norm{i}.weight/bias`` (i = 0..3), ``head.weight/bias``.
+    Parameter names: ``conv{i}.weight``, ``norm{i}.weight/bias`` (i = 0..3), ``head.weight/bias``. The convs have
+    no bias: BatchNorm's shift makes it redundant, and with batch statistics its gradient is exactly zero, so an
+    adaptive inner solver (Adam) would turn pure round-off into ±lr steps.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 5, filters: int = 32, image_size: int = 28,
@@ -61,7 +63,7 @@ class Conv4(nn.Module):
         self.in_channels, self.filters, self.image_size, self.feature_side = in_channels, filters, image_size, side
         chans = [in_channels, filters, filters, filters, filters]
         for i in range(4):
-            self.add_module(f"conv{i}", nn.Conv2d(chans[i], chans[i + 1], 3, padding=1))
+            self.add_module(f"conv{i}", nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False))
             self.add_module(f"norm{i}", nn.BatchNorm2d(filters, eps=eps, momentum=momentum,
                                                        track_running_stats=(bn == "running")))
         self.head = nn.Linear(filters * side * side, num_classes)
@@ -88,7 +90,7 @@ class Conv4(nn.Module):
     def _forward(self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
         h = self._layout(self._check(x, 4))
         for i in range(4):
-            h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
+            h = F.conv2d(h, p[f"conv{i}.weight"], None, padding=1)
             norm = getattr(self, f"norm{i}")
             if update_stats:
                 h = F.batch_norm(h, norm.running_mean, norm.running_var, p[f"norm{i}.weight"],
@@ -117,8 +119,7 @@ class Conv4(nn.Module):
         batch_stats = self._use_batch_stats()
         for i in range(4):
             w = params[f"conv{i}.weight"]
-            h = F.conv2d(h, w.reshape(b * w.shape[1], *w.shape[2:]), params[f"conv{i}.bias"].reshape(-1),
-                         padding=1, groups=b)
+            h = F.conv2d(h, w.reshape(b * w.shape[1], *w.shape[2:]), None, padding=1, groups=b)
             gamma, beta = params[f"norm{i}.weight"].reshape(-1), params[f"norm{i}.bias"].reshape(-1)
             if batch_stats:
                 h = F.batch_norm(h, None, None, gamma, beta, True, 0.0, self.eps)

@@ -2,8 +2,8 @@
 
 Setting (issue 4): 5 tasks per meta-batch, 5-way, 6 support images per class (30 per task), 28×28 greyscale,
 Conv-4 with 32 filters and batch-statistics BatchNorm, 8 inner Adam steps with beta1 = 0, MMP outer step.
-Variants are timed *interleaved* (round-robin, median of ``--reps``) so that load from other processes hits all
-of them alike; the speedups printed are ratios of medians measured in this one run.
+Variants are timed *interleaved* (round-robin, median of ``--reps``) so that load from other
+processes hits all of them alike; the speedups printed are ratios of medians measured in this one run.
 
     PYTHONPATH=src python benchmarks/omniglot_conv4.py [--reps 3] [--threads 1] [--data PATH/omniglot28.npz]
 
@@ -34,20 +34,31 @@ def make_tasks(data: Path | None, seed: int) -> tuple[list[metaprox.Task], str]:
         from metaprox.tasks.episodes import EpisodeSampler
 
         images = load_omniglot_npz(data)
-        sampler = EpisodeSampler(images, images.classes_where("split", "background"), WAYS, SHOTS, 0,
-                                 rotations=True)
+        sampler = EpisodeSampler(
+            images, images.classes_where("split", "background"), WAYS, SHOTS, 0, rotations=True
+        )
         return sampler.sample(TASKS, gen), f"Omniglot episodes from {data}"
-    tasks = [metaprox.Task(torch.rand(WAYS * SHOTS, 1, SIZE, SIZE, generator=gen),
-                           torch.arange(WAYS).repeat_interleave(SHOTS)) for _ in range(TASKS)]
+    tasks = [
+        metaprox.Task(
+            torch.rand(WAYS * SHOTS, 1, SIZE, SIZE, generator=gen),
+            torch.arange(WAYS).repeat_interleave(SHOTS),
+        )
+        for _ in range(TASKS)
+    ]
     return tasks, "random 28×28 images (no Omniglot file found)"
 
 
 def make_learner(execution: str, channels_last: bool) -> metaprox.MetaMinibatchProx:
     torch.manual_seed(0)
     model = Conv4(1, WAYS, FILTERS, SIZE, bn="batch", channels_last=channels_last)
-    return metaprox.MetaMinibatchProx(model, "cross_entropy", lam=0.5,
-                                      inner=metaprox.Adam(lr=1e-3, steps=STEPS, beta1=0.0),
-                                      outer_lr=1.0, execution=execution)
+    return metaprox.MetaMinibatchProx(
+        model,
+        "cross_entropy",
+        lam=0.5,
+        inner=metaprox.Adam(lr=1e-3, steps=STEPS, beta1=0.0),
+        outer_lr=1.0,
+        execution=execution,
+    )
 
 
 def main() -> None:
@@ -61,11 +72,14 @@ def main() -> None:
     if data is None and os.environ.get("METAPROX_DATA"):
         data = Path(os.environ["METAPROX_DATA"]) / "omniglot" / "omniglot28.npz"
     tasks, source = make_tasks(data, 0)
-    variants = {f"{ex}{'+channels_last' if cl else ''}": (ex, cl)
-                for ex in ("loop", "batched", "vmap") for cl in (False, True)}
+    variants = {
+        f"{ex}{'+channels_last' if cl else ''}": (ex, cl)
+        for ex in ("loop", "batched", "vmap")
+        for cl in (False, True)
+    }
     learners = {name: make_learner(ex, cl) for name, (ex, cl) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, mmp in learners.items():  # warm-up (allocator, mkldnn primitives, vmap tracing)
+    for mmp in learners.values():  # warm-up (allocator, mkldnn primitives, vmap tracing)
         mmp.step(tasks, monitor=False)
     for _ in range(args.reps):
         for name, mmp in learners.items():
@@ -74,8 +88,10 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) * 1000.0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["loop"]
-    print(f"MMP iteration: {TASKS} tasks × {WAYS}-way × {SHOTS} shots, Conv-4/{FILTERS}, {SIZE}×{SIZE}, "
-          f"{STEPS} Adam steps (beta1=0); torch {torch.__version__}, {args.threads} thread(s); data: {source}")
+    print(
+        f"MMP iteration: {TASKS} tasks × {WAYS}-way × {SHOTS} shots, Conv-4/{FILTERS}, {SIZE}×{SIZE}, "
+        f"{STEPS} Adam steps (beta1=0); torch {torch.__version__}, {args.threads} thread(s); data: {source}"
+    )
     print(f"{'variant':28s} {'median ms/iter':>15s} {'min':>8s} {'speedup vs loop':>16s}")
     for name in variants:
         print(f"{name:28s} {med[name]:15.1f} {min(times[name]):8.1f} {base / med[name]:15.2f}×")

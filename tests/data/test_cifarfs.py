@@ -43,7 +43,9 @@ def test_binary_records(tmp_path):
     _write_bins(tmp_path, (2, 1))
     d = read_cifar100_binary(tmp_path)
     assert d.images.shape == (300, 3, 32, 32) and d.num_classes == 100
-    assert d.images[0, 0, 0, 0] == d.labels[0] and d.images[0, 1, 0, 0] == 200 and d.images[0, 2, 0, 0] == 0
+    assert (
+        d.images[0, 0, 0, 0] == d.labels[0] and d.images[0, 1, 0, 0] == 200 and d.images[0, 2, 0, 0] == 0
+    )
     assert d.class_meta["coarse_id"][23] == 3
 
 
@@ -55,7 +57,10 @@ def test_cifar_fs_and_fc100(tmp_path):
     fc = read_fc100(tmp_path, "val")
     assert fc.num_classes == 20 and all(c in FC100_SPLITS["val"] for c in fc.class_meta["coarse_id"])
     (tmp_path / "mine.txt").write_text("apple\nworm\n")
-    assert read_cifar_fs(tmp_path, "custom", split_file=tmp_path / "mine.txt").class_names == ["apple", "worm"]
+    assert read_cifar_fs(tmp_path, "custom", split_file=tmp_path / "mine.txt").class_names == [
+        "apple",
+        "worm",
+    ]
 
 
 def test_errors(tmp_path):

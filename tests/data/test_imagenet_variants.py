@@ -26,11 +26,18 @@ def _png(path: Path, value: float, side: int = 8) -> None:
 
 
 def test_miniimagenet_csv(tmp_path):
-    rows = {"train": [("n01000001_1.png", "n01000001"), ("n01000001_2.png", "n01000001"),
-                      ("n02000002_1.png", "n02000002")],
-            "val": [("n03000003_1.png", "n03000003")]}
+    rows = {
+        "train": [
+            ("n01000001_1.png", "n01000001"),
+            ("n01000001_2.png", "n01000001"),
+            ("n02000002_1.png", "n02000002"),
+        ],
+        "val": [("n03000003_1.png", "n03000003")],
+    }
     for split, items in rows.items():
-        (tmp_path / f"{split}.csv").write_text("filename,label\n" + "".join(f"{f},{c}\n" for f, c in items))
+        (tmp_path / f"{split}.csv").write_text(
+            "filename,label\n" + "".join(f"{f},{c}\n" for f, c in items)
+        )
         for i, (f, _) in enumerate(items):
             _png(tmp_path / "images" / f, 0.2 * (i + 1))
     d = read_miniimagenet(tmp_path, ["train", "val"], size=4)
@@ -46,10 +53,18 @@ def test_miniimagenet_csv(tmp_path):
 
 
 def test_miniimagenet_npz(tmp_path):
-    np.savez(tmp_path / "train.npz", images=np.zeros((4, 6, 6, 3), dtype=np.uint8), labels=np.array([5, 5, 7, 9]),
-             class_names=np.array([f"n{i}" for i in range(10)]))
+    np.savez(
+        tmp_path / "train.npz",
+        images=np.zeros((4, 6, 6, 3), dtype=np.uint8),
+        labels=np.array([5, 5, 7, 9]),
+        class_names=np.array([f"n{i}" for i in range(10)]),
+    )
     d = load_miniimagenet_npz(tmp_path / "train.npz")
-    assert d.images.shape == (4, 3, 6, 6) and d.class_names == ["n5", "n7", "n9"] and d.labels.tolist() == [0, 0, 1, 2]
+    assert (
+        d.images.shape == (4, 3, 6, 6)
+        and d.class_names == ["n5", "n7", "n9"]
+        and d.labels.tolist() == [0, 0, 1, 2]
+    )
 
 
 def test_tieredimagenet(tmp_path):
@@ -63,7 +78,12 @@ def test_tieredimagenet(tmp_path):
     (tmp_path / "val.csv").write_text("n04,g3\n")
     with pytest.raises(DatasetLayoutError, match="class folder"):
         read_tieredimagenet(tmp_path, "val")
-    np.savez(tmp_path / "t.npz", images=np.zeros((3, 3, 5, 5), dtype=np.uint8), labels=np.array([0, 1, 1]),
-             label_general=np.array([0, 1, 1]), general_names=np.array(["ga", "gb"]))
+    np.savez(
+        tmp_path / "t.npz",
+        images=np.zeros((3, 3, 5, 5), dtype=np.uint8),
+        labels=np.array([0, 1, 1]),
+        label_general=np.array([0, 1, 1]),
+        general_names=np.array(["ga", "gb"]),
+    )
     t = load_tieredimagenet_npz(tmp_path / "t.npz", "test")
     assert class_hierarchy(t) == {"0": "ga", "1": "gb"} and t.class_meta["split"] == ["test", "test"]

@@ -14,7 +14,9 @@ def test_validation_and_subset():
     assert d.image_shape == (1, 2, 2) and d.num_classes == 3 and d.classes_where("split", "x") == [0, 2]
     sub = d.subset([2, 0])
     assert sub.class_names == ["c", "a"] and sub.class_meta["split"] == ["x", "x"]
-    assert sorted(sub.labels.tolist()) == [0, 0, 1, 1] and np.array_equal(sub.images[sub.labels == 1], imgs[[0, 3]])
+    assert sorted(sub.labels.tolist()) == [0, 0, 1, 1] and np.array_equal(
+        sub.images[sub.labels == 1], imgs[[0, 3]]
+    )
     with pytest.raises(ValueError, match="labels span"):
         LabelledImages(imgs, np.array([0, 1, 2, 0, 1, 3]), ["a", "b", "c"])
     with pytest.raises(ValueError, match="class_meta"):

@@ -1,4 +1,4 @@
-"""Omniglot readers: PNG folder layout, compact npz (+ sha256), Vinyals split lists, download from a local server."""
+"""Omniglot readers: PNG folders, compact npz (+ sha256), Vinyals split lists, download (local server)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ SHARED = Path("/work/shared/data/omniglot")
 
 def _make_folders(root: Path, side: int = 8) -> None:
     """2 background characters (alphabet A) + 1 evaluation character (alphabet B), 3 drawings each."""
-    layout = {"images_background": {"Alpha": ["character01", "character02"]},
-              "images_evaluation": {"Beta": ["character01"]}}
+    layout = {
+        "images_background": {"Alpha": ["character01", "character02"]},
+        "images_evaluation": {"Beta": ["character01"]},
+    }
     for subset, alphabets in layout.items():
         for alphabet, chars in alphabets.items():
             for c, char in enumerate(chars):
@@ -48,7 +50,11 @@ def test_read_folders(tmp_path):
     assert d.images.shape == (9, 4, 4) and d.images.dtype == np.uint8
     assert d.class_names == ["Alpha/character01", "Alpha/character02", "Beta/character01"]
     assert d.class_meta["split"] == ["background", "background", "evaluation"]
-    assert d.class_meta["alphabet"] == ["Alpha", "Alpha", "Beta"] and d.class_meta["character"] == [1, 2, 1]
+    assert d.class_meta["alphabet"] == ["Alpha", "Alpha", "Beta"] and d.class_meta["character"] == [
+        1,
+        2,
+        1,
+    ]
     assert d.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     # ink = 255: character01 has 2 of 8 rows inked → area-averaged to 1 of 4 rows at 255
     assert d.images[0, 0].tolist() == [255] * 4 and d.images[0, 1:].max() == 0
@@ -69,13 +75,18 @@ def _make_npz(path: Path) -> None:
     rows = [(k, a, c, s) for k, (a, c, s) in enumerate(chars) for _ in range(n_per)]
     images = np.full((len(rows), 28, 28), 255, dtype=np.uint8)
     images[:, 0, 0] = 0
-    np.savez(path, images=images, class_label=np.array([r[0] for r in rows], dtype=np.int16),
-             char_id=np.array([r[0] + 1 for r in rows], dtype=np.int16),
-             alphabet=np.array([r[1] for r in rows], dtype=np.int8),
-             character=np.array([r[2] for r in rows], dtype=np.int8),
-             drawer=np.tile(np.arange(1, n_per + 1), len(chars)).astype(np.int8),
-             split=np.array([r[3] for r in rows], dtype=np.int8),
-             alphabet_names=np.array(["Alpha", "Beta"]), split_names=np.array(["background", "evaluation"]))
+    np.savez(
+        path,
+        images=images,
+        class_label=np.array([r[0] for r in rows], dtype=np.int16),
+        char_id=np.array([r[0] + 1 for r in rows], dtype=np.int16),
+        alphabet=np.array([r[1] for r in rows], dtype=np.int8),
+        character=np.array([r[2] for r in rows], dtype=np.int8),
+        drawer=np.tile(np.arange(1, n_per + 1), len(chars)).astype(np.int8),
+        split=np.array([r[3] for r in rows], dtype=np.int8),
+        alphabet_names=np.array(["Alpha", "Beta"]),
+        split_names=np.array(["background", "evaluation"]),
+    )
 
 
 def test_npz_and_vinyals_split(tmp_path):
@@ -87,7 +98,9 @@ def test_npz_and_vinyals_split(tmp_path):
     assert d.class_names == ["Alpha/character01", "Alpha/character02", "Beta/character01"]
     assert d.class_meta["split"] == ["background", "background", "evaluation"]
     assert d.images[0, 0, 0] == 255 and d.images[0, 5, 5] == 0  # inverted: ink = 255
-    (tmp_path / "train.txt").write_text("Alpha/character02/rot000\nAlpha/character02/rot090\nBeta/character01/rot270\n")
+    (tmp_path / "train.txt").write_text(
+        "Alpha/character02/rot000\nAlpha/character02/rot090\nBeta/character01/rot270\n"
+    )
     v = vinyals_split(d, "train", root=tmp_path)
     assert v.class_names[1] == "Alpha/character02/rot090" and v.class_meta["rotation"] == [0, 90, 270]
     assert v.class_meta["base_class"] == [1, 1, 2] and v.images.shape == (6, 28, 28)
@@ -124,7 +137,9 @@ def test_download_from_local_server(tmp_path):
         with zipfile.ZipFile(served / f"{subset}.zip", "w") as zf:
             for f in sorted((src / subset).rglob("*")):
                 zf.write(f, f.relative_to(src).as_posix())
-    hashes = {f"{s}.zip": sha256_file(served / f"{s}.zip") for s in ("images_background", "images_evaluation")}
+    hashes = {
+        f"{s}.zip": sha256_file(served / f"{s}.zip") for s in ("images_background", "images_evaluation")
+    }
     server = _serve(served)
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:

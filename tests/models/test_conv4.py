@@ -1,4 +1,4 @@
-"""Conv4: batched forward == per-task functional_call (values and gradients), BatchNorm modes, MMP strategies."""
+"""Conv4: batched forward == per-task functional_call (values and gradients), BN modes, strategies."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ torch.set_num_threads(1)
 
 def _stacked(model: Conv4, b: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: v.detach().unsqueeze(0).repeat(b, *[1] * v.dim()) + 0.1 * torch.randn(b, *v.shape, generator=g)
-            for k, v in model.named_parameters()}
+    return {
+        k: v.detach().unsqueeze(0).repeat(b, *[1] * v.dim())
+        + 0.1 * torch.randn(b, *v.shape, generator=g)
+        for k, v in model.named_parameters()
+    }
 
 
-@pytest.mark.parametrize("bn,training", [("batch", True), ("transductive", True), ("running", True),
-                                         ("running", False)])
+@pytest.mark.parametrize(
+    "bn,training", [("batch", True), ("transductive", True), ("running", True), ("running", False)]
+)
 @pytest.mark.parametrize("channels,size,channels_last", [(1, 16, False), (3, 20, True)])
 def test_forward_batched_matches_loop_with_gradients(bn, training, channels, size, channels_last):
     torch.manual_seed(0)
@@ -89,13 +93,21 @@ def test_predict_protocols():
 @pytest.mark.parametrize("execution", ["batched", "vmap"])
 def test_mmp_step_agrees_with_loop(execution):
     gen = torch.Generator().manual_seed(1)
-    tasks = [metaprox.Task(torch.rand(6, 1, 16, 16, generator=gen), torch.arange(3).repeat(2)) for _ in range(3)]
+    tasks = [
+        metaprox.Task(torch.rand(6, 1, 16, 16, generator=gen), torch.arange(3).repeat(2))
+        for _ in range(3)
+    ]
     results = {}
     for ex in ("loop", execution):
         torch.manual_seed(0)
         model = Conv4(1, 3, filters=4, image_size=16)
-        mmp = metaprox.MetaMinibatchProx(model, "cross_entropy", lam=0.5,
-                                         inner=metaprox.Adam(lr=1e-2, steps=2, beta1=0.0), execution=ex)
+        mmp = metaprox.MetaMinibatchProx(
+            model,
+            "cross_entropy",
+            lam=0.5,
+            inner=metaprox.Adam(lr=1e-2, steps=2, beta1=0.0),
+            execution=ex,
+        )
         mmp.step(tasks, monitor=False)
         results[ex] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(results["loop"], results[execution]):

@@ -1,4 +1,4 @@
-"""EpisodeSampler: shapes, determinism, disjoint support/query, label ↔ class consistency, rotation classes."""
+"""EpisodeSampler: shapes, determinism, disjoint support/query, label ↔ class consistency, rotations."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def test_deterministic_given_generator():
     a = s.sample_batch(5, torch.Generator().manual_seed(7))
     b = s.sample_batch(5, torch.Generator().manual_seed(7))
     c = s.sample_batch(5, torch.Generator().manual_seed(8))
-    assert torch.equal(a.x, b.x) and torch.equal(a.x_query, b.x_query) and torch.equal(a.classes, b.classes)
+    assert (
+        torch.equal(a.x, b.x) and torch.equal(a.x_query, b.x_query) and torch.equal(a.classes, b.classes)
+    )
     assert not torch.equal(a.x, c.x)
 
 
@@ -56,7 +58,9 @@ def test_no_leakage_and_consistent_labels():
         cls_s = (batch.x[t, :, 0, 0, 0] * 255).round().int() - 1
         cls_q = (batch.x_query[t, :, 0, 0, 0] * 255).round().int() - 1
         for label in range(3):
-            classes = set(cls_s[batch.y[t] == label].tolist()) | set(cls_q[batch.y_query[t] == label].tolist())
+            classes = set(cls_s[batch.y[t] == label].tolist()) | set(
+                cls_q[batch.y_query[t] == label].tolist()
+            )
             assert len(classes) == 1 and classes <= {0, 2, 3, 5}
         assert len(set(cls_s.tolist())) == 3
 

@@ -26,6 +26,8 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     """Raise :class:`ChecksumError` unless ``path`` hashes to ``expected``."""
     got = sha256_file(path)
     if got != expected.lower():
-        raise ChecksumError(f"{Path(path)}: sha256 is {got}, expected {expected}. The file is corrupt or a "
-                            f"different version; delete it and fetch it again (or pass verify=False "
-                            f"if you know it is right).")
+        raise ChecksumError(
+            f"{Path(path)}: sha256 is {got}, expected {expected}. The file is corrupt or a "
+            f"different version; delete it and fetch it again (or pass verify=False "
+            f"if you know it is right)."
+        )

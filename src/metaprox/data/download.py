@@ -29,8 +29,10 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, timeout
         if sha256 is not None:
             got = sha256_file(part)
             if got != sha256.lower():
-                raise ChecksumError(f"download of {url}: sha256 {got} does not match the expected {sha256}; "
-                                    f"the file was discarded. Check the URL or the expected hash.")
+                raise ChecksumError(
+                    f"download of {url}: sha256 {got} does not match the expected {sha256}; "
+                    f"the file was discarded. Check the URL or the expected hash."
+                )
         os.replace(part, dest)
     finally:
         if part.exists():

@@ -1,9 +1,9 @@
 """`LabelledImages` — the one container every dataset reader returns — plus shared reading helpers.
 
-Conventions: ``images`` is a numpy array ``(N, C, H, W)`` or ``(N, H, W)``, uint8 (0..255) or float (0..1), where
-*larger means more signal*: Omniglot readers store ink = 255 (the files use 0 = ink), so that an episode sampler
-only divides by 255. ``labels`` are class ids ``0..K−1``; ``class_names[k]`` names class k and every entry of
-``class_meta`` is a length-K sequence (alphabet, split, parent category, ...).
+Conventions: ``images`` is a numpy array ``(N, C, H, W)`` or ``(N, H, W)``, uint8 (0..255) or float
+(0..1), where *larger means more signal*: Omniglot readers store ink = 255 (the files use 0 = ink), so
+that an episode sampler only divides by 255. ``labels`` are class ids ``0..K−1``; ``class_names[k]``
+names class k; every entry of ``class_meta`` is a length-K sequence (alphabet, split, parent category, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ENV_VAR = "METAPROX_DATA"
 
 
 class DatasetLayoutError(FileNotFoundError):
-    """A dataset is missing, incomplete or not in the layout a reader expects (the message says which file)."""
+    """A dataset is missing, incomplete or not in the layout a reader expects (the message says which)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,19 +48,31 @@ class LabelledImages:
     def __post_init__(self) -> None:
         imgs, labels = np.asarray(self.images), np.asarray(self.labels)
         if imgs.ndim not in (3, 4):
-            raise ValueError(f"{self.name}: images must be (N, H, W) or (N, C, H, W), got shape {imgs.shape}.")
+            raise ValueError(
+                f"{self.name}: images must be (N, H, W) or (N, C, H, W), got shape {imgs.shape}."
+            )
         if not (imgs.dtype == np.uint8 or np.issubdtype(imgs.dtype, np.floating)):
             raise ValueError(f"{self.name}: images must be uint8 or float, got {imgs.dtype}.")
-        if labels.ndim != 1 or labels.shape[0] != imgs.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{self.name}: labels must be an integer array of shape ({imgs.shape[0]},), got "
-                             f"{labels.dtype} {labels.shape}.")
+        if (
+            labels.ndim != 1
+            or labels.shape[0] != imgs.shape[0]
+            or not np.issubdtype(labels.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"{self.name}: labels must be an integer array of shape ({imgs.shape[0]},), got "
+                f"{labels.dtype} {labels.shape}."
+            )
         k = len(self.class_names)
         if labels.size and (labels.min() < 0 or labels.max() >= k):
-            raise ValueError(f"{self.name}: labels span {labels.min()}..{labels.max()} but there are {k} class "
-                             f"names; labels must lie in 0..{k - 1}.")
+            raise ValueError(
+                f"{self.name}: labels span {labels.min()}..{labels.max()} but there are {k} class "
+                f"names; labels must lie in 0..{k - 1}."
+            )
         for key, value in self.class_meta.items():
             if len(value) != k:
-                raise ValueError(f"{self.name}: class_meta[{key!r}] has {len(value)} entries for {k} classes.")
+                raise ValueError(
+                    f"{self.name}: class_meta[{key!r}] has {len(value)} entries for {k} classes."
+                )
         object.__setattr__(self, "images", imgs)
         object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
         object.__setattr__(self, "class_names", [str(c) for c in self.class_names])
@@ -84,7 +96,9 @@ class LabelledImages:
     def classes_where(self, key: str, value: Any) -> list[int]:
         """Ids of the classes whose ``class_meta[key]`` equals ``value``."""
         if key not in self.class_meta:
-            raise KeyError(f"{self.name} has no class metadata {key!r}; available: {sorted(self.class_meta)}.")
+            raise KeyError(
+                f"{self.name} has no class metadata {key!r}; available: {sorted(self.class_meta)}."
+            )
         return [k for k, v in enumerate(self.class_meta[key]) if v == value]
 
     def class_ids(self, names: Sequence[str]) -> list[int]:
@@ -102,8 +116,13 @@ class LabelledImages:
         remap[classes] = np.arange(len(classes))
         keep = np.flatnonzero(remap[self.labels] >= 0)
         meta = {k: [v[c] for c in classes] for k, v in self.class_meta.items()}
-        return LabelledImages(self.images[keep], remap[self.labels[keep]], [self.class_names[c] for c in classes],
-                              meta, self.name)
+        return LabelledImages(
+            self.images[keep],
+            remap[self.labels[keep]],
+            [self.class_names[c] for c in classes],
+            meta,
+            self.name,
+        )
 
 
 def data_root(subdir: str | None = None, root: str | os.PathLike | None = None) -> Path:
@@ -111,9 +130,11 @@ def data_root(subdir: str | None = None, root: str | os.PathLike | None = None) 
     if root is None:
         env = os.environ.get(ENV_VAR)
         if not env:
-            raise DatasetLayoutError(f"no data location given: pass the path explicitly or set the environment "
-                                     f"variable {ENV_VAR} to the folder holding the datasets"
-                                     + (f" (expected {ENV_VAR}/{subdir})." if subdir else "."))
+            raise DatasetLayoutError(
+                f"no data location given: pass the path explicitly or set the environment "
+                f"variable {ENV_VAR} to the folder holding the datasets"
+                + (f" (expected {ENV_VAR}/{subdir})." if subdir else ".")
+            )
         path = Path(env) / subdir if subdir else Path(env)
     else:
         path = Path(root)
@@ -135,8 +156,10 @@ def read_image(path: str | os.PathLike, mode: str = "L") -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     if Path(path).suffix.lower() != ".png":
-        raise RuntimeError(f"reading {path} needs Pillow (pip install pillow); without it only PNG files can "
-                           f"be read (through matplotlib).")
+        raise RuntimeError(
+            f"reading {path} needs Pillow (pip install pillow); without it only PNG files can "
+            f"be read (through matplotlib)."
+        )
     import matplotlib.image as mpimg
 
     arr = np.asarray(mpimg.imread(path), dtype=np.float32)
@@ -160,7 +183,9 @@ def resize_area(images: np.ndarray | torch.Tensor, size: int | tuple[int, int]) 
     if squeeze:
         t = t.unsqueeze(1)
     if t.dim() != 4:
-        raise ValueError(f"resize_area expects (N, H, W) or (N, C, H, W) images, got shape {tuple(t.shape)}.")
+        raise ValueError(
+            f"resize_area expects (N, H, W) or (N, C, H, W) images, got shape {tuple(t.shape)}."
+        )
     hw = (size, size) if isinstance(size, int) else tuple(size)
     out = F.interpolate(t, size=hw, mode="area")
     return (out.squeeze(1) if squeeze else out).numpy()

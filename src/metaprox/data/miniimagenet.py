@@ -29,12 +29,16 @@ SPLITS = ("train", "val", "test")
 def read_split_csv(path: Path, header: tuple[str, str] = ("filename", "label")) -> list[tuple[str, str]]:
     """Rows ``(filename, label)`` of a split CSV whose first line is the given header."""
     if not path.is_file():
-        raise DatasetLayoutError(f"expected the split file {path} (CSV with header '{','.join(header)}').")
+        raise DatasetLayoutError(
+            f"expected the split file {path} (CSV with header '{','.join(header)}')."
+        )
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or tuple(c.strip() for c in rows[0][:2]) != header:
-        raise DatasetLayoutError(f"{path}: first line must be the header '{','.join(header)}', "
-                                 f"got {rows[0] if rows else 'an empty file'}.")
+        raise DatasetLayoutError(
+            f"{path}: first line must be the header '{','.join(header)}', "
+            f"got {rows[0] if rows else 'an empty file'}."
+        )
     out = []
     for n, row in enumerate(rows[1:], 2):
         if not row:
@@ -62,7 +66,9 @@ def load_rgb_folder_images(paths: Sequence[Path], size: int | None) -> np.ndarra
     if size is None:
         shapes = {b.shape for b in batch}
         if len(shapes) > 1:
-            raise DatasetLayoutError(f"images have different sizes {sorted(shapes)[:3]}...; pass size=... to resize.")
+            raise DatasetLayoutError(
+                f"images have different sizes {sorted(shapes)[:3]}...; pass size=... to resize."
+            )
         out = np.clip(np.rint(np.stack(batch) * 255.0), 0, 255).astype(np.uint8)
     return out
 
@@ -75,8 +81,9 @@ def _splits(split: str | Sequence[str]) -> list[str]:
     return splits
 
 
-def read_miniimagenet(root: str | os.PathLike | None = None, split: str | Sequence[str] = "train",
-                      size: int | None = 84) -> LabelledImages:
+def read_miniimagenet(
+    root: str | os.PathLike | None = None, split: str | Sequence[str] = "train", size: int | None = 84
+) -> LabelledImages:
     """Read the Ravi & Larochelle CSV split(s) and the images they name (classes in first-seen order)."""
     base = data_root("miniimagenet", root)
     files, labels, names, meta_split = [], [], [], []
@@ -92,27 +99,37 @@ def read_miniimagenet(root: str | os.PathLike | None = None, split: str | Sequen
     if not files:
         raise DatasetLayoutError(f"miniImageNet: the split files under {base} list no images.")
     images = load_rgb_folder_images(files, size)
-    return LabelledImages(images, np.asarray(labels, dtype=np.int64), names, {"split": meta_split}, "miniimagenet")
+    return LabelledImages(
+        images, np.asarray(labels, dtype=np.int64), names, {"split": meta_split}, "miniimagenet"
+    )
 
 
 def load_miniimagenet_npz(path: str | os.PathLike, split: str | None = None) -> LabelledImages:
     """Load one split stored as arrays (``images``, ``labels``, optional ``class_names``); no pickle."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetLayoutError(f"expected the array file {path} (images (N, H, W, 3) uint8, labels (N,)).")
+        raise DatasetLayoutError(
+            f"expected the array file {path} (images (N, H, W, 3) uint8, labels (N,))."
+        )
     with np.load(path, allow_pickle=False) as d:
         if "images" not in d.files or "labels" not in d.files:
-            raise DatasetLayoutError(f"{path} must contain arrays 'images' and 'labels'; it has {d.files}.")
+            raise DatasetLayoutError(
+                f"{path} must contain arrays 'images' and 'labels'; it has {d.files}."
+            )
         images, labels = d["images"], d["labels"].astype(np.int64)
         raw_names = [str(n) for n in d["class_names"]] if "class_names" in d.files else None
     if images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
-        raise DatasetLayoutError(f"{path}: images must be (N, H, W, 3) or (N, 3, H, W), got {images.shape}.")
+        raise DatasetLayoutError(
+            f"{path}: images must be (N, H, W, 3) or (N, 3, H, W), got {images.shape}."
+        )
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     values, labels = np.unique(labels, return_inverse=True)
     if raw_names is not None:
         if len(raw_names) <= int(values.max()):
-            raise DatasetLayoutError(f"{path}: {len(raw_names)} class_names for label values up to {values.max()}.")
+            raise DatasetLayoutError(
+                f"{path}: {len(raw_names)} class_names for label values up to {values.max()}."
+            )
         names = [raw_names[v] for v in values]
     else:
         names = [str(v) for v in values]

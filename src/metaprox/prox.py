@@ -88,8 +88,8 @@ class NoProx(SquaredL2):
     The inner problem becomes plain empirical risk minimisation ``min_v L_T(v)``, started at the center — the
     inner loop of Reptile (Nichol et al. 2018), FOMAML and MAML (Finn et al. 2017), whose only coupling to the
     prior is the warm start and the finite number of steps. ``SquaredL2`` refuses λ = 0 because the *prox*
-    rules (MMP, iMAML) need λ > 0; this class is the explicit opt-out. Its value and gradients are exactly zero
-    (``add_grad_v_`` is a no-op, so inner steps cost nothing extra), while :meth:`sqdist` still reports
+    rules (MMP, iMAML) need λ > 0; this class is the explicit opt-out. Its value and gradients are exactly
+    zero (``add_grad_v_`` is a no-op, so inner steps cost nothing extra), while :meth:`sqdist` still reports
     ‖v − c‖² for the monitors. Build it with ``make_prox(None, names)``, i.e. ``lam=None`` in the learners.
     """
 
@@ -102,7 +102,7 @@ class NoProx(SquaredL2):
 
 
 def make_prox(lam: float | Mapping[str, float] | SquaredL2 | None, names: Sequence[str]) -> SquaredL2:
-    """The penalty for ``lam``: a :class:`SquaredL2` (number or ``{glob: λ}``), or :class:`NoProx` for None."""
+    """The penalty for ``lam``: :class:`SquaredL2` (a number or ``{glob: λ}``), :class:`NoProx` for None."""
     if lam is None:
         return NoProx(names)
     if isinstance(lam, SquaredL2):

@@ -92,8 +92,9 @@ class MetaLearner:
         if inner_data not in INNER_DATA:
             raise ValueError(f"unknown inner_data {inner_data!r}; choose one of {INNER_DATA}.")
         if inner_data != "support" and self.needs_query:
-            raise ValueError(f"{type(self).__name__} evaluates its meta-gradient on the query set, so its inner "
-                             f"problem must use the support set only (inner_data='support'), not {inner_data!r}.")
+            raise ValueError(f"{type(self).__name__} evaluates its meta-gradient on the query set, so its "
+                             f"inner problem must use the support set only (inner_data='support'), "
+                             f"not {inner_data!r}.")
         self.inner_data = inner_data
         if schedule not in ("linear", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}: use 'linear' (η_s = α(1 − s/S)) or 'constant'.")
@@ -140,7 +141,8 @@ class MetaLearner:
               data: str = "support") -> list[SolvedGroup]:
         """Solve every task's prox problem (batched by shape); returns the groups with their results.
 
-        ``data`` is ``"support"`` or ``"support+query"`` (each task's support and query examples concatenated).
+        ``data`` is ``"support"`` or ``"support+query"`` (each task's support and query examples,
+        concatenated).
         """
         if data not in INNER_DATA:
             raise ValueError(f"unknown inner data {data!r}; choose one of {INNER_DATA}.")

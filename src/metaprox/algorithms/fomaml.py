@@ -6,9 +6,9 @@ For every task the shared inner solver adapts the prior on the support set,
 
     g = Σ_T a_T ∇L_T^query(v_T)
 
-i.e. MAML's gradient with the Jacobian ∂v_T/∂w replaced by the identity (Finn, Abbeel & Levine, "Model-Agnostic
-Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017, §5.2; Nichol et al. 2018, §3). First order:
-no graph crosses inner steps, so memory does not depend on their number.
+i.e. MAML's gradient with the Jacobian ∂v_T/∂w replaced by the identity (Finn, Abbeel & Levine,
+"Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017, §5.2; Nichol et al. 2018,
+§3). First order: no graph crosses inner steps, so memory does not depend on their number.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def task_weighted_sum(weights: torch.Tensor, per_task: Tensors) -> Tensors:
 
 
 class FOMAML(MetaLearner):
-    """First-order MAML: ``g = Σ_T a_T ∇L_T^query(v_T)`` with ``v_T`` the shared inner solve on the support set.
+    """First-order MAML: ``g = Σ_T a_T ∇L_T^query(v_T)``, ``v_T`` the shared inner solve on the support set.
 
     Args:
         model, loss, inner, meta_optimizer, outer_lr, total_steps, schedule, execution, seed: as in
             :class:`metaprox.MetaMinibatchProx`. The default inner solver is ``SGD(lr=0.02, steps=15)``.
-        lam: ``None`` (default, standard FOMAML: no penalty, the inner loop is plain fine-tuning from ``w``) or
-            a prox weight, which turns the inner problem into MMP's ``L_T(v) + (λ/2)‖v − w‖²``.
+        lam: ``None`` (default, standard FOMAML: no penalty, the inner loop is plain fine-tuning from ``w``)
+            or a prox weight, which turns the inner problem into MMP's ``L_T(v) + (λ/2)‖v − w‖²``.
 
-    Every task needs a query set (``Task(x, y, x_query, y_query)``); the inner solve uses the support set only.
+    Every task needs a query set (``Task(x, y, x_query, y_query)``); the inner solve uses the support set.
 
     Example:
         >>> import torch, metaprox
@@ -70,7 +70,8 @@ class FOMAML(MetaLearner):
     needs_query = True
 
     def __init__(self, model: nn.Module, loss="mse", lam=None, inner=None, **kwargs):
-        kwargs.setdefault("stationarity_warn_ratio", float("inf"))  # few-step fine-tuning is not meant to converge
+        # few-step fine-tuning is not meant to reach a stationary point: no inexact-solve warning by default
+        kwargs.setdefault("stationarity_warn_ratio", float("inf"))
         super().__init__(model, loss, lam=lam, inner=inner, **kwargs)
 
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],

@@ -1,16 +1,17 @@
 """Implicit MAML (iMAML, Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019): the implicit meta-gradient.
 
-The inner problem is MMP's prox problem on the support set, ``v_T = argmin_v L_T^s(v) + (λ/2)‖v − w‖²`` (the same
-shared solve). At its exact solution the stationarity ``∇L_T^s(v) + λ(v − w) = 0`` gives, by the implicit
-function theorem, ``∂v_T/∂w = λ (H + λI)⁻¹`` with ``H = ∇²L_T^s(v_T)``, hence (Rajeswaran et al., Lemma 1 / eq. 6)
+The inner problem is MMP's prox problem on the support set, ``v_T = argmin_v L_T^s(v) + (λ/2)‖v − w‖²``
+(the same shared solve). At its exact solution the stationarity ``∇L_T^s(v) + λ(v − w) = 0`` gives, by the
+implicit function theorem, ``∂v_T/∂w = λ (H + λI)⁻¹`` with ``H = ∇²L_T^s(v_T)``, hence (Rajeswaran et al.,
+Lemma 1, eq. 6)
 
     g_T = (∂v_T/∂w)ᵀ ∇L_T^query(v_T) = (I + H/λ)⁻¹ ∇L_T^query(v_T)
 
 With per-group weights Λ = diag(λ_g) the same argument gives ``g_T = Λ (H + Λ)⁻¹ ∇L^query``; we solve the
-symmetric system ``(H + Λ) y = ∇L^query`` by ``cg_steps`` of conjugate gradient (Hessian-vector products, batched
-over tasks) and return ``Λ y`` — for a uniform λ exactly the CG iterates of the paper's ``(I + H/λ)`` system.
-No unrolling: memory does not depend on the number of inner steps. The answer is exact only at an exact inner
-solution and with enough CG steps (≥ the parameter count, in exact arithmetic).
+symmetric system ``(H + Λ) y = ∇L^query`` by ``cg_steps`` of conjugate gradient (Hessian-vector products,
+batched over tasks) and return ``Λ y`` — for a uniform λ exactly the CG iterates of the paper's
+``(I + H/λ)`` system. No unrolling: memory does not depend on the number of inner steps. The answer is exact
+only at an exact inner solution and with enough CG steps (≥ the parameter count, in exact arithmetic).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ class IMAML(MetaLearner):
     def __init__(self, model: nn.Module, loss="mse", lam=1.0, inner=None, cg_steps: int = 5, **kwargs):
         super().__init__(model, loss, lam=lam, inner=inner, **kwargs)
         if isinstance(self.prox, NoProx):
-            raise ValueError("IMAML needs a prox weight λ > 0: its implicit gradient (I + H/λ)⁻¹ is defined by "
-                             "the prox term (use Reptile/FOMAML/MAML for a penalty-free inner loop).")
+            raise ValueError("IMAML needs a prox weight λ > 0: its implicit gradient (I + H/λ)⁻¹ is "
+                             "defined by the prox term (use Reptile/FOMAML/MAML for a penalty-free inner "
+                             "loop).")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
             raise ValueError(f"cg_steps = {cg_steps!r}: must be an integer ≥ 1.")
         self.cg_steps = cg_steps

@@ -10,14 +10,14 @@ and the meta-gradient is the exact gradient of the post-adaptation query loss,
 
 — second order, with an autograd graph over all M steps: memory grows linearly with M (unlike every other rule
 here). ``first_order=True`` drops the Hessian terms (FOMAML: ``g = Σ a_T ∇L^query(v^M)``) and runs the shared
-first-order inner solver, with flat memory. With ``lam`` given, every inner step also gets ``λ(v − w)`` and the
-derivative flows through that center too (a "proximal MAML"); the default ``lam=None`` is standard MAML.
+first-order inner solver, with flat memory. With ``lam`` given, every inner step also gets ``λ(v − w)`` and
+the derivative flows through that center too (a "proximal MAML"); the default ``lam=None`` is standard MAML.
 
 Execution strategies (results agree to round-off; tested): ``batched`` unrolls the task-batched forward with
-``torch.autograd.grad(create_graph=True)`` — chosen by measurement: on the sine setting (1-40-40-1, B = 100,
-K = 10 + 10, M = 15, one CPU thread) one meta-gradient took 61 ms this way, 76 ms with ``torch.func.grad`` over
-the same batched forward (identical result) and 115 ms with ``vmap``; ``vmap`` unrolls with ``torch.func.grad``
-inside ``torch.func.vmap`` (any module); ``loop`` unrolls one task at a time.
+``torch.autograd.grad(create_graph=True)`` — chosen by measurement: on the sine setting (1-40-40-1,
+B = 100, K = 10 + 10, M = 15, one CPU thread) one meta-gradient took 61 ms this way, 76 ms with
+``torch.func.grad`` over the same batched forward (identical result) and 115 ms with ``vmap``; ``vmap``
+unrolls with ``torch.func.grad`` inside ``torch.func.vmap`` (any module); ``loop`` unrolls one task at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ Tensors = list[torch.Tensor]
 
 def _step(v, g, w, lr: float, lams: Sequence[float]):
     """One differentiable inner step ``v − lr·(g + λ(v − w))`` (the λ term only where λ ≠ 0)."""
-    return [vi - lr * (gi + lam * (vi - wi)) if lam else vi - lr * gi for vi, gi, wi, lam in zip(v, g, w, lams)]
+    return [vi - lr * (gi + lam * (vi - wi)) if lam else vi - lr * gi
+            for vi, gi, wi, lam in zip(v, g, w, lams)]
 
 
 def _unroll_batched(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, steps, lams):
@@ -107,8 +108,8 @@ def unrolled_meta_gradient(fm: FunctionalModel, loss: Loss, strategy: str, w: Te
                            lams: Sequence[float]) -> tuple[Tensors, Tensors]:
     """``∇_w Σ_b a_b L^query_b(v_b^M(w))`` and the adapted ``v^M`` (detached, leading task axis).
 
-    ``data = (x_support, y_support, x_query, y_query)``, each with a leading task axis; ``lams`` the per-tensor
-    prox weights of the inner steps (all zero for standard MAML).
+    ``data = (x_support, y_support, x_query, y_query)``, each with a leading task axis; ``lams`` the
+    per-tensor prox weights of the inner steps (all zero for standard MAML).
     """
     a = weights.to(w[0].dtype).to(w[0].device)
     return _UNROLL[strategy](fm, loss, w, data, a, float(lr), int(steps), list(lams))
@@ -122,8 +123,8 @@ class MAML(MetaLearner):
             :class:`metaprox.MetaMinibatchProx`.
         inner: a plain :class:`metaprox.SGD` (``lr`` = α, ``steps`` = M; no momentum, full support batch) —
             the inner loop MAML differentiates through. Default ``SGD(lr=0.02, steps=15)``.
-        first_order: drop the second-order terms (FOMAML with this SGD inner loop); memory then no longer grows
-            with M.
+        first_order: drop the second-order terms (FOMAML with this SGD inner loop); memory then no longer
+            grows with M.
         lam: ``None`` (default, standard MAML: no prox term in the inner steps) or a prox weight.
 
     Every task needs a query set (``Task(x, y, x_query, y_query)``); the inner loop uses the support set only.
@@ -145,13 +146,14 @@ class MAML(MetaLearner):
 
     def __init__(self, model: nn.Module, loss="mse", inner: SGD | None = None, first_order: bool = False,
                  lam=None, **kwargs):
-        kwargs.setdefault("stationarity_warn_ratio", float("inf"))  # few-step fine-tuning is not meant to converge
+        # few-step fine-tuning is not meant to reach a stationary point: no inexact-solve warning by default
+        kwargs.setdefault("stationarity_warn_ratio", float("inf"))
         super().__init__(model, loss, lam=lam, inner=inner, **kwargs)
         s = self.inner
         if not isinstance(s, SGD) or s.momentum or s.nesterov or s.batch_size is not None:
-            raise ValueError(f"MAML differentiates through plain full-batch gradient descent; got inner={s!r}. "
-                             f"Use metaprox.SGD(lr=..., steps=...) without momentum/batch_size (or FOMAML for "
-                             f"other solvers).")
+            raise ValueError(f"MAML differentiates through plain full-batch gradient descent; got "
+                             f"inner={s!r}. Use metaprox.SGD(lr=..., steps=...) without momentum/batch_size "
+                             f"(or FOMAML for other solvers).")
         self.first_order = bool(first_order)
 
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],

@@ -31,8 +31,8 @@ class Reptile(MetaLearner):
     """Reptile: ``g = Σ_T a_T (w − v_T)/(α·M)``, ``v_T`` = M inner steps of lr α from ``w`` (no prox term).
 
     Args:
-        model, loss, inner, meta_optimizer, outer_lr, total_steps, schedule, execution, seed, inner_data: as in
-            :class:`metaprox.MetaMinibatchProx`. ``inner`` must have a learning rate ``lr`` (α) and
+        model, loss, inner, meta_optimizer, outer_lr, total_steps, schedule, execution, seed, inner_data:
+            as in :class:`metaprox.MetaMinibatchProx`. ``inner`` must have a learning rate ``lr`` (α) and
             ``steps`` ≥ 1 (M): ``SGD`` (the paper's analysis) or ``Adam`` (its experiments).
         lam: ``None`` (default: Reptile has no penalty) or a prox weight for a proximal variant.
 
@@ -51,12 +51,13 @@ class Reptile(MetaLearner):
     """
 
     def __init__(self, model: nn.Module, loss="mse", lam=None, inner=None, **kwargs):
-        kwargs.setdefault("stationarity_warn_ratio", float("inf"))  # few-step fine-tuning is not meant to converge
+        # few-step fine-tuning is not meant to reach a stationary point: no inexact-solve warning by default
+        kwargs.setdefault("stationarity_warn_ratio", float("inf"))
         super().__init__(model, loss, lam=lam, inner=inner, **kwargs)
         lr = getattr(self.inner, "lr", None)
         if lr is None or int(self.inner.steps) < 1:
-            raise ValueError(f"Reptile normalises w − v by α·M, so its inner solver needs a learning rate and "
-                             f"steps ≥ 1; got {self.inner!r}. Use metaprox.SGD or metaprox.Adam.")
+            raise ValueError(f"Reptile normalises w − v by α·M, so its inner solver needs a learning rate "
+                             f"and steps ≥ 1; got {self.inner!r}. Use metaprox.SGD or metaprox.Adam.")
         self.scale = 1.0 / (float(lr) * int(self.inner.steps))
 
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],

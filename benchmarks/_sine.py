@@ -1,4 +1,5 @@
-"""The benchmarks' shared setting: sine regression (Finn et al. 2017), MLP 1-40-40-1 tanh, K support + K query.
+"""The benchmarks' shared setting: sine regression (Finn et al. 2017), MLP 1-40-40-1 tanh, K support + K
+query.
 
 Amplitude ~ U[0.1, 5], phase ~ U[0, π], x ~ U[−5, 5]; one task = K support and K query points.
 """

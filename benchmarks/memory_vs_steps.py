@@ -1,11 +1,12 @@
 """Peak memory of one meta-iteration against the number of inner steps M, for every rule.
 
-Each (rule, M) point runs in a fresh subprocess: it builds the model, the rule and B sine tasks, warms the code
-paths up on a 2-task batch with M = 1, then resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), takes
-the current RSS as baseline and runs one meta-iteration on the full batch; the point is ``VmHWM − baseline``
-(the peak resident-set increase). B is large (default 300 tasks × 10+10 points) so that tensors, not the
-allocator's noise, dominate. First-order rules (MMP, FOMAML, Reptile, first-order MAML, iMAML) should be flat in
-M; second-order MAML keeps every step's activations and grows linearly.
+Each (rule, M) point runs in a fresh subprocess: it builds the model, the rule and B sine tasks, warms
+the code paths up on a 2-task batch with M = 1, then resets the kernel's peak-RSS counter
+(``/proc/self/clear_refs``), takes the current RSS as baseline and runs one meta-iteration on the full
+batch; the point is ``VmHWM − baseline`` (the peak resident-set increase). B is large (default 300 tasks
+× 10+10 points) so that tensors, not the allocator's noise, dominate. First-order rules (MMP, FOMAML,
+Reptile, first-order MAML, iMAML) should be flat in M; second-order MAML keeps every step's activations
+and grows linearly.
 
     PYTHONPATH=src python benchmarks/memory_vs_steps.py [--tasks 300] [--steps 1,5,15,50,100] [--out DIR]
 
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     points = []
     for r in rules:
         for m in steps:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", r, str(m), "--tasks", str(args.tasks),
-                   "--k", str(args.k)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", r, str(m),
+                   "--tasks", str(args.tasks), "--k", str(args.k)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             points.append(json.loads(out.strip().splitlines()[-1]))
             print(f"{r:8s} M={m:4d}  peak +{points[-1]['peak_increase_mib']:8.1f} MiB", flush=True)

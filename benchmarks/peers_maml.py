@@ -1,10 +1,11 @@
 """Second-order MAML of peer libraries (``higher``, ``torchopt``) timed next to ours on the same sine setting.
 
-Neither library is a dependency of metaprox: the script uses whichever is importable (e.g. installed with
-``pip install --no-deps --target DIR higher torchopt optree`` and put on PYTHONPATH, which keeps the venv's torch)
-and says what is missing otherwise. Each peer runs its canonical per-task MAML loop (``higher.innerloop_ctx``;
-``torchopt.MetaSGD`` with ``extract_state_dict``/``recover_state_dict``); all compute the same meta-gradient of the
-mean post-adaptation query loss, which the script checks against ours before timing.
+Neither library is a dependency of metaprox: the script uses whichever is importable (e.g. installed
+with ``pip install --no-deps --target DIR higher torchopt optree`` and put on PYTHONPATH, which keeps
+the venv's torch) and says what is missing otherwise. Each peer runs its canonical per-task MAML loop
+(``higher.innerloop_ctx``; ``torchopt.MetaSGD`` with ``extract_state_dict``/``recover_state_dict``); all
+compute the same meta-gradient of the mean post-adaptation query loss, which the script checks against
+ours before timing.
 
     PYTHONPATH=src python benchmarks/peers_maml.py [--tasks 100] [--steps 15] [--rounds 5]
 """
@@ -62,14 +63,17 @@ def _torchopt(model: torch.nn.Module, tasks, lr: float, steps: int) -> list[torc
     return [p.grad.clone() for p in model.parameters()]
 
 
-def _median_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+def _median_times(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call; rounds interleave the implementations so that machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,19 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     tasks = sine_batch(args.tasks, args.k)
     ours = {ex: make_rule("maml", steps=args.steps, lr=args.lr, execution=ex) for ex in ("batched", "vmap")}
     ref = _ours(ours["batched"], tasks)
-    rows = {f"metaprox MAML ({ex})": _median_time(lambda lr=lr: _ours(lr, tasks), args.rounds)
-            for ex, lr in ours.items()}
+    fns = {f"metaprox MAML ({ex})": (lambda lr=lr: _ours(lr, tasks)) for ex, lr in ours.items()}
     for name, fn in available.items():
         model = make_rule("maml", steps=args.steps, lr=args.lr).model  # same seed → same initial weights
         g = fn(model, tasks, args.lr, args.steps)
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g, ref))
         if err > 1e-3:
-            raise SystemExit(f"{name}: meta-gradient differs from ours (max rel. error {err:.2e}); not timing.")
-        version = getattr(sys.modules[name], "__version__", "?")
-        rows[f"{name} {version} (max rel. diff {err:.1e})"] = _median_time(
-            lambda fn=fn, model=model: fn(model, tasks, args.lr, args.steps), args.rounds)
+            raise SystemExit(f"{name}: meta-gradient differs from ours (max rel. error {err:.2e}); "
+                             f"not timing.")
+        version = getattr(sys.modules[name], "__version__", "")
+        fns[f"{name} {version} (max rel. diff {err:.1e})"] = (
+            lambda fn=fn, model=model: fn(model, tasks, args.lr, args.steps))
+    rows = _median_times(fns, args.rounds)
     best = rows["metaprox MAML (batched)"]
-    print(f"second-order MAML, B = {args.tasks}, K = {args.k}+{args.k}, M = {args.steps}, MLP 1-40-40-1 tanh, "
+    print(f"second-order MAML, B = {args.tasks}, K = {args.k}+{args.k}, M = {args.steps}, "
+          f"MLP 1-40-40-1 tanh, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds}\n")
     print("| implementation | ms / meta-gradient | tasks/s | time / metaprox batched |")
     print("|---|---:|---:|---:|")

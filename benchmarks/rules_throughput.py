@@ -1,8 +1,9 @@
 """Tasks per second of every meta-gradient rule, side by side, on the same sine setting and engine.
 
-B sine tasks (K support + K query points), MLP 1-40-40-1 tanh, M inner SGD steps of lr 0.02; one outer step of each
-rule per round, rounds interleaved (rule order rotated) so that machine noise hits every rule alike; the median
-over rounds is reported. Diagnostics (``monitor``) are off: the table times the algorithms, not the monitors.
+B sine tasks (K support + K query points), MLP 1-40-40-1 tanh, M inner SGD steps of lr 0.02; one outer
+step of each rule per round, rounds interleaved (rule order rotated) so that machine noise hits every
+rule alike; the median over rounds is reported. Diagnostics (``monitor``) are off: the table times the
+algorithms, not the monitors.
 
     PYTHONPATH=src python benchmarks/rules_throughput.py [--tasks 100] [--steps 15] [--rounds 7] [--threads 1]
 """
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
             learners[r].step(tasks, monitor=False)
             times[r].append(time.perf_counter() - t0)
     ref = statistics.median(times["mmp"]) if "mmp" in times else None
-    print(f"B = {args.tasks} tasks, K = {args.k}+{args.k}, M = {args.steps} inner SGD steps, MLP 1-40-40-1 tanh, "
+    print(f"B = {args.tasks} tasks, K = {args.k}+{args.k}, M = {args.steps} inner SGD steps, "
+          f"MLP 1-40-40-1 tanh, "
           f"torch {torch.__version__}, {args.threads} thread(s), execution={args.execution}, "
           f"median of {args.rounds} rounds\n")
     print("| rule | path | ms / meta-iteration | tasks/s | time vs MMP |")

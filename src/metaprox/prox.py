@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["SquaredL2", "make_prox"]
+__all__ = ["SquaredL2", "NoProx", "make_prox"]
 
 Tensors = list[torch.Tensor]
 
@@ -82,7 +82,29 @@ class SquaredL2:
         return _per_task_sqnorm(torch._foreach_sub(v, c))
 
 
-def make_prox(lam: float | Mapping[str, float] | SquaredL2, names: Sequence[str]) -> SquaredL2:
+class NoProx(SquaredL2):
+    """No penalty: ``D(v, c) = 0``, i.e. the squared ℓ2 penalty with λ = 0 for every parameter.
+
+    The inner problem becomes plain empirical risk minimisation ``min_v L_T(v)``, started at the center — the
+    inner loop of Reptile (Nichol et al. 2018), FOMAML and MAML (Finn et al. 2017), whose only coupling to the
+    prior is the warm start and the finite number of steps. ``SquaredL2`` refuses λ = 0 because the *prox*
+    rules (MMP, iMAML) need λ > 0; this class is the explicit opt-out. Its value and gradients are exactly
+    zero (``add_grad_v_`` is a no-op, so inner steps cost nothing extra), while :meth:`sqdist` still reports
+    ‖v − c‖² for the monitors. Build it with ``make_prox(None, names)``, i.e. ``lam=None`` in the learners.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.lams = [0.0] * len(self.names)
+
+    def add_grad_v_(self, g: Tensors, v: Tensors, c: Tensors) -> None:
+        """No penalty, nothing to add."""
+
+
+def make_prox(lam: float | Mapping[str, float] | SquaredL2 | None, names: Sequence[str]) -> SquaredL2:
+    """The penalty for ``lam``: :class:`SquaredL2` (a number or ``{glob: λ}``), :class:`NoProx` for None."""
+    if lam is None:
+        return NoProx(names)
     if isinstance(lam, SquaredL2):
         if lam.names != list(names):
             raise ValueError("the prox penalty was built for other parameter names than the model's.")

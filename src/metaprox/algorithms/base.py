@@ -2,8 +2,11 @@
 
 The meta-parameters ``w`` are the model's trainable parameters. One outer iteration (:meth:`MetaLearner.step`):
 
-1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched);
-2. ask the rule (:meth:`meta_gradient`, the only thing a subclass defines) for the meta-gradient;
+1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched) on the
+   data named by ``inner_data`` — the support set, or support ∪ query;
+2. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the meta-gradient. A rule
+   that must differentiate *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`,
+   which does steps 1–2 together;
 3. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
 4. return the diagnostics.
 """
@@ -25,10 +28,11 @@ from metaprox.prox import SquaredL2, make_prox
 from metaprox.solvers import SGD, InnerResult, InnerSolver, ProxProblem
 from metaprox.tasks.task import Task
 
-__all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning"]
+__all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
 
 Tensors = list[torch.Tensor]
 OptimizerSpec = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
+INNER_DATA = ("support", "support+query")
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,13 +62,22 @@ def _check_weights(weights: Any, n: int) -> torch.Tensor:
 
 
 class MetaLearner:
-    """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments."""
+    """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments.
+
+    ``inner_data`` says which examples of a task the inner problem is solved on during meta-training:
+    ``"support"`` (default) or ``"support+query"`` (the union — the paper's MMP has one data set per task and
+    uses it for the inner and the outer step). Rules whose meta-gradient is the query loss (``needs_query``:
+    FOMAML, MAML, iMAML) accept only ``"support"``. :meth:`adapt` always uses the support set.
+    """
+
+    #: the rule's meta-gradient uses ``Task.x_query``/``y_query`` (checked before any work is done)
+    needs_query: bool = False
 
     def __init__(self, model: nn.Module, loss: str | LossFn | Loss = "mse",
-                 lam: float | Mapping[str, float] | SquaredL2 = 1.0, inner: InnerSolver | None = None,
+                 lam: float | Mapping[str, float] | SquaredL2 | None = 1.0, inner: InnerSolver | None = None,
                  meta_optimizer: OptimizerSpec = None, outer_lr: float = 1.0, total_steps: int | None = None,
                  schedule: str = "linear", execution: str = "auto", seed: int = 0,
-                 stationarity_warn_ratio: float = 10.0):
+                 stationarity_warn_ratio: float = 10.0, inner_data: str = "support"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
@@ -76,6 +89,13 @@ class MetaLearner:
         if not isinstance(self.inner, InnerSolver):
             raise TypeError(f"inner must be a metaprox solver (SGD, Adam, ExactLeastSquares), got {self.inner!r}.")
         self.execution = Execution(self.fmodel, self.loss, execution)
+        if inner_data not in INNER_DATA:
+            raise ValueError(f"unknown inner_data {inner_data!r}; choose one of {INNER_DATA}.")
+        if inner_data != "support" and self.needs_query:
+            raise ValueError(f"{type(self).__name__} evaluates its meta-gradient on the query set, so its "
+                             f"inner problem must use the support set only (inner_data='support'), "
+                             f"not {inner_data!r}.")
+        self.inner_data = inner_data
         if schedule not in ("linear", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}: use 'linear' (η_s = α(1 − s/S)) or 'constant'.")
         if schedule == "linear" and total_steps is None:
@@ -117,8 +137,15 @@ class MetaLearner:
         return [p.detach() for p in self.fmodel.params()]
 
     def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
-              prox: SquaredL2 | None = None, monitor: bool = True, query: bool = False) -> list[SolvedGroup]:
-        """Solve every task's prox problem (batched by shape); returns the groups with their results."""
+              prox: SquaredL2 | None = None, monitor: bool = True, query: bool = False,
+              data: str = "support") -> list[SolvedGroup]:
+        """Solve every task's prox problem (batched by shape); returns the groups with their results.
+
+        ``data`` is ``"support"`` or ``"support+query"`` (each task's support and query examples,
+        concatenated).
+        """
+        if data not in INNER_DATA:
+            raise ValueError(f"unknown inner data {data!r}; choose one of {INNER_DATA}.")
         if isinstance(tasks, Task):
             tasks = [tasks]
         if len(tasks) == 0:
@@ -132,6 +159,9 @@ class MetaLearner:
         for idx in self.execution.groups(tasks):
             group = [tasks[i] for i in idx]
             x, y = self.execution.stack(group)
+            if data == "support+query":
+                xq, yq = self.execution.stack(group, query=True)
+                x, y = torch.cat([x, xq], 1), torch.cat([y, yq], 1)
             oracle = self.execution.oracle(x, y)
             if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
                 with torch.no_grad():
@@ -147,15 +177,25 @@ class MetaLearner:
         """The meta-gradient for w (one tensor per parameter, no task axis). Defined by each rule."""
         raise NotImplementedError
 
+    def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
+                                monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
+        """Steps 1–2 of an outer iteration: the inner solves at center ``w``, then :meth:`meta_gradient`."""
+        solved = self.solve(tasks, center=w, monitor=monitor, data=self.inner_data)
+        return solved, self.meta_gradient(tasks, solved, weights)
+
     def step(self, tasks: Sequence[Task], weights: Sequence[float] | torch.Tensor | None = None,
              monitor: bool = True) -> dict[str, float]:
         """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``)."""
         if isinstance(tasks, Task):
             tasks = [tasks]
         a = _check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
+        lacking = sum(isinstance(t, Task) and not t.has_query for t in tasks)
+        if (self.needs_query or self.inner_data == "support+query") and lacking:
+            why = "its meta-gradient is a query loss" if self.needs_query else "inner_data='support+query'"
+            raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
+                             f"y_query)) because {why}, but {lacking} of {len(tasks)} tasks have none.")
         w = self.center()
-        solved = self.solve(tasks, center=w, monitor=monitor)
-        grads = self.meta_gradient(tasks, solved, a)
+        solved, grads = self.solve_and_meta_gradient(tasks, w, a, monitor)
         gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "

@@ -46,6 +46,9 @@ class MetaMinibatchProx(MetaLearner):
         schedule: ``"linear"`` (default, needs total_steps) or ``"constant"``; applied to any optimizer.
         execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (results agree up to round-off).
         seed: seed of the generator used for inner minibatches.
+        inner_data: ``"support"`` (default) or ``"support+query"``: the paper has one data set per task,
+            used by the inner and the outer step alike; with tasks split into support and query sets, the
+            union is that data set. (Adaptation at test time, :meth:`adapt`, always uses the support set.)
 
     Example:
         >>> import torch, metaprox

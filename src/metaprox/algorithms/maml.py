@@ -112,6 +112,8 @@ def unrolled_meta_gradient(fm: FunctionalModel, loss: Loss, strategy: str, w: Te
     per-tensor prox weights of the inner steps (all zero for standard MAML).
     """
     a = weights.to(w[0].dtype).to(w[0].device)
+    if strategy == "fused":  # the hand-derived backward is first order only; unroll on the batched forward
+        strategy = "batched"
     return _UNROLL[strategy](fm, loss, w, data, a, float(lr), int(steps), list(lams))
 
 

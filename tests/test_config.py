@@ -15,7 +15,7 @@ def test_defaults_fill_in_and_overrides_parse():
     ({"optimiser": 1}, "unknown config key 'optimiser'"),
     ({"outer": {"lr": "fast"}}, "must be a number"),
     ({"outer": {"meta_batch": 2.5}}, "must be an integer"),
-    ({"prox": {"lam": 0}}, "λ must be > 0"),
+    ({"prox": {"lam": 0}}, "mmp needs λ > 0"),
     ({"prox": {"lam": -1.0}}, "λ must be > 0"),
     ({"inner": 3}, "must be a table"),
     ({"eval": {"steps": []}}, "non-empty"),

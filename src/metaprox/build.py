@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaprox.algorithms import ALGORITHMS
 from metaprox.algorithms.base import MetaLearner
-from metaprox.algorithms.mmp import MetaMinibatchProx
 from metaprox.config import ConfigError
 from metaprox.models.mlp import MLP
 from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerSolver
@@ -21,9 +21,6 @@ from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
 
 __all__ = ["build_model", "build_inner", "build_learner", "build_family", "FAMILIES", "ALGORITHMS"]
-
-ALGORITHMS: dict[str, type[MetaLearner]] = {"mmp": MetaMinibatchProx}
-
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -88,10 +85,22 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
         model = build_model(cfg)
     model = model.to(cfg["device"])
     loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
-    return ALGORITHMS[cfg["algorithm"]](
-        model, loss, lam=cfg["prox"]["lam"], inner=build_inner(cfg), meta_optimizer=_optimizer_factory(cfg),
-        total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"], execution=cfg["execution"],
-        seed=cfg["seed"])
+    algo, rule = cfg["algorithm"], cfg["rule"]
+    lam = cfg["prox"]["lam"]
+    extra: dict[str, Any] = {}
+    if algo == "mmp":
+        extra["inner_data"] = rule["inner_data"]
+    elif rule["inner_data"] != "support":
+        raise ConfigError(f"rule.inner_data = {rule['inner_data']!r} applies to mmp only; {algo} uses the "
+                          f"support set for its inner problem.")
+    if algo == "maml":
+        extra["first_order"] = rule["first_order"]
+    if algo == "imaml":
+        extra["cg_steps"] = int(rule["cg_steps"])
+    return ALGORITHMS[algo](
+        model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
+        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
+        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], seed=cfg["seed"], **extra)
 
 
 def build_family(cfg: dict[str, Any]) -> Any:

@@ -42,7 +42,12 @@ DEFAULTS: dict[str, Any] = {
         "x_range": [-5.0, 5.0],
     },
     "model": {"kind": "mlp", "sizes": [1, 40, 40, 1], "activation": "tanh"},
-    "prox": {"lam": 0.5},
+    "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile)
+    "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
+        "inner_data": "support",    # MMP: solve on "support" or "support+query"
+        "first_order": False,       # MAML
+        "cg_steps": 5,              # iMAML
+    },
     "inner": {"solver": "sgd", "lr": 0.02, "steps": 15, "momentum": 0.0, "beta1": 0.9, "batch_size": 0},
     "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5},
     "eval": {
@@ -132,8 +137,10 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(lam, (dict, int, float)) or isinstance(lam, bool):
         raise ConfigError(f"prox.lam must be a number or a table of pattern = λ, got {lam!r}.")
     for v in (lam.values() if isinstance(lam, dict) else [lam]):
-        if not isinstance(v, (int, float)) or not v > 0:
-            raise ConfigError(f"prox.lam = {v!r}: λ must be > 0.")
+        if not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"prox.lam = {v!r}: λ must be > 0 (or 0 for no prox term, MAML/Reptile only).")
+    if lam == 0 and out["algorithm"] in ("mmp", "imaml"):
+        raise ConfigError(f"prox.lam = 0: {out['algorithm']} needs λ > 0 (its meta-gradient is defined by the prox).")
     if out["outer"]["meta_batch"] < 1 or out["outer"]["steps"] < 1:
         raise ConfigError("outer.meta_batch and outer.steps must be ≥ 1.")
     if out["inner"]["steps"] < 0:

@@ -44,14 +44,31 @@ class SineTasks:
         return out
 
 
-FAMILIES: dict[str, Callable[[dict[str, Any]], Any]] = {"sine": SineTasks}
+def _fewshot(cfg: dict[str, Any]) -> Any:
+    from metaprox.tasks.fewshot import FewShotTasks
+
+    return FewShotTasks(cfg)
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any]], Any]] = {"sine": SineTasks, "fewshot": _fewshot}
+
+_IMAGE_SHAPES = {"omniglot": (1, 28), "miniimagenet": (3, 84), "tieredimagenet": (3, 84), "cifar_fs": (3, 32),
+                 "fc100": (3, 32)}
 
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     m = cfg["model"]
     if m["kind"] == "mlp":
         return MLP(m["sizes"], m["activation"])
-    raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp'].")
+    if m["kind"] == "conv4":
+        from metaprox.models.conv4 import Conv4
+
+        if cfg["task"]["family"] != "fewshot":
+            raise ConfigError("model.kind = 'conv4' needs task.family = 'fewshot' (image episodes).")
+        channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
+        return Conv4(channels, int(cfg["task"]["ways"]), int(m["filters"]), size, bn=m["bn"],
+                     channels_last=bool(m["channels_last"]))
+    raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4'].")
 
 
 def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None) -> InnerSolver:

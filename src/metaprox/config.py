@@ -40,8 +40,26 @@ DEFAULTS: dict[str, Any] = {
         "amp_range": [0.1, 5.0],
         "phase_range": [0.0, 6.283185307179586],
         "x_range": [-5.0, 5.0],
+        # few-shot classification (family = "fewshot")
+        "dataset": "omniglot",
+        "data_path": None,         # None: $METAPROX_DATA/<dataset>
+        "split": "vinyals",        # omniglot: "vinyals" | "background"; others: "standard"
+        "val_alphabets": 5,        # "background" split: background alphabets held out for validation
+        "ways": 5,
+        "shots": 1,                # support images per class of test episodes
+        "train_shots": 0,          # support images per class when meta-training (0: = shots)
+        "queries": 0,              # query images per class when meta-training (MAML-family rules)
+        "eval_queries": 15,        # query images per class of evaluation episodes
+        "rotations": False,        # 90° rotations as new training classes
     },
-    "model": {"kind": "mlp", "sizes": [1, 40, 40, 1], "activation": "tanh"},
+    "model": {
+        "kind": "mlp",             # "mlp" | "conv4"
+        "sizes": [1, 40, 40, 1],   # mlp
+        "activation": "tanh",      # mlp
+        "filters": 32,             # conv4
+        "bn": "transductive",      # conv4: "batch" | "transductive" | "running"
+        "channels_last": True,     # conv4
+    },
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile)
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
         "inner_data": "support",    # MMP: solve on "support" or "support+query"

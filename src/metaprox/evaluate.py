@@ -58,16 +58,25 @@ class AdaptationCurve:
 
 
 def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *, lam: float | None = None,
-                     inner: InnerSolver | None = None) -> AdaptationCurve:
-    """Adapt every task (support set) for ``steps`` steps from the learned prior; query loss after each step."""
+                     inner: InnerSolver | None = None, record: Sequence[int] | None = None) -> AdaptationCurve:
+    """Adapt every task (support set) for ``steps`` steps from the learned prior; query loss after each step.
+
+    ``record`` limits the evaluation to those step counts (others are NaN) — useful when predicting is costly.
+    A model that defines ``predict(x_support, x_query, params)`` (e.g. :class:`~metaprox.models.Conv4`, whose
+    BatchNorm test protocol needs the support set) is evaluated through it, one task at a time.
+    """
     if any(not t.has_query for t in tasks):
         raise ValueError("adaptation_curve needs test tasks with a query set (Task(x, y, x_query, y_query)).")
     solver = (inner or learner.inner).with_steps(steps)
     prox = learner.prox if lam is None else make_prox(lam, learner.names)
     n = len(tasks)
-    loss = torch.zeros(steps + 1, n, dtype=torch.float64)
-    acc = torch.zeros(steps + 1, n, dtype=torch.float64) if learner.loss.name == "cross_entropy" else None
+    wanted = set(range(steps + 1)) if record is None else {int(k) for k in record}
+    loss = torch.full((steps + 1, n), float("nan"), dtype=torch.float64)
+    acc = torch.full((steps + 1, n), float("nan"), dtype=torch.float64) if learner.loss.name == "cross_entropy" \
+        else None
     center = learner.center()
+    module = learner.fmodel.module
+    own_predict = callable(getattr(module, "predict", None))
     for idx in learner.execution.groups(tasks):
         group = [tasks[i] for i in idx]
         x, y = learner.execution.stack(group)
@@ -75,13 +84,21 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
         oracle = learner.execution.oracle(x, y)
         cols = torch.tensor(idx)
 
-        def record(k: int, v: list[torch.Tensor], oracle=oracle, xq=xq, yq=yq, cols=cols) -> None:
-            pred = oracle.predict(v, xq)
-            loss[k, cols] = learner.loss.batched(pred, yq).double().cpu()
-            if acc is not None:
-                acc[k, cols] = (pred.argmax(-1) == yq).double().flatten(1).mean(1).cpu()
+        def record_step(k: int, v: list[torch.Tensor], oracle=oracle, x=x, xq=xq, yq=yq, cols=cols) -> None:
+            if k not in wanted:
+                return
+            with torch.no_grad():
+                if own_predict:
+                    pred = torch.stack([module.predict(x[b], xq[b], {nm: t[b] for nm, t in zip(learner.names, v)})
+                                        for b in range(len(x))])
+                else:
+                    pred = oracle.predict(v, xq)
+                loss[k, cols] = learner.loss.batched(pred, yq).double().cpu()
+                if acc is not None:
+                    acc[k, cols] = (pred.argmax(-1) == yq).double().flatten(1).mean(1).cpu()
 
-        solver.solve(ProxProblem(oracle, prox, center), generator=learner.generator, monitor=False, callback=record)
+        solver.solve(ProxProblem(oracle, prox, center), generator=learner.generator, monitor=False,
+                     callback=record_step)
     return AdaptationCurve(loss, acc)
 
 
@@ -119,9 +136,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     inner = build_inner(cfg, lr=e["lr"])
     sets = {}
     for set_name, tasks in build_family(cfg).eval_sets(split).items():
-        curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner)
+        record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
+        curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record)
         sets[set_name] = curve.summary(steps)
         sets[set_name]["curve"] = [float(v) for v in curve.loss.mean(1)]
+        if curve.accuracy is not None:
+            sets[set_name]["accuracy_curve"] = [float(v) for v in curve.accuracy.mean(1)]
     lam = e["lam"] if e["lam"] is not None else cfg["prox"]["lam"]
     result = {"split": split, "step": learner.step_count, "steps": steps,
               "metric": "accuracy" if learner.loss.name == "cross_entropy" else "mse",

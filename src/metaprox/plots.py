@@ -94,7 +94,8 @@ def plot_sine_fits(learner: Any, cfg: dict[str, Any], path: Path, task_index: in
 def plot_adaptation(result: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in result["sets"].items():
-        ax.plot(range(len(rows["curve"])), rows["curve"], label=name)
+        xs = [i for i, v in enumerate(rows["curve"]) if v == v]  # NaN: step not evaluated
+        ax.plot(xs, [rows["curve"][i] for i in xs], marker="o", ms=3, label=name)
     ax.set_xlabel("test-time steps")
     ax.set_ylabel("mean test " + ("loss" if result["metric"] != "mse" else "MSE"))
     ax.set_yscale("log")

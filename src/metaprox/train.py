@@ -59,11 +59,12 @@ class _TensorBoard:
 
 
 def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          evaluate: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+          evaluate: bool = True, stop_at: int | None = None, max_seconds: float | None = None) -> dict[str, Any]:
     """Run (or resume) meta-training; returns the final evaluation (or {} if ``evaluate`` is False).
 
     ``stop_at`` ends the session after that many outer iterations (with a checkpoint), as an interruption
-    would; a later ``resume=True`` call continues to ``outer.steps``.
+    would; a later ``resume=True`` call continues to ``outer.steps``. ``max_seconds`` does the same once this
+    session has trained for that long (wall clock), e.g. to fit a fixed time budget.
     """
     run_dir = Path(out_dir)
     has_ckpt = (run_dir / "checkpoint.json").is_file()
@@ -109,6 +110,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
     try:
         end = total if stop_at is None else min(total, stop_at)
         while learner.step_count < end:
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                checkpoint()
+                break
             s = learner.step_count
             monitor = s == 0 or (s + 1) % log["every"] == 0 or s + 1 == total
             tasks = family.train_batch(mb, sampler)

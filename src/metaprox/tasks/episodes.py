@@ -38,6 +38,8 @@ class EpisodeBatch:
     classes: torch.Tensor
 
     def tasks(self) -> list[Task]:
+        if self.x_query.shape[1] == 0:  # no query images drawn: support-only tasks
+            return [Task(self.x[t], self.y[t]) for t in range(self.x.shape[0])]
         return [
             Task(self.x[t], self.y[t], self.x_query[t], self.y_query[t]) for t in range(self.x.shape[0])
         ]

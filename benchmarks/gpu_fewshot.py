@@ -1,0 +1,76 @@
+"""Time-budgeted few-shot training for a lent GPU: calibrate speed, size S to the budget, train, evaluate.
+
+    python benchmarks/gpu_fewshot.py CONFIG --out DIR --minutes 6.5 [--set key=value ...]
+
+Runs a few outer iterations to measure seconds per iteration (with whatever else shares the GPU), sets
+``outer.steps`` so that training fits ``--minutes`` (the linear decay then ends on time), trains with the
+ordinary ``train()`` (checkpoints, metrics, plots), and evaluates on validation and test episodes. The run
+directory's ``config.json`` records the S that was used; ``summary.json`` the measured speed and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("config")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--calibrate", type=int, default=30, help="outer iterations timed to size S")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+
+    from metaprox.build import build_family, build_learner
+    from metaprox.config import load_config
+    from metaprox.evaluate import evaluate_run
+    from metaprox.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    learner, family = build_learner(cfg), build_family(cfg)
+    g = torch.Generator().manual_seed(12345)
+    mb = cfg["outer"]["meta_batch"]
+    for _ in range(3):
+        learner.step(family.train_batch(mb, g), monitor=False)
+    if cfg["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.calibrate):
+        learner.step(family.train_batch(mb, g), monitor=False)
+    if cfg["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+    per_it = (time.perf_counter() - t0) / args.calibrate
+    steps = max(10, int(0.9 * args.minutes * 60 / per_it))
+    del learner
+    cfg["outer"]["steps"] = steps
+    cfg["log"]["checkpoint_every"] = max(1, steps // 4)
+    cfg["log"]["every"] = max(1, steps // 40)
+    print(f"[{cfg['name']}] {1e3 * per_it:.1f} ms/iteration → S = {steps}", flush=True)
+    t1 = time.perf_counter()
+    test = train(cfg, args.out, progress=False, max_seconds=args.minutes * 60 * 1.15)
+    train_s = time.perf_counter() - t1
+    if not test:  # stopped by the time guard before S: evaluate what there is
+        test = evaluate_run(args.out)
+    val = evaluate_run(args.out, split="val")
+    summary = {"name": cfg["name"], "ms_per_iteration": 1e3 * per_it, "steps_planned": steps,
+               "train_seconds": train_s, "test": test["sets"], "val": val["sets"], "step": test["step"]}
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in ("name", "ms_per_iteration", "steps_planned", "train_seconds")}))
+    for split in ("val", "test"):
+        for name, rows in summary[split].items():
+            best = max((r["accuracy"], k) for k, r in rows.items() if isinstance(r, dict))
+            print(f"[{cfg['name']}] {split} {name}: " + ", ".join(
+                f"{k} steps {100 * r['accuracy']:.2f} ± {100 * r['accuracy_ci95']:.2f}"
+                for k, r in rows.items() if isinstance(r, dict)) + f" (best {100 * best[0]:.2f} at {best[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

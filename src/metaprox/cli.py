@@ -2,7 +2,7 @@
 
     metaprox train CONFIG --out DIR [--set key=value ...] [--resume]
     metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
-    metaprox bench NAME [--json]
+    metaprox bench NAME [--json] [--device cuda]
     metaprox plot DIR
 """
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
-    b.add_argument("name", help="benchmark name: sine")
+    b.add_argument("name", help="benchmark name: sine, omniglot")
+    b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
     pl = sub.add_parser("plot", help="(re)draw a run's figures")
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             from metaprox.bench import run_bench
 
-            result = run_bench(args.name, quick=args.quick)
+            result = run_bench(args.name, quick=args.quick, device=args.device)
             print(json.dumps(result, indent=1) if args.json else result["markdown"])
         elif args.command == "plot":
             from metaprox.plots import plot_run

@@ -17,10 +17,20 @@ def _sine(quick: bool) -> dict[str, Any]:
     return bench_sine(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine}
+def _omniglot(quick: bool, device: str = "cpu") -> dict[str, Any]:
+    from metaprox.bench.fewshot import bench_omniglot
+
+    return bench_omniglot(quick=quick, device=device)
 
 
-def run_bench(name: str, quick: bool = False) -> dict[str, Any]:
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot}
+
+
+def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {sorted(BENCHMARKS)}.")
-    return BENCHMARKS[name](quick)
+    if name == "sine":
+        if device != "cpu":
+            raise ValueError("bench sine measures the CPU paths; drop --device.")
+        return BENCHMARKS[name](quick)
+    return BENCHMARKS[name](quick, device)

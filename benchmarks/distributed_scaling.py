@@ -16,7 +16,9 @@ and separately ``allreduce_us``: the median of 200 back-to-back all-reduces of a
 barrier — the communication cost alone. The single-process runs also time the step at the batch ``B/p`` of
 every other world size ``p``, so the model ``T(p) = sample(B) + step_1(B/p) + allreduce(p)`` can be checked
 against the measured ``p``-process iteration.
-Writes ``benchmarks/results/distributed_scaling.json``.
+Writes ``benchmarks/results/distributed_scaling.json``, then prints the scaling model's predicted efficiency at
+8, 64 and 512 workers (``--predict-only`` redoes only that, from the saved JSON): see :func:`predict` and
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -112,6 +114,63 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         Path(out).write_text(json.dumps(result))
 
 
+# Interconnects of the predictions: (name, latency α per message in s, bandwidth in bytes/s). Assumptions, not
+# measurements: TCP over 10 GbE as gloo uses it between CPU nodes; InfiniBand HDR-class 100 Gb/s with NCCL.
+INTERCONNECTS = [("10GbE TCP (gloo)", 50e-6, 1.25e9), ("100Gb/s InfiniBand (NCCL)", 5e-6, 12.5e9)]
+# (name, floats |w|, per-task compute in s, per-task serial sampling in s): the sine row is filled in from the
+# measurement; the Conv-4 row's compute is the measured 1-thread CPU MMP iteration of benchmarks/omniglot_conv4.py
+# (batched+channels_last, 600 ms for 5 tasks on this shared machine), its sampling assumed negligible.
+CONV4 = ("Omniglot Conv-4/32 (|w| = 28357)", 28357, 0.120, 0.0)
+
+
+def allreduce_s(p: int, floats: int, alpha: float, bw: float, algo: str = "ring") -> float:
+    """Ring all-reduce: 2(p−1)/p·4|w|/bw + 2(p−1)·α; "tree" (recursive halving/doubling): 2·log2(p)·α instead
+    of the ring's 2(p−1)·α latency term, same bandwidth term."""
+    import math
+
+    if p == 1:
+        return 0.0
+    lat = 2 * (p - 1) * alpha if algo == "ring" else 2 * math.log2(p) * alpha
+    return 2 * (p - 1) / p * 4 * floats / bw + lat
+
+
+def predict(p: int, share: int, compute: float, sample: float, floats: int, alpha: float, bw: float,
+            algo: str = "ring", sharded_sampling: bool = False) -> float:
+    """Weak-scaling efficiency at ``p`` workers with ``share`` tasks each (global batch ``share·p``):
+    ``T_1 / T_p`` with ``T_1 = share·(compute + sample)`` and
+    ``T_p = share·compute + (share if sharded_sampling else share·p)·sample + allreduce(p)``."""
+    t1 = share * (compute + sample)
+    tp = share * compute + (share if sharded_sampling else share * p) * sample + allreduce_s(p, floats, alpha, bw,
+                                                                                           algo)
+    return t1 / tp
+
+
+def predictions(summary: dict) -> list[dict]:
+    st = summary["setting"]
+    w1 = summary["worlds"]["1"]
+    sine = (f"sine MLP (|w| = {st['params']})", st["params"], w1["step_s"] / st["global_batch"],
+            w1["sample_s"] / st["global_batch"])
+    rows = []
+    for name, floats, compute, sample in (sine, CONV4):
+        for share in ((32,) if compute < 0.01 else (4,)):
+            for net, alpha, bw in INTERCONNECTS:
+                for algo in ("ring", "tree"):
+                    for sharded in ((False, True) if sample else (False,)):
+                        rows.append({"model": name, "tasks_per_worker": share, "interconnect": net, "allreduce": algo,
+                                     "sampling": "sharded" if sharded else "every rank draws all",
+                                     **{str(p): round(predict(p, share, compute, sample, floats, alpha, bw, algo,
+                                                              sharded), 3) for p in (2, 8, 64, 512)}})
+    return rows
+
+
+def _print_predictions(rows: list[dict]) -> None:
+    print("| model | tasks/worker | interconnect | all-reduce | sampling | E(2) | E(8) | E(64) | E(512) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['tasks_per_worker']} | {r['interconnect']} | {r['allreduce']} | {r['sampling']} | "
+              + " | ".join(f"{r[str(p)]:.2f}" for p in (2, 8, 64, 512)) + " |")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,7 +191,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of the world sizes")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes (1 is always run)")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "distributed_scaling.json"))
+    p.add_argument("--predict-only", action="store_true", help="print the predictions from the saved --json")
     args = p.parse_args()
+    if args.predict_only:
+        _print_predictions(predictions(json.loads(Path(args.json).read_text())))
+        return
     os.environ["OMP_NUM_THREADS"] = "1"
     args.worlds = sorted(set(args.worlds) | {1})
     runs: dict[int, list[dict]] = {p: [] for p in args.worlds}
@@ -173,6 +236,7 @@ def main() -> None:
         "worlds": worlds,
         "all_runs": {str(k): v for k, v in runs.items()},
     }
+    summary["predictions"] = predictions(summary)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1))
     print(f"B = {b}, |w| = {summary['setting']['params']}, {summary['setting']['cpus']} CPUs, load avg "
@@ -190,6 +254,7 @@ def main() -> None:
                      f"{w['predicted_with_cpu_share_iter_s'] * 1e3:.1f} ms, measured/model "
                      f"{w['measured_over_predicted_with_cpu_share']:.2f}")
         print(line)
+    _print_predictions(summary["predictions"])
     print(f"wrote {args.json}")
 
 

@@ -1,6 +1,7 @@
 """The ``metaprox`` command: ``train``, ``eval``, ``bench`` and ``plot``.
 
-    metaprox train CONFIG --out DIR [--set key=value ...] [--resume]
+    metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume]
+    torchrun --nproc-per-node N -m metaprox.cli train ...    (task-parallel over N processes; docs/distributed.md)
     metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
     metaprox bench NAME [--json] [--device cuda]
     metaprox plot DIR
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="config file (TOML/YAML/JSON), e.g. configs/sine.toml")
     t.add_argument("--out", required=True, help="run directory (created; holds config, metrics, checkpoints)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="continue from the last checkpoint in --out if there is one, else start (use with "
+                        "torchrun --max-restarts, whose restarted workers rerun the same command)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(t)
     e = sub.add_parser("eval", help="evaluate a run's learned prior on its test (or validation) tasks")
@@ -77,9 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metaprox.train import train
 
             cfg = load_config(args.config, args.overrides)
-            result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-            print(_table(result), end="")
-            print(f"run directory: {args.out} (plots in {args.out}/plots)")
+            result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
+                           progress=not args.quiet)
+            if result:  # rank 0 only under torchrun
+                print(_table(result), end="")
+                print(f"run directory: {args.out} (plots in {args.out}/plots)")
         elif args.command == "eval":
             return _eval(args)
         elif args.command == "bench":

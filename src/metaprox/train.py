@@ -3,6 +3,11 @@
 ``train(cfg, out_dir)`` starts a run; ``train(cfg, out_dir, resume=True)`` continues it from its last
 checkpoint, bitwise identical (on CPU) to an uninterrupted run: the task-sampling and inner-minibatch
 generators, optimizer state and step counter are all checkpointed.
+
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the same function runs on every rank: all ranks draw
+the same task minibatch, each solves its share, one all-reduce combines them (:mod:`metaprox.distributed`);
+only rank 0 writes the run directory. ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint
+and starts otherwise — what workers restarted by ``torchrun --max-restarts`` need. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from metaprox.algorithms.base import NonFiniteError
 from metaprox.build import build_family, build_learner
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
+from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 
 __all__ = ["train", "TrainingDiverged"]
@@ -58,28 +64,47 @@ class _TensorBoard:
             self.writer.close()
 
 
-def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progress: bool | None = None,
+def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, progress: bool | None = None,
           evaluate: bool = True, stop_at: int | None = None, max_seconds: float | None = None) -> dict[str, Any]:
-    """Run (or resume) meta-training; returns the final evaluation (or {} if ``evaluate`` is False).
+    """Run (or resume) meta-training; returns the final evaluation (or {} if ``evaluate`` is False, and on
+    ranks other than 0).
 
-    ``stop_at`` ends the session after that many outer iterations (with a checkpoint), as an interruption
-    would; a later ``resume=True`` call continues to ``outer.steps``. ``max_seconds`` does the same once this
-    session has trained for that long (wall clock), e.g. to fit a fixed time budget.
+    ``resume``: False (new run), True (continue from the last checkpoint) or ``"auto"`` (continue if there is a
+    checkpoint, else start). ``stop_at`` ends the session after that many outer iterations (with a
+    checkpoint), as an interruption would; a later ``resume=True`` call continues to ``outer.steps``.
+    ``max_seconds`` does the same once this session has trained for that long (wall clock), e.g. to fit a
+    fixed time budget.
     """
-    run_dir = Path(out_dir)
+    with process_group(cfg["device"]) as reducer:
+        return _train(cfg, Path(out_dir), resume, progress, evaluate, stop_at, max_seconds, reducer)
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: bool | None, evaluate: bool,
+           stop_at: int | None, max_seconds: float | None, reducer: Reducer) -> dict[str, Any]:
+    main = reducer.rank == 0  # only rank 0 writes files (no barrier: every rank holds the same state)
+    if max_seconds is not None and reducer.world_size > 1:
+        raise ConfigError("a wall-clock budget (max_seconds) would stop ranks at different steps; use "
+                          "outer.steps (or stop_at) in distributed runs.")
     has_ckpt = (run_dir / "checkpoint.json").is_file()
+    if resume == "auto":
+        resume = has_ckpt
     if has_ckpt and not resume:
+        hint = " (a torchrun restart: launch with --auto-resume)" if is_restart() else ""
         raise ConfigError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
-                          f"another --out.")
+                          f"another --out.{hint}")
     if resume and has_ckpt:
         stored = read_config(run_dir)
         changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval."))]
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, cfg)
+    bs = cfg["inner"]["batch_size"]
+    if reducer.world_size > 1 and bs and bs < cfg["task"]["train_points"]:
+        raise ConfigError(f"inner.batch_size = {bs} with {reducer.world_size} processes: inner minibatches "
+                          f"would be drawn per rank and depend on the split; use full-batch inner steps "
+                          f"(inner.batch_size = 0) for distributed training.")
 
     learner = build_learner(cfg)
+    learner.reducer = reducer
     family = build_family(cfg)
     sampler = torch.Generator().manual_seed(cfg["seed"])
     rows: list[dict[str, Any]] = []
@@ -92,20 +117,27 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
         rows = [r for r in read_metrics(run_dir) if r["step"] <= state["step"]]
     elif resume:
         raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
+    if isinstance(reducer, AllReduceReducer):  # every rank must start from the same state (also a sync point:
+        reducer.check_same(learner.step_count, "the step to start from")  # no rank writes before all looked)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
 
     total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
     show = log["progress"] if progress is None else progress
-    tb = _TensorBoard(run_dir, log["tensorboard"])
+    tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
     t0 = time.perf_counter()
 
     def checkpoint() -> None:
+        if not main:
+            return
         save_checkpoint(run_dir, learner.state_dict(),
                         {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
         write_metrics(run_dir, rows)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=learner.step_count, disable=not show, desc=cfg["name"], unit="it",
+    bar = tqdm(total=total, initial=learner.step_count, disable=not (show and main), desc=cfg["name"], unit="it",
                dynamic_ncols=True, file=sys.stderr)
     try:
         end = total if stop_at is None else min(total, stop_at)
@@ -118,8 +150,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
             tasks = family.train_batch(mb, sampler)
             try:
                 diag = learner.step(tasks, monitor=monitor)
-            except NonFiniteError as e:
-                write_metrics(run_dir, rows)
+            except NonFiniteError as e:  # raised on every rank alike (the meta-gradient is all-reduced)
+                if main:
+                    write_metrics(run_dir, rows)
                 raise TrainingDiverged(f"training stopped at step {s}: {e} The last good checkpoint in "
                                        f"{str(run_dir)!r} is kept.") from e
             if monitor:
@@ -133,7 +166,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
     finally:
         bar.close()
         tb.close()
-    if not evaluate or learner.step_count < total:
+    if not evaluate or learner.step_count < total or not main:
         return {}
     from metaprox.evaluate import evaluate_run
     from metaprox.plots import plot_run

@@ -4,11 +4,14 @@ The meta-parameters ``w`` are the model's trainable parameters. One outer iterat
 
 1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched) on the
    data named by ``inner_data`` — the support set, or support ∪ query;
-2. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the meta-gradient. A rule
-   that must differentiate *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`,
-   which does steps 1–2 together;
-3. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
-4. return the diagnostics.
+2. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the *unnormalised* weighted
+   sum ``Σ_T a_T g_T`` of the per-task meta-gradients (linear in the weights). A rule that must differentiate
+   *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`, which does steps 1–2;
+3. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
+   (one process: the identity; under torchrun: one all-reduce, each rank having solved only its share
+   ``reducer.part(B)`` of the minibatch — see :mod:`metaprox.distributed`), and normalise: ``g = Σ a_T g_T / Σ a_T``;
+4. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
+5. return the diagnostics.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaprox.distributed import LocalReducer, Reducer
 from metaprox.execution import Execution, FunctionalModel, Oracle
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import SquaredL2, make_prox
@@ -58,7 +62,7 @@ def _check_weights(weights: Any, n: int) -> torch.Tensor:
         raise ValueError(f"got {w.numel()} task weights for {n} tasks.")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError("task weights must be finite, ≥ 0, and not all zero.")
-    return w / w.sum()
+    return w
 
 
 class MetaLearner:
@@ -109,6 +113,8 @@ class MetaLearner:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stationarity_warn_ratio = stationarity_warn_ratio
         self._warned = False
+        #: who solves which tasks of a minibatch and how partial sums combine (set by the trainer under torchrun)
+        self.reducer: Reducer = LocalReducer()
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
@@ -174,7 +180,9 @@ class MetaLearner:
     # ----- the outer step ---------------------------------------------------------------------------
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
                       weights: torch.Tensor) -> Tensors:
-        """The meta-gradient for w (one tensor per parameter, no task axis). Defined by each rule."""
+        """``Σ_T a_T g_T`` over ``tasks`` (one tensor per parameter, no task axis), ``g_T`` the rule's per-task
+        meta-gradient: linear in the (unnormalised) ``weights``, so partial sums over disjoint task sets add
+        up. Defined by each rule."""
         raise NotImplementedError
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
@@ -195,7 +203,15 @@ class MetaLearner:
             raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
                              f"y_query)) because {why}, but {lacking} of {len(tasks)} tasks have none.")
         w = self.center()
-        solved, grads = self.solve_and_meta_gradient(tasks, w, a, monitor)
+        part = self.reducer.part(len(tasks))  # this process's share of the minibatch (all of it, usually)
+        local, a_local = list(tasks)[part], a[part]
+        if local:
+            solved, grads = self.solve_and_meta_gradient(local, w, a_local, monitor)
+        else:
+            solved, grads = [], [torch.zeros_like(t) for t in w]
+        sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
+        grads, sums = self.reducer.sum(grads, sums)
+        grads = torch._foreach_div(grads, sums["weight"])
         gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "
@@ -211,13 +227,11 @@ class MetaLearner:
         diag: dict[str, float] = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"],
                                   "meta_grad_norm": gnorm}
         if monitor:
-            diag.update(self.monitors(solved, w, a, gnorm))
+            diag.update(self.monitors(sums))
         return diag
 
-    def monitors(self, solved: list[SolvedGroup], w: Tensors, a: torch.Tensor, gnorm: float) -> dict[str, float]:
-        """Theory monitors, means over tasks: inner stationarity ‖∇L(v) + ∂_v D‖, per-task envelope-gradient
-        norm ‖∂_w D(v_T, w)‖, ‖v_T − w‖² (the paper's σ²), φ_T = L_T(v_T) + D(v_T, w), and L_T(v_T)."""
-        n = float(sum(len(s.indices) for s in solved))
+    def monitor_sums(self, solved: list[SolvedGroup], w: Tensors) -> dict[str, float]:
+        """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count)."""
         stat = tgrad = sq = phi = loss = 0.0
         for s in solved:
             r = s.result
@@ -227,8 +241,15 @@ class MetaLearner:
             sq += float(self.prox.sqdist(r.params, w).sum())
             phi += float((r.loss + self.prox.value(r.params, w)).sum())
             loss += float(r.loss.sum())
-        out = {"inner_stationarity": stat / n, "task_grad_norm": tgrad / n, "sigma2": sq / n, "phi": phi / n,
-               "inner_loss": loss / n}
+        return {"tasks": float(sum(len(s.indices) for s in solved)), "inner_stationarity": stat,
+                "task_grad_norm": tgrad, "sigma2": sq, "phi": phi, "inner_loss": loss}
+
+    def monitors(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Theory monitors, means over tasks (from :meth:`monitor_sums`, summed over processes): inner
+        stationarity ‖∇L(v) + ∂_v D‖, per-task envelope-gradient norm ‖∂_w D(v_T, w)‖, ‖v_T − w‖² (the paper's
+        σ²), φ_T = L_T(v_T) + D(v_T, w), and L_T(v_T)."""
+        n = sums["tasks"]
+        out = {k: sums[k] / n for k in ("inner_stationarity", "task_grad_norm", "sigma2", "phi", "inner_loss")}
         if not math.isfinite(out["phi"]):
             raise NonFiniteError(f"non-finite task loss at outer step {self.step_count}.")
         # An ε-stationary inner solution moves each task's envelope gradient by about ε (strong convexity of

@@ -62,8 +62,10 @@ class Reptile(MetaLearner):
 
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
                       weights: torch.Tensor) -> Tensors:
+        # Σ_T a_T (w − v_T) = (Σ a_T)·w − Σ a_T v_T: linear in the weights, so shards' partial sums add up
         w = self.center()
-        mean_v = [torch.zeros_like(p) for p in w]
+        sum_v = [torch.zeros_like(p) for p in w]
         for s in solved:
-            torch._foreach_add_(mean_v, task_weighted_sum(weights[s.indices], s.result.params))
-        return torch._foreach_mul(torch._foreach_sub(w, mean_v), self.scale)
+            torch._foreach_add_(sum_v, task_weighted_sum(weights[s.indices], s.result.params))
+        total = float(weights.sum())
+        return torch._foreach_mul(torch._foreach_sub(torch._foreach_mul(w, total), sum_v), self.scale)

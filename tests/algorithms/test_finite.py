@@ -96,16 +96,16 @@ def test_flat_per_task_lambda_reaches_joint_optimum():
 
 
 def test_sgd_inner_and_task_weights_minibatches():
-    ts = TaskSet(list(tasks_of_sizes().tasks), weights=[1.0, 2.0, 0.5, 1.0, 3.0])
+    ts = TaskSet(list(tasks_of_sizes(sizes=(10,) * 5).tasks), weights=[1.0, 2.0, 0.5, 1.0, 3.0])
     lam, p = 1.5, 4
     q = Quadratic(len(ts) + 1, p)
     for t in range(len(ts)):
         q.data(t, float(ts.weights[t]), *quad(ts[t]))
         q.couple(t, len(ts), float(ts.weights[t]), torch.full((p,), lam, dtype=DT))
     want = q.solve()
-    fm = FiniteMMP(model(), ts, lam=lam, inner=metaprox.SGD(lr=0.05, steps=30), center_update="exact",
+    fm = FiniteMMP(model(), ts, lam=lam, inner=metaprox.SGD(lr=0.1, steps=20), center_update="exact",
                    sampler=TaskSampler(len(ts), batch_size=2, seed=3))
-    run(fm, 800)
+    run(fm, 300)
     assert torch.allclose(fm.rows(np.arange(len(ts))), want[:-1], atol=1e-5)
     assert torch.allclose(fm.w_row(), want[-1], atol=1e-5)
 
@@ -155,8 +155,8 @@ def test_graph_coupling_reaches_joint_optimum():
 
 
 def test_private_limit_is_independent_training():
-    ts = tasks_of_sizes()
-    fm = FiniteMMP(model(), ts, lam="private", inner=metaprox.SGD(lr=0.1, steps=2000))
+    ts = tasks_of_sizes(sizes=(12,) * 5)
+    fm = FiniteMMP(model(), ts, lam="private", inner=metaprox.SGD(lr=0.2, steps=1500, momentum=0.5))
     w0 = fm.w_row().clone()
     fm.step()
     for t in range(len(ts)):
@@ -167,7 +167,7 @@ def test_private_limit_is_independent_training():
 
 
 def test_shared_limit_is_joint_training():
-    ts = tasks_of_sizes()
+    ts = tasks_of_sizes(sizes=(12,) * 5)
     # everything shared: one step is a gradient step on the pooled (task-weighted) loss
     fm = FiniteMMP(model(), ts, lam="shared", inner=metaprox.SGD(lr=0.1, steps=5), outer_lr=0.3)
     w = fm.w_row().clone()
@@ -178,8 +178,8 @@ def test_shared_limit_is_joint_training():
 
     # shared weight + private bias: converges to joint least squares with per-task intercepts
     fm = FiniteMMP(model(), ts, lam={"weight": "shared", "bias": "private"},
-                   inner=metaprox.SGD(lr=0.2, steps=200), outer_lr=0.5)
-    for _ in range(300):
+                   inner=metaprox.SGD(lr=0.3, steps=60), outer_lr=0.8)
+    for _ in range(200):
         fm.step(monitor=False)
     n = len(ts)
     rows = []
@@ -206,17 +206,17 @@ def test_soft_and_named_groups_mix():
 
 
 def test_robust_prox_learner_runs_and_bounds_outlier_pull():
-    ts = tasks_of_sizes()
+    ts = tasks_of_sizes(sizes=(10,) * 5)
     outlier = metaprox.Task(ts[0].x, ts[0].y + 100.0, name="outlier")
     ts2 = TaskSet(list(ts.tasks) + [outlier])
-    plain = FiniteMMP(model(), ts2, lam=1.0, inner=metaprox.SGD(lr=0.05, steps=200), outer_lr=0.5)
-    robust = FiniteMMP(model(), ts2, lam=RobustL2(1.0, ["weight", "bias"]), inner=metaprox.SGD(lr=0.05, steps=200),
+    plain = FiniteMMP(model(), ts2, lam=1.0, inner=metaprox.SGD(lr=0.1, steps=60), outer_lr=0.5)
+    robust = FiniteMMP(model(), ts2, lam=RobustL2(1.0, ["weight", "bias"]), inner=metaprox.SGD(lr=0.1, steps=60),
                        outer_lr=0.5)
-    for _ in range(40):
+    for _ in range(20):
         plain.step(monitor=False)
         robust.step(monitor=False)
-    clean = FiniteMMP(model(), ts, lam=1.0, inner=metaprox.SGD(lr=0.05, steps=200), outer_lr=0.5)
-    for _ in range(40):
+    clean = FiniteMMP(model(), ts, lam=1.0, inner=metaprox.SGD(lr=0.1, steps=60), outer_lr=0.5)
+    for _ in range(20):
         clean.step(monitor=False)
     # the outlier drags the plain prior's bias far more than the robust one's
     assert abs(float(robust.w_row()[3] - clean.w_row()[3])) < 0.5 * abs(float(plain.w_row()[3] - clean.w_row()[3]))

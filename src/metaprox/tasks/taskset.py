@@ -119,7 +119,8 @@ class TaskSampler:
             raise ValueError("batch_size must be ≥ 1 or None (full batch).")
         if probs is not None and not replacement:
             raise ValueError("sampling probabilities need replacement=True.")
-        self.batch_size = None if batch_size is None else min(int(batch_size), self.n)
+        self.batch_size = None if batch_size is None else \
+            (int(batch_size) if replacement else min(int(batch_size), self.n))
         self.replacement = replacement
         self.probs = None if probs is None else _weights(probs, self.n)
         self.generator = torch.Generator().manual_seed(int(seed))

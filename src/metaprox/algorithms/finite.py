@@ -18,7 +18,8 @@ the task's tree node θ_node(t) (:class:`~metaprox.priors.Tree`), and graph neig
 4. update the center: ``"gradient"`` — the envelope gradient Σ_t â_t ∂_c D_t(v_t, c) (Lemma 1, â normalised
    over the batch) into ``.grad`` of the model parameters and a ``torch.optim`` step (the paper's rule); or
    ``"exact"`` — the minimiser of J over the centers with all v_t fixed (λ-weighted means; for a tree, one
-   block-coordinate sweep over the nodes). Both are descent steps on J, so J decreases to the joint optimum.
+   block-coordinate sweep over the nodes). Both are descent steps on J, so J decreases to the joint optimum;
+   or ``"fixed"`` — the center stays where it is (a given prior: with w = 0 every task is independent ridge).
 
 Parameter groups (``lam`` as ``{glob: λ | "shared" | "private"}``, :class:`~metaprox.prox.GroupL2`):
 *shared* groups are tied to the center (the inner solver's gradient is masked there, so they never move) and
@@ -48,7 +49,7 @@ from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_
 __all__ = ["FiniteMMP", "CENTER_UPDATES"]
 
 Tensors = list[torch.Tensor]
-CENTER_UPDATES = ("gradient", "exact")
+CENTER_UPDATES = ("gradient", "exact", "fixed")
 
 
 class _TiedOracle:
@@ -79,7 +80,8 @@ class FiniteMMP(MetaLearner):
         task_lam: per-task pull: ``"constant"``, ``"size"`` (λ_t = λ·(n̄/n_t)^task_lam_power) or factors s_t.
         inner: inner solver (SGD default; ExactLeastSquares for linear mse models without shared groups).
         store: per-task parameter store (default: a :class:`MemoryStore` in the model's dtype).
-        center_update: ``"gradient"`` (envelope gradient + optimizer, the paper's rule) or ``"exact"``.
+        center_update: ``"gradient"`` (envelope gradient + optimizer, the paper's rule), ``"exact"`` or
+            ``"fixed"`` (no center update: each task is a prox/ridge problem toward the given w).
         prior: a :class:`Tree` (needs ``center_update="exact"``). graph: a :class:`Graph` between tasks.
         sampler: a :class:`TaskSampler` for :meth:`step` without indices (default: the full batch).
         Others as in :class:`metaprox.MetaMinibatchProx` (default schedule: constant).
@@ -200,7 +202,8 @@ class FiniteMMP(MetaLearner):
         gnorm = float(grad.double().norm())
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
-        self._apply(grad)
+        if self.center_update != "fixed":
+            self._apply(grad)
         self.step_count += 1
         diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
                 "tasks": float(len(idx))}

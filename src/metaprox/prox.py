@@ -6,6 +6,15 @@ squared ℓ2 penalty of the paper, ``λ (c − v*)`` (Lemma 1 of Zhou et al. 201
 its value, its gradient in v (for the inner solver) and its gradient in c (the meta-gradient).
 
 Tensors are lists aligned with a parameter-name list; v carries a leading task axis, c broadcasts against it.
+
+Beyond the paper (additive: ``SquaredL2`` and ``NoProx`` behave exactly as before; they now derive from the
+small :class:`Penalty` base, which ``make_prox`` accepts):
+
+- :class:`GroupL2` — per-group λ in ``[0, ∞]`` with the named cases ``"shared"`` (λ = ∞: tied to the center)
+  and ``"private"`` (λ = 0: no pull, independent per task);
+- :class:`TaskScaled` — any penalty with a per-task factor ``s_t`` (leading task axis): λ_{t,g} = s_t·λ_g;
+- :class:`RobustL2` — the outlier-resistant ``(λ/2)·log(1 + ‖v − c‖²)`` whose envelope gradient
+  ``λ(c − v)/(1 + ‖c − v‖²)`` is bounded, so a far-away outlier task cannot drag the prior.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["SquaredL2", "NoProx", "make_prox"]
+__all__ = ["Penalty", "SquaredL2", "NoProx", "GroupL2", "TaskScaled", "RobustL2", "SHARED", "PRIVATE",
+           "make_prox"]
 
 Tensors = list[torch.Tensor]
 
@@ -26,7 +36,29 @@ def _per_task_sqnorm(diff: Tensors) -> torch.Tensor:
     return sum(d.square().flatten(1).sum(1) for d in diff)  # type: ignore[return-value]
 
 
-class SquaredL2:
+class Penalty:
+    """Base of prox penalties D(v, c): ``names``, per-group ``lams`` and value/gradient methods (see module doc)."""
+
+    names: list[str]
+    lams: list[float]
+
+    def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad_v(self, v: Tensors, c: Tensors) -> Tensors:
+        raise NotImplementedError
+
+    def add_grad_v_(self, g: Tensors, v: Tensors, c: Tensors) -> None:
+        torch._foreach_add_(g, self.grad_v(v, c))
+
+    def grad_c(self, v: Tensors, c: Tensors) -> Tensors:
+        raise NotImplementedError
+
+    def sqdist(self, v: Tensors, c: Tensors) -> torch.Tensor:
+        return _per_task_sqnorm(torch._foreach_sub(v, c))
+
+
+class SquaredL2(Penalty):
     """The paper's penalty ``(λ/2)·‖v − c‖²``, summed over *all* parameter entries.
 
     ``lam`` is a positive number, or a mapping from glob patterns over parameter names to λ (first match
@@ -101,12 +133,161 @@ class NoProx(SquaredL2):
         """No penalty, nothing to add."""
 
 
-def make_prox(lam: float | Mapping[str, float] | SquaredL2 | None, names: Sequence[str]) -> SquaredL2:
-    """The penalty for ``lam``: :class:`SquaredL2` (a number or ``{glob: λ}``), :class:`NoProx` for None."""
+def make_prox(lam: float | Mapping[str, float] | Penalty | None, names: Sequence[str]) -> SquaredL2:
+    """The penalty for ``lam``: :class:`SquaredL2` (a number or ``{glob: λ}``), :class:`NoProx` for None,
+    or a ready :class:`Penalty` (e.g. :class:`RobustL2`, :class:`GroupL2`) built for the same names."""
     if lam is None:
         return NoProx(names)
-    if isinstance(lam, SquaredL2):
+    if isinstance(lam, Penalty):
         if lam.names != list(names):
             raise ValueError("the prox penalty was built for other parameter names than the model's.")
-        return lam
+        return lam  # type: ignore[return-value]
     return SquaredL2(lam, names)
+
+
+SHARED = math.inf
+"""λ of a ``shared`` parameter group: tied to the center (the inner solver must not move it)."""
+PRIVATE = 0.0
+"""λ of a ``private`` parameter group: no pull toward the center (independent per task)."""
+
+
+def _task_view(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return s.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
+class GroupL2(SquaredL2):
+    """Squared ℓ2 with per-group λ in ``[0, ∞]``: soft pull, ``"shared"`` (λ = ∞) or ``"private"`` (λ = 0).
+
+    ``lam`` is a number or ``{glob: λ | "shared" | "private"}`` (first match wins). A *shared* group is the
+    limit λ → ∞: the constraint ``v_g = c_g``; its penalty value and ``grad_v`` are 0 (the solver keeps it at
+    the center by masking its data gradient, see :meth:`mask_shared_`), and its meta-gradient is the task-loss
+    gradient ``∇_g L_T(v)`` — joint training — which the learner supplies (``grad_c`` returns 0 there).
+    A *private* group is λ = 0: independent per task, meta-gradient 0 (never averaged into the center).
+
+    ``lams`` holds the *finite* part used by the inherited methods (shared → 0); ``group_lams`` the true values.
+    """
+
+    def __init__(self, lam: float | str | Mapping[str, float | str], names: Sequence[str]):
+        self.names = list(names)
+        self.group_lams = [self._lookup_group(lam, n) for n in self.names]
+        self.shared = [math.isinf(v) for v in self.group_lams]
+        self.private = [v == 0.0 for v in self.group_lams]
+        self.lams = [0.0 if sh else v for sh, v in zip(self.shared, self.group_lams)]
+
+    @staticmethod
+    def _lookup_group(lam: float | str | Mapping[str, float | str], name: str) -> float:
+        if isinstance(lam, Mapping):
+            for pattern, value in lam.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    return GroupL2._check_group(value, f"lam[{pattern!r}]")
+            raise ValueError(f"parameter {name!r} matches none of the λ patterns {list(lam)}; "
+                             f"add a catch-all pattern '*'.")
+        return GroupL2._check_group(lam, "lam")
+
+    @staticmethod
+    def _check_group(value: float | str, what: str) -> float:
+        if isinstance(value, str):
+            named = {"shared": SHARED, "private": PRIVATE}
+            if value not in named:
+                raise ValueError(f"{what} = {value!r}: use a number, 'shared' (λ = ∞) or 'private' (λ = 0).")
+            return named[value]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{what} must be a number, 'shared' or 'private', got {type(value).__name__}.")
+        value = float(value)
+        if math.isnan(value) or value < 0:
+            raise ValueError(f"{what} = {value}: λ must be ≥ 0 (0 = 'private', inf = 'shared').")
+        return value
+
+    @property
+    def uniform(self) -> float | None:
+        vals = set(self.group_lams)
+        return self.group_lams[0] if len(vals) == 1 and not any(self.shared) else None
+
+    @property
+    def any_shared(self) -> bool:
+        return any(self.shared)
+
+    def mask_shared_(self, g: Tensors) -> None:
+        """Zero the gradient entries of shared groups in place (the inner solver then never moves them)."""
+        for gi, sh in zip(g, self.shared):
+            if sh:
+                gi.zero_()
+
+
+class TaskScaled(Penalty):
+    """A penalty with one extra factor per task: ``D_t(v, c) = s_t · D(v, c)`` (λ_{t,g} = s_t·λ_g).
+
+    ``scale`` has shape ``(B,)`` and is aligned with the leading task axis of ``v``; the center ``c`` may carry
+    the same axis. This is how the finite setting gives every task its own pull strength λ_t (constant, scaled
+    with task size, user-given) and how graph coupling passes the summed pull ``λ_t + Σ_s λ_ts``.
+    """
+
+    def __init__(self, base: Penalty, scale: torch.Tensor):
+        if isinstance(base, TaskScaled):
+            scale, base = scale * base.scale, base.base
+        scale = torch.as_tensor(scale).flatten()
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError("per-task λ factors must be finite and ≥ 0.")
+        self.base, self.scale = base, scale
+        self.names, self.lams = base.names, base.lams
+
+    def __getattr__(self, item: str):  # shared/private/group_lams/mask_shared_ of a GroupL2 base
+        if item == "base":
+            raise AttributeError(item)
+        return getattr(self.base, item)
+
+    @property
+    def uniform(self) -> float | None:
+        return None
+
+    def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
+        val = self.base.value(v, c)
+        return val * self.scale.to(val.dtype)
+
+    def grad_v(self, v: Tensors, c: Tensors) -> Tensors:
+        return [g * _task_view(self.scale, g) for g in self.base.grad_v(v, c)]
+
+    def add_grad_v_(self, g: Tensors, v: Tensors, c: Tensors) -> None:
+        torch._foreach_add_(g, self.grad_v(v, c))
+
+    def grad_c(self, v: Tensors, c: Tensors) -> Tensors:
+        return [g * _task_view(self.scale, g) for g in self.base.grad_c(v, c)]
+
+    def sqdist(self, v: Tensors, c: Tensors) -> torch.Tensor:
+        return self.base.sqdist(v, c)
+
+
+class RobustL2(Penalty):
+    """Outlier-resistant pull ``D(v, c) = (λ/2)·log(1 + ‖v − c‖²/δ²)·δ²`` (δ = ``scale``, default 1).
+
+    Near the center it is the paper's ``(λ/2)‖v − c‖²``; far away it grows only logarithmically, so the
+    envelope gradient ``∂_c D = λ(c − v)/(1 + ‖c − v‖²/δ²)`` is bounded by ``λδ/2`` — an outlier task whose
+    solution sits far from the prior moves it little (Zhou et al. 2019, robustness experiment). The norm runs
+    over *all* parameter entries of a task (one scalar per task). The penalty is not convex: for large
+    ``‖v − c‖`` the inner problem may have several stationary points; the solver returns the one it reaches.
+    """
+
+    def __init__(self, lam: float, names: Sequence[str], scale: float = 1.0):
+        self.names = list(names)
+        self.lam = SquaredL2._check(lam, "lam")
+        self.delta2 = SquaredL2._check(scale, "scale") ** 2
+        self.lams = [self.lam] * len(self.names)
+
+    @property
+    def uniform(self) -> float | None:
+        return None
+
+    def _factor(self, diff: Tensors) -> torch.Tensor:
+        return self.lam / (1.0 + _per_task_sqnorm(diff) / self.delta2)
+
+    def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
+        sq = _per_task_sqnorm(torch._foreach_sub(v, c))
+        return 0.5 * self.lam * self.delta2 * torch.log1p(sq / self.delta2)
+
+    def grad_v(self, v: Tensors, c: Tensors) -> Tensors:
+        diff = torch._foreach_sub(v, c)
+        f = self._factor(diff)
+        return [d * _task_view(f, d) for d in diff]
+
+    def grad_c(self, v: Tensors, c: Tensors) -> Tensors:
+        return [-g for g in self.grad_v(v, c)]

@@ -191,6 +191,8 @@ class ExactLeastSquares(InnerSolver):
 
     With L(θ) = (1/(n·o))·‖Xθ − Y‖² (θ stacks weight and bias, o outputs) and D = Σ_g λ_g/2 ‖θ_g − c_g‖²,
     the solution is ``θ* = (2/(n·o)·XᵀX + Λ)⁻¹ (2/(n·o)·XᵀY + Λ c)``, one solve per task. ``steps`` is ignored.
+    A per-task penalty (:class:`metaprox.prox.TaskScaled`) gives each task its own Λ_t = s_t·Λ; the center may
+    carry a leading task axis.
     """
 
     steps: int = 1
@@ -216,8 +218,14 @@ class ExactLeastSquares(InnerSolver):
         if bname:
             diag[d] = lam[bname]
             c = torch.cat([c, center[bname].detach().expand(bsz, o).unsqueeze(1)], 1)
-        a = scale * xa.transpose(1, 2) @ xa + torch.diag(diag)
-        rhs = scale * xa.transpose(1, 2) @ y + diag.view(1, p, 1) * c
+        prox = problem.prox
+        if not isinstance(getattr(prox, "base", prox), SquaredL2) or any(getattr(prox, "shared", ())):
+            raise ValueError("ExactLeastSquares needs a squared-ℓ2 penalty with finite λ per group (no "
+                             "'shared' groups, no robust penalty); use SGD or Adam.")
+        task_scale = getattr(prox, "scale", None)  # TaskScaled: λ_{t,g} = s_t·λ_g (per-task pull)
+        diag_b = diag.expand(bsz, p) if task_scale is None else task_scale.to(x).view(-1, 1) * diag
+        a = scale * xa.transpose(1, 2) @ xa + torch.diag_embed(diag_b)
+        rhs = scale * xa.transpose(1, 2) @ y + diag_b.unsqueeze(2) * c
         theta = torch.linalg.solve(a, rhs)  # (B, p, o)
         sol = {wname: theta[:, :d].transpose(1, 2).contiguous()}
         if bname:

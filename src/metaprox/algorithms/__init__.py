@@ -4,7 +4,9 @@
 """
 
 from metaprox.algorithms.base import InexactInnerSolveWarning, MetaLearner, NonFiniteError
+from metaprox.algorithms.finite import FiniteMMP
 from metaprox.algorithms.fomaml import FOMAML
+from metaprox.algorithms.hierarchical import HierarchicalMMP
 from metaprox.algorithms.imaml import IMAML
 from metaprox.algorithms.maml import MAML
 from metaprox.algorithms.mmp import MetaMinibatchProx
@@ -15,4 +17,4 @@ ALGORITHMS: dict[str, type[MetaLearner]] = {
 }
 
 __all__ = ["MetaLearner", "MetaMinibatchProx", "MAML", "FOMAML", "Reptile", "IMAML", "ALGORITHMS",
-           "NonFiniteError", "InexactInnerSolveWarning"]
+           "NonFiniteError", "InexactInnerSolveWarning", "FiniteMMP", "HierarchicalMMP"]

@@ -1,0 +1,162 @@
+"""Finite task sets: n named tasks of any sizes, how to sample them, and how strongly each is pulled.
+
+- :class:`TaskSet` — named :class:`~metaprox.tasks.task.Task` objects with weights ``w_t``; ``groups(idx)``
+  stacks the requested tasks by shape for batched solving.
+- :class:`GeneratedTaskSet` — tasks produced on demand from their indices (for 10⁶ tasks that never sit in
+  memory together); same interface.
+- :class:`TaskSampler` — minibatches of task indices: with or without replacement (epochs), optionally
+  proportional to probabilities, or the full batch.
+- :func:`task_lam_factors` — the per-task pull factor s_t (λ_t = s_t·λ): constant, scaled with task size
+  (more data → weaker pull), or user-given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaprox.tasks.task import Task
+
+__all__ = ["TaskSet", "GeneratedTaskSet", "TaskSampler", "task_lam_factors"]
+
+Group = tuple[np.ndarray, torch.Tensor, torch.Tensor]
+
+
+def _weights(weights: Any, n: int) -> torch.Tensor:
+    w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    w = w.flatten()
+    if w.numel() != n or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"task weights must be {n} finite numbers ≥ 0, not all zero.")
+    return w
+
+
+class TaskSet:
+    """n named tasks (any sizes) with weights ``w_t`` (default 1) in the joint objective.
+
+    Args:
+        tasks: the tasks; names come from ``Task.name`` or ``names`` (default ``"task{i}"``); unique.
+        weights: w_t ≥ 0 per task.
+    """
+
+    def __init__(self, tasks: Sequence[Task], names: Sequence[str] | None = None, weights: Any = None):
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("a TaskSet needs at least one task.")
+        for t in self.tasks:
+            if not isinstance(t, Task):
+                raise TypeError(f"TaskSet holds metaprox.Task objects, got {type(t).__name__}.")
+        if names is None:
+            names = [t.name if t.name is not None else f"task{i}" for i, t in enumerate(self.tasks)]
+        self.names = [str(n) for n in names]
+        if len(self.names) != len(self.tasks) or len(set(self.names)) != len(self.names):
+            raise ValueError("TaskSet names must be unique, one per task.")
+        self._pos = {n: i for i, n in enumerate(self.names)}
+        self.sizes = torch.tensor([t.num_examples for t in self.tasks], dtype=torch.float64)
+        self.weights = _weights(weights, len(self.tasks))
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    def index(self, name: str) -> int:
+        return self._pos[name]
+
+    def groups(self, idx: Sequence[int] | np.ndarray) -> list[Group]:
+        """Tasks ``idx`` stacked by shape: ``[(positions in idx, x (b, n, ...), y (b, n, ...)), …]``."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        by_key: dict[tuple, list[int]] = {}
+        for pos, i in enumerate(idx.tolist()):
+            by_key.setdefault(self.tasks[i].shape_key(), []).append(pos)
+        out = []
+        for positions in by_key.values():
+            ts = [self.tasks[int(idx[p])] for p in positions]
+            out.append((np.asarray(positions), torch.stack([t.x for t in ts]), torch.stack([t.y for t in ts])))
+        return out
+
+
+class GeneratedTaskSet:
+    """``num_tasks`` tasks of ``size`` examples each, produced on demand by ``make(indices) -> (x, y)``
+    with a leading task axis (e.g. deterministic in the index), so that 10⁶ tasks need no resident data."""
+
+    def __init__(self, num_tasks: int, size: int, make: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+                 weights: Any = None):
+        self.num_tasks, self.make = int(num_tasks), make
+        self.sizes = torch.full((self.num_tasks,), float(size), dtype=torch.float64)
+        self.weights = _weights(weights, self.num_tasks)
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    @property
+    def names(self) -> list[str]:
+        return [f"task{i}" for i in range(self.num_tasks)]
+
+    def groups(self, idx: Sequence[int] | np.ndarray) -> list[Group]:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        x, y = self.make(idx)
+        return [(np.arange(len(idx)), x, y)]
+
+
+class TaskSampler:
+    """Minibatches of task indices.
+
+    Args:
+        num_tasks: n. batch_size: tasks per batch; ``None`` = the full batch (all tasks, in order).
+        replacement: draw i.i.d. (``probs`` or uniform); otherwise shuffled epochs — every task once per epoch,
+            the last batch of an epoch may be shorter.
+        probs: sampling probabilities (with replacement only). seed: seed of the sampler's own generator.
+    """
+
+    def __init__(self, num_tasks: int, batch_size: int | None = None, replacement: bool = False,
+                 probs: Any = None, seed: int = 0):
+        self.n = int(num_tasks)
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError("batch_size must be ≥ 1 or None (full batch).")
+        if probs is not None and not replacement:
+            raise ValueError("sampling probabilities need replacement=True.")
+        self.batch_size = None if batch_size is None else \
+            (int(batch_size) if replacement else min(int(batch_size), self.n))
+        self.replacement = replacement
+        self.probs = None if probs is None else _weights(probs, self.n)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._perm: torch.Tensor | None = None
+        self._at = 0
+
+    def __call__(self) -> np.ndarray:
+        if self.batch_size is None:
+            return np.arange(self.n)
+        if self.replacement:
+            if self.probs is None:
+                return torch.randint(self.n, (self.batch_size,), generator=self.generator).numpy()
+            return torch.multinomial(self.probs, self.batch_size, True, generator=self.generator).numpy()
+        if self._perm is None or self._at >= self.n:
+            self._perm, self._at = torch.randperm(self.n, generator=self.generator), 0
+        out = self._perm[self._at:self._at + self.batch_size]
+        self._at += len(out)
+        return out.numpy()
+
+
+def task_lam_factors(sizes: Any, how: str | Sequence[float] | torch.Tensor = "constant",
+                     power: float = 1.0) -> torch.Tensor:
+    """Per-task pull factors s_t, so that task t's prox weight is λ_t = s_t·λ.
+
+    ``how``: ``"constant"`` (s_t = 1); ``"size"`` (s_t = (n̄ / n_t)^power: a task with more data is pulled
+    less toward the prior — with a mean loss, power 1 is the same λ on the *summed* loss of every task); or
+    the factors themselves (any non-negative numbers).
+    """
+    n = torch.as_tensor(sizes, dtype=torch.float64).flatten()
+    if isinstance(how, str):
+        if how == "constant":
+            return torch.ones_like(n)
+        if how == "size":
+            return (n.mean() / n) ** float(power)
+        raise ValueError(f"unknown task λ rule {how!r}: use 'constant', 'size' or a sequence of factors.")
+    s = torch.as_tensor(how, dtype=torch.float64).flatten()
+    if s.numel() != n.numel() or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError(f"per-task λ factors must be {n.numel()} finite numbers ≥ 0.")
+    return s

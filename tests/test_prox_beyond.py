@@ -121,3 +121,15 @@ def test_robust_prox_in_infinite_mmp():
     x = torch.linspace(-1, 1, 8, dtype=DT).view(-1, 1)
     diag = mmp.step([metaprox.Task(x, 3 * x + 1), metaprox.Task(x, x + 500.0)])
     assert math.isfinite(diag["meta_grad_norm"]) and diag["meta_grad_norm"] <= 1.0
+
+
+def test_shared_groups_are_refused_by_rules_that_cannot_tie_parameters():
+    import pytest
+
+    import metaprox
+    from metaprox.prox import GroupL2
+
+    model = metaprox.MLP([1, 4, 1])
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="does not support 'shared' parameter groups"):
+        metaprox.MetaMinibatchProx(model, "mse", lam=GroupL2({"0.*": "shared", "*": 1.0}, names))

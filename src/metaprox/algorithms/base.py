@@ -66,6 +66,7 @@ def _check_weights(weights: Any, n: int) -> torch.Tensor:
 
 
 class MetaLearner:
+    supports_shared = False  # rules that handle λ = ∞ ("shared") parameter groups set this
     """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments.
 
     ``inner_data`` says which examples of a task the inner problem is solved on during meta-training:
@@ -89,6 +90,9 @@ class MetaLearner:
         self.names = self.fmodel.names
         self.loss = resolve_loss(loss)
         self.prox = make_prox(lam, self.names)
+        if getattr(self.prox, "any_shared", False) and not self.supports_shared:
+            raise ValueError(f"{type(self).__name__} does not support 'shared' parameter groups (λ = ∞: tied to the "
+                             f"center, trained jointly); use metaprox.algorithms.finite.FiniteMMP, or a finite λ.")
         self.inner = inner if inner is not None else SGD()
         if not isinstance(self.inner, InnerSolver):
             raise TypeError(f"inner must be a metaprox solver (SGD, Adam, ExactLeastSquares), got {self.inner!r}.")

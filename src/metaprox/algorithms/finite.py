@@ -98,6 +98,8 @@ class FiniteMMP(MetaLearner):
         True
     """
 
+    supports_shared = True
+
     def __init__(self, model: nn.Module, tasks: TaskSet | GeneratedTaskSet, loss: str | LossFn | Loss = "mse",
                  lam: float | str | Mapping[str, float | str] | Penalty = 1.0, task_lam: Any = "constant",
                  task_lam_power: float = 1.0, inner: InnerSolver | None = None, store: TaskStore | None = None,

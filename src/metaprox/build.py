@@ -71,11 +71,13 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4'].")
 
 
-def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None) -> InnerSolver:
+def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None,
+                batch_size: int | None = None) -> InnerSolver:
+    """The inner solver of ``cfg``; ``steps``/``lr``/``batch_size`` override (test time: 0 = full batch)."""
     i = cfg["inner"]
     steps = i["steps"] if steps is None else steps
     lr = i["lr"] if lr is None else lr
-    bs = i["batch_size"] or None
+    bs = (i["batch_size"] if batch_size is None else batch_size) or None
     if i["solver"] == "sgd":
         return SGD(lr=lr, steps=steps, momentum=i["momentum"], batch_size=bs)
     if i["solver"] == "adam":

@@ -1,6 +1,6 @@
 """The ``metaprox`` command: ``train``, ``eval``, ``bench`` and ``plot``.
 
-    metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume]
+    metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume] [--no-eval]
     torchrun --nproc-per-node N -m metaprox.cli train ...    (task-parallel over N processes; docs/distributed.md)
     metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
     metaprox bench NAME [--json] [--device cuda]
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint in --out if there is one, else start (use with "
                         "torchrun --max-restarts, whose restarted workers rerun the same command)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--no-eval", action="store_true",
+                   help="skip the final test evaluation (when tuning: evaluate with `metaprox eval DIR --split val`)")
     _common(t)
     e = sub.add_parser("eval", help="evaluate a run's learned prior on its test (or validation) tasks")
     e.add_argument("run_dir")
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
-                           progress=not args.quiet)
+                           progress=not args.quiet, evaluate=not args.no_eval)
             if result:  # rank 0 only under torchrun
                 print(_table(result), end="")
                 print(f"run directory: {args.out} (plots in {args.out}/plots)")

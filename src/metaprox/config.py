@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": [0, 1, 15, 32],   # test-time steps reported; the curve runs to the largest
         "lam": None,               # test-time λ (None: the training λ)
         "lr": None,                # test-time inner lr (None: the training inner lr)
+        "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
     },

@@ -133,7 +133,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
         learner, cfg, _ = load_learner(run_dir)
     e = cfg["eval"]
     steps = sorted(set(e["steps"]))
-    inner = build_inner(cfg, lr=e["lr"])
+    inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     sets = {}
     for set_name, tasks in build_family(cfg).eval_sets(split).items():
         record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported

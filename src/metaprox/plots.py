@@ -73,7 +73,7 @@ def plot_sine_fits(learner: Any, cfg: dict[str, Any], path: Path, task_index: in
 
     e = cfg["eval"]
     sets = build_family(cfg).eval_sets("test")
-    inner = build_inner(cfg, lr=e["lr"])
+    inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     lam = e["lam"] if e["lam"] is not None else cfg["prox"]["lam"]
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
     for ax, (name, tasks) in zip(axes[0], sets.items()):

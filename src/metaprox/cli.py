@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
-    b.add_argument("name", help="benchmark name: sine")
+    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory) or rules (tasks/s of every rule)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
     pl = sub.add_parser("plot", help="(re)draw a run's figures")

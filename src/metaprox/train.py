@@ -3,6 +3,11 @@
 ``train(cfg, out_dir)`` starts a run; ``train(cfg, out_dir, resume=True)`` continues it from its last
 checkpoint, bitwise identical (on CPU) to an uninterrupted run: the task-sampling and inner-minibatch
 generators, optimizer state and step counter are all checkpointed.
+
+With ``log.eval_every = N > 0`` the run also validates every N iterations (and at iteration 0) on a few
+validation tasks (``log.eval_tasks`` per shot setting) and writes ``val_curve.jsonl``; the time this takes is
+excluded from the training clock (``time`` in metrics and val_curve rows), so error-vs-time curves show
+training seconds only, and training itself is unchanged by it (same RNG streams).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from metaprox.algorithms.base import NonFiniteError
 from metaprox.build import build_family, build_learner
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
+from metaprox.evaluate import PeriodicValidation
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 
-__all__ = ["train", "TrainingDiverged"]
+__all__ = ["train", "TrainingDiverged", "VAL_CURVE"]
+
+VAL_CURVE = "val_curve.jsonl"  # periodic validation rows (log.eval_every > 0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,12 +103,25 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
     total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
     show = log["progress"] if progress is None else progress
     tb = _TensorBoard(run_dir, log["tensorboard"])
+    validate = PeriodicValidation(cfg) if log["eval_every"] else None
+    val_rows = [r for r in read_metrics(run_dir, VAL_CURVE) if r["step"] <= learner.step_count] if resume else []
     t0 = time.perf_counter()
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, learner.state_dict(),
                         {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
         write_metrics(run_dir, rows)
+        if validate is not None:
+            write_metrics(run_dir, val_rows, VAL_CURVE)
+
+    def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
+        nonlocal t0
+        start = time.perf_counter()
+        sets = validate(learner)  # type: ignore[misc]
+        seconds = time.perf_counter() - start
+        val_rows.append({"step": learner.step_count, "time": elapsed0 + start - t0, "eval_seconds": seconds,
+                         "tasks_seen": learner.step_count * mb, "sets": sets})
+        t0 += seconds
 
     from tqdm import tqdm
 
@@ -108,6 +129,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
                dynamic_ncols=True, file=sys.stderr)
     try:
         end = total if stop_at is None else min(total, stop_at)
+        if validate is not None and learner.step_count == 0 and not val_rows:
+            validation()
         while learner.step_count < end:
             s = learner.step_count
             monitor = s == 0 or (s + 1) % log["every"] == 0 or s + 1 == total
@@ -123,6 +146,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, progre
                 rows.append(row)
                 tb.log(row)
                 bar.set_postfix(phi=f"{diag['phi']:.3g}", grad=f"{diag['meta_grad_norm']:.2g}", refresh=False)
+            if validate is not None and (learner.step_count % log["eval_every"] == 0 or learner.step_count == total):
+                validation()
             if learner.step_count % log["checkpoint_every"] == 0 or learner.step_count == end:
                 checkpoint()
             bar.update(1)

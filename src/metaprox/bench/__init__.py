@@ -17,7 +17,13 @@ def _sine(quick: bool) -> dict[str, Any]:
     return bench_sine(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine}
+def _rules(quick: bool) -> dict[str, Any]:
+    from metaprox.bench.rules import bench_rules
+
+    return bench_rules(quick=quick)
+
+
+BENCHMARKS = {"sine": _sine, "rules": _rules}
 
 
 def run_bench(name: str, quick: bool = False) -> dict[str, Any]:

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"kind": "mlp", "sizes": [1, 40, 40, 1], "activation": "tanh"},
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile)
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
-        "inner_data": "support",    # MMP: solve on "support" or "support+query"
+        "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"
         "first_order": False,       # MAML
         "cg_steps": 5,              # iMAML
     },

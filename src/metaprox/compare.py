@@ -109,10 +109,12 @@ def resolve_compare(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> di
     per = cfg["per_algorithm"]
     if not isinstance(per, Mapping):
         raise ConfigError("[per_algorithm] must be a table of [per_algorithm.NAME] tables.")
-    extra = sorted(set(per) - set(labels))
+    from metaprox.algorithms import ALGORITHMS
+
+    extra = sorted(set(per) - set(labels) - set(ALGORITHMS))  # tables of unselected known rules are ignored
     if extra:
-        raise ConfigError(f"[per_algorithm.{extra[0]}] is not in `algorithms` {labels}; add it there or remove "
-                          f"the table.")
+        raise ConfigError(f"[per_algorithm.{extra[0]}] is neither in `algorithms` {labels} nor a known rule "
+                          f"{sorted(ALGORITHMS)}; add it to `algorithms` or fix its name.")
     shared = cfg["shared"]
     if not isinstance(shared, Mapping):
         raise ConfigError("[shared] must be a table (a run config: task, model, inner, outer, eval, log, ...).")
@@ -121,8 +123,6 @@ def resolve_compare(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> di
     except ConfigError as e:
         raise ConfigError(f"[shared]: {e}") from None
     runs, sources = {}, {}
-    from metaprox.algorithms import ALGORITHMS
-
     for label in labels:
         own = copy.deepcopy(dict(per.get(label, {})))
         sources[label] = own.pop("source", "")

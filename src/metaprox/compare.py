@@ -175,8 +175,6 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> dict
 # ----- running -------------------------------------------------------------------------------------------------
 def _train_child(run_dir: str) -> None:
     """Subprocess body: train one run (no final evaluation), print wall-clock and peak RSS as JSON."""
-    import resource
-
     import torch
 
     from metaprox.rundir import read_metrics
@@ -188,9 +186,22 @@ def _train_child(run_dir: str) -> None:
     train(cfg, run_dir, progress=False, evaluate=False)
     wall = time.perf_counter() - t0
     val_s = sum(r["eval_seconds"] for r in read_metrics(Path(run_dir), VAL_CURVE))
-    print(json.dumps({"wall_s": wall, "validation_s": val_s, "train_s": wall - val_s,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"wall_s": wall, "validation_s": val_s, "train_s": wall - val_s, "peak_rss_mib": _peak_rss_mib(),
                       "threads": torch.get_num_threads()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. Linux: ``VmHWM`` of its own address space — not ``ru_maxrss``, which a child
+    inherits from its parent's peak at fork/exec and would report the parent's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _train(cfg: dict[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
            "## Training cost", "",
            "Wall-clock of the training loop (periodic validation excluded; monitors every "
            f"{shared['log']['every']} iterations and checkpoints included); peak memory = peak RSS "
-           "(`ru_maxrss`) of the training subprocess, which also holds Python and torch themselves "
+           "(`VmHWM`) of the training subprocess, which also holds Python and torch themselves "
            "(the per-iteration increase is in the memory section).", "",
            "| algorithm | training time (s) | ms / meta-iteration | tasks/s | peak RSS of training process (MiB) |",
            "|---|---:|---:|---:|---:|"]

@@ -182,12 +182,14 @@ def _train_child(run_dir: str) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = json.loads(sys.stdin.read())
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     train(cfg, run_dir, progress=False, evaluate=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     val_s = sum(r["eval_seconds"] for r in read_metrics(Path(run_dir), VAL_CURVE))
-    print(json.dumps({"wall_s": wall, "validation_s": val_s, "train_s": wall - val_s, "peak_rss_mib": _peak_rss_mib(),
-                      "threads": torch.get_num_threads()}))
+    print(json.dumps({"wall_s": wall, "validation_s": val_s, "train_s": wall - val_s, "cpu_s": cpu,
+                      "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads(),
+                      "loadavg_1min": [load0, os.getloadavg()[0]]}))
 
 
 def _peak_rss_mib() -> float:
@@ -271,7 +273,8 @@ def run_compare(cfg: dict[str, Any], out_dir: str | Path, log: Callable[[str], N
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("# training runs (checkpoints, metrics) are regenerated, not committed\nruns/\n")
     threads = torch.get_num_threads()
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    cpu_start = _cpu_seconds()
     algos: dict[str, Any] = {}
     for i, (label, run) in enumerate(cfg["runs"].items()):
         run_dir = out / "runs" / label
@@ -292,11 +295,20 @@ def run_compare(cfg: dict[str, Any], out_dir: str | Path, log: Callable[[str], N
     results = {"name": cfg["name"], "config_path": cfg.get("config_path"), "command": command,
                "algorithms": algos, "memory": {"tasks": b["memory_tasks"], "points": memory},
                "throughput": throughput, "notes": cfg["notes"], "bench": b, "machine": machine,
-               "total_seconds": time.perf_counter() - t_start}
+               "total_seconds": time.perf_counter() - t_start, "cpu_seconds": _cpu_seconds() - cpu_start,
+               "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg())}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, out)
     say(f"report: {out / 'README.md'} ({results['total_seconds'] / 60:.1f} min)")
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished subprocesses so far."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _cpu_name() -> str:

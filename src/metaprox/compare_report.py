@@ -75,6 +75,18 @@ def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
     _save(fig, path)
 
 
+def _cpu_note(results: dict[str, Any]) -> str:
+    if "cpu_seconds" not in results:
+        return ""
+    reused = [lab for lab, a in results["algorithms"].items() if a["train"].get("reused")]
+    note = (f" and {results['cpu_seconds'] / 60:.1f} min of CPU time (this process and its subprocesses; 1-minute "
+            f"load average {results['loadavg_start'][0]:.1f} at the start, {results['loadavg_end'][0]:.1f} at the "
+            f"end — the machine is shared, so wall-clock times include waiting for the CPU)")
+    if reused:
+        note += f"; the training runs of {', '.join(reused)} were reused from an earlier invocation"
+    return note
+
+
 def _fmt(v: float, ci: float) -> str:
     return f"{v:.3f} ± {ci:.3f}"
 
@@ -111,7 +123,8 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
           "```bash", cmd, "```", "",
           f"Run on {m['cpu']} with {m['threads']} torch thread(s), torch {m['torch']}, metaprox {m['metaprox']} "
           f"(git {str(m.get('git_commit'))[:10]}); the whole command took "
-          f"{results['total_seconds'] / 60:.1f} min. Raw numbers: [results.json](results.json).", "",
+          f"{results['total_seconds'] / 60:.1f} min wall-clock{_cpu_note(results)}. "
+          "Raw numbers: [results.json](results.json).", "",
           "## Common budget and protocol", "",
           f"- every algorithm: {o['steps']} meta-iterations × meta-batch {o['meta_batch']} = "
           f"{o['steps'] * o['meta_batch']:,} meta-training tasks, the same task stream (seed {shared['seed']}), the "
@@ -140,15 +153,20 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
            f"![test MSE vs test-time steps]({figures['test']})", "",
            "## Training cost", "",
            "Wall-clock of the training loop (periodic validation excluded; monitors every "
-           f"{shared['log']['every']} iterations and checkpoints included); peak memory = peak RSS "
+           f"{shared['log']['every']} iterations and checkpoints included), measured one algorithm after the other; "
+           "CPU time of the training process includes its start-up and the periodic validation. Peak memory = peak RSS "
            "(`VmHWM`) of the training subprocess, which also holds Python and torch themselves "
            "(the per-iteration increase is in the memory section).", "",
-           "| algorithm | training time (s) | ms / meta-iteration | tasks/s | peak RSS of training process (MiB) |",
-           "|---|---:|---:|---:|---:|"]
+           "| algorithm | training time (s) | ms / meta-iteration | tasks/s | CPU time of the training process (s) "
+           "| 1-min load avg (start → end) | peak RSS of training process (MiB) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for label, a in algos.items():
         s, n = a["train"], a["config"]["outer"]["steps"]
+        cpu = f"{s['cpu_s']:.1f}" if "cpu_s" in s else "–"
+        load = " → ".join(f"{v:.1f}" for v in s["loadavg_1min"]) if "loadavg_1min" in s else "–"
         md.append(f"| {label} | {s['train_s']:.1f} | {1e3 * s['train_s'] / n:.2f} | "
-                  f"{n * a['config']['outer']['meta_batch'] / s['train_s']:.0f} | {s['peak_rss_mib']:.0f} |")
+                  f"{n * a['config']['outer']['meta_batch'] / s['train_s']:.0f} | {cpu} | {load} | "
+                  f"{s['peak_rss_mib']:.0f} |")
     thr = results["throughput"]
     md += ["", f"## Throughput at B = {thr['tasks']} tasks, {thr['steps']} inner steps", "",
            f"Every algorithm's learner (its own hyperparameters, inner steps set to {thr['steps']}) on the same "

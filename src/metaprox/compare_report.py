@@ -56,7 +56,7 @@ def plot_test_curves(results: dict[str, Any], path: Path) -> None:
 def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
     """Validation MSE after ``step`` test-time steps against training seconds (top) and tasks seen (bottom)."""
     sets = _sets(results)
-    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 8.5), squeeze=False, layout="constrained")
     for j, name in enumerate(sets):
         for label, a in results["algorithms"].items():
             rows = a["val_curve"]
@@ -85,6 +85,24 @@ def _cpu_note(results: dict[str, Any]) -> str:
     if reused:
         note += f"; the training runs of {', '.join(reused)} were reused from an earlier invocation"
     return note
+
+
+def _speed_lines(results: dict[str, Any], step: int) -> list[str]:
+    """Per shot setting: each algorithm's final validation MSE and the training seconds (and tasks) it needed to
+    first reach the level that every algorithm reaches (the worst final MSE among them)."""
+    algos = {lab: a for lab, a in results["algorithms"].items() if a["val_curve"]}
+    if not algos:
+        return []
+    lines = ["| algorithm | shots | final val MSE | level | training s to reach it | tasks seen to reach it |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in _sets(results):
+        final = {lab: a["val_curve"][-1]["sets"][name][str(step)] for lab, a in algos.items()}
+        level = max(final.values())
+        for lab, a in algos.items():
+            hit = next(r for r in a["val_curve"] if r["sets"][name][str(step)] <= level)
+            lines.append(f"| {lab} | {name} | {final[lab]:.3f} | {level:.3f} | {hit['time']:.1f} | "
+                         f"{hit['tasks_seen']:,} |")
+    return lines
 
 
 def _fmt(v: float, ci: float) -> str:
@@ -178,6 +196,11 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
            "`clear_refs` reset of the high-water mark), glibc mmap threshold fixed at 128 KiB.", "",
            memory_markdown(results["memory"]["points"]), "", f"![memory vs inner steps]({figures['memory']})", "",
            f"## Validation error vs training time (after {b['curve_step']} test-time steps)", "",
+           f"Mean MSE on {shared['log']['eval_tasks']} validation tasks per shot setting, recorded every "
+           f"{shared['log']['eval_every']} iterations (time = training seconds so far, validation excluded). "
+           "'Level' is the worst final validation MSE among the algorithms, a level all of them reach; the "
+           "time to first reach it measures who learns fastest per second on this machine.", "",
+           *_speed_lines(results, int(b["curve_step"])), "",
            f"![validation MSE vs training time]({figures['time']})", ""]
     if results.get("notes"):
         md += ["## Notes (from the compare config)", "", *[f"- {n}" for n in results["notes"]], ""]

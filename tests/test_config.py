@@ -44,5 +44,10 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.toml"))
     assert files
-    for f in files:
-        load_config(f)
+    for f in files:  # compare_*.toml are `metaprox compare` configs (a run config per algorithm inside)
+        if f.name.startswith("compare_"):
+            from metaprox.compare import load_compare_config
+
+            load_compare_config(f)
+        else:
+            load_config(f)

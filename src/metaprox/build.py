@@ -107,11 +107,11 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     algo, rule = cfg["algorithm"], cfg["rule"]
     lam = cfg["prox"]["lam"]
     extra: dict[str, Any] = {}
-    if algo == "mmp":
+    if algo in ("mmp", "reptile"):  # rules without a query-loss meta-gradient may solve on support ∪ query
         extra["inner_data"] = rule["inner_data"]
     elif rule["inner_data"] != "support":
-        raise ConfigError(f"rule.inner_data = {rule['inner_data']!r} applies to mmp only; {algo} uses the "
-                          f"support set for its inner problem.")
+        raise ConfigError(f"rule.inner_data = {rule['inner_data']!r} applies to mmp and reptile only; {algo} "
+                          f"evaluates its meta-gradient on the query set, so its inner problem uses the support set.")
     if algo == "maml":
         extra["first_order"] = rule["first_order"]
     if algo == "imaml":

@@ -5,12 +5,14 @@
     metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
     metaprox bench NAME [--json] [--device cuda]
     metaprox plot DIR
+    metaprox compare CONFIG --out DIR [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,12 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
-    b.add_argument("name", help="benchmark name: sine, omniglot")
+    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule) or "
+                                "omniglot (Conv-4 strategies)")
     b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
     pl = sub.add_parser("plot", help="(re)draw a run's figures")
     pl.add_argument("run_dir")
+    c = sub.add_parser("compare", help="train several algorithms under one budget; write a comparison report")
+    c.add_argument("config", help="compare config, e.g. configs/compare_sine.toml")
+    c.add_argument("--out", required=True, help="report directory (README.md, PNGs, results.json; runs/ inside)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a compare-config value, e.g. --set shared.outer.steps=100 (repeatable)")
     return p
 
 
@@ -100,6 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for path in plot_run(args.run_dir):
                 print(path)
+        elif args.command == "compare":
+            from metaprox.compare import load_compare_config, run_compare
+
+            cfg = load_compare_config(args.config, args.overrides)
+            threads = os.environ.get("OMP_NUM_THREADS", "(unset)")
+            command = " ".join([f"OMP_NUM_THREADS={threads} metaprox compare", args.config, "--out", args.out,
+                                *(f"--set '{o}'" for o in args.overrides)])
+            run_compare(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True), command=command)
+            print(f"report: {args.out}/README.md")
     except (ConfigError, CheckpointError, ValueError, TypeError, KeyError) as e:
         print(f"metaprox: error: {e}", file=sys.stderr)
         return 2

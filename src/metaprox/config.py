@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile)
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
-        "inner_data": "support",    # MMP: solve on "support" or "support+query"
+        "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"
         "first_order": False,       # MAML
         "cg_steps": 5,              # iMAML
     },
@@ -79,7 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
     },
-    "log": {"every": 100, "checkpoint_every": 2000, "tensorboard": "auto", "progress": True},
+    "log": {"every": 100, "checkpoint_every": 2000, "tensorboard": "auto", "progress": True,
+            "eval_every": 0,       # > 0: every N iterations, mean MSE on eval_tasks validation tasks per shot
+            "eval_tasks": 25},     # setting → val_curve.jsonl (time excluded from the training clock)
 }
 
 
@@ -164,6 +166,8 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("outer.meta_batch and outer.steps must be ≥ 1.")
     if out["inner"]["steps"] < 0:
         raise ConfigError("inner.steps must be ≥ 0.")
+    if out["log"]["eval_every"] < 0 or out["log"]["eval_tasks"] < 1:
+        raise ConfigError("log.eval_every must be ≥ 0 (0: no periodic validation) and log.eval_tasks ≥ 1.")
     if any(s < 0 for s in out["eval"]["steps"]) or not out["eval"]["steps"]:
         raise ConfigError("eval.steps must be a non-empty list of step counts ≥ 0.")
     return out

@@ -21,7 +21,7 @@ from metaprox.prox import make_prox
 from metaprox.solvers import InnerSolver, ProxProblem
 from metaprox.tasks.task import Task
 
-__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run"]
+__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation"]
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -152,3 +152,33 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
         atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1))
         atomic_write(run_dir / f"{stem}.md", _table(result))
     return result
+
+
+class PeriodicValidation:
+    """Cheap validation during training (``log.eval_every``): mean query MSE on ``log.eval_tasks`` validation
+    tasks per shot setting, after each of ``eval.steps`` test-time steps (same test-time λ and lr as
+    :func:`evaluate_run`). The tasks are drawn once, with ``eval.val_seed`` — never the test tasks.
+
+    The learner's generator is restored afterwards, so training is bitwise the same with or without it.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        from metaprox.build import build_family, build_inner
+
+        e = cfg["eval"]
+        small = {**cfg, "eval": {**e, "tasks": cfg["log"]["eval_tasks"]}}
+        self.sets = build_family(small).eval_sets("val")
+        self.steps = sorted(set(e["steps"]))
+        self.lam = e["lam"]
+        self.inner = build_inner(cfg, lr=e["lr"])
+
+    def __call__(self, learner: MetaLearner) -> dict[str, dict[str, float]]:
+        state = learner.generator.get_state()
+        try:
+            out = {}
+            for name, tasks in self.sets.items():
+                curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner)
+                out[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
+            return out
+        finally:
+            learner.generator.set_state(state)

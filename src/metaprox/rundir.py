@@ -2,6 +2,7 @@
 
     config.json      resolved config + provenance (metaprox/torch versions, git commit)
     metrics.jsonl    one JSON line per logged iteration (rewritten atomically)
+    val_curve.jsonl  periodic validation (``log.eval_every``): step, training time, mean MSE per set and step
     checkpoint.json + checkpoint-*.safetensors
     eval.json, eval.md, plots/*.png
 """
@@ -48,12 +49,12 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
 
 
-def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]], name: str = "metrics.jsonl") -> None:
+    atomic_write(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    path = Path(run_dir) / name
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,6 +8,11 @@ Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the same function run
 the same task minibatch, each solves its share, one all-reduce combines them (:mod:`metaprox.distributed`);
 only rank 0 writes the run directory. ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint
 and starts otherwise — what workers restarted by ``torchrun --max-restarts`` need. See docs/distributed.md.
+
+With ``log.eval_every = N > 0`` the run also validates every N iterations (and at iteration 0) on a few
+validation tasks (``log.eval_tasks`` per shot setting) and writes ``val_curve.jsonl``; the time this takes is
+excluded from the training clock (``time`` in metrics and val_curve rows), so error-vs-time curves show
+training seconds only, and training itself is unchanged by it (same RNG streams).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from metaprox.build import build_family, build_learner
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
+from metaprox.evaluate import PeriodicValidation
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 
-__all__ = ["train", "TrainingDiverged"]
+__all__ = ["train", "TrainingDiverged", "VAL_CURVE"]
+
+VAL_CURVE = "val_curve.jsonl"  # periodic validation rows (log.eval_every > 0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,6 +134,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
     show = log["progress"] if progress is None else progress
     tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
+    validate = PeriodicValidation(cfg) if log["eval_every"] else None
+    val_rows = [r for r in read_metrics(run_dir, VAL_CURVE) if r["step"] <= learner.step_count] if resume else []
     t0 = time.perf_counter()
 
     def checkpoint() -> None:
@@ -134,6 +144,17 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
         save_checkpoint(run_dir, learner.state_dict(),
                         {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
         write_metrics(run_dir, rows)
+        if validate is not None:
+            write_metrics(run_dir, val_rows, VAL_CURVE)
+
+    def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
+        nonlocal t0
+        start = time.perf_counter()
+        sets = validate(learner)  # type: ignore[misc]
+        seconds = time.perf_counter() - start
+        val_rows.append({"step": learner.step_count, "time": elapsed0 + start - t0, "eval_seconds": seconds,
+                         "tasks_seen": learner.step_count * mb, "sets": sets})
+        t0 += seconds
 
     from tqdm import tqdm
 
@@ -141,6 +162,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                dynamic_ncols=True, file=sys.stderr)
     try:
         end = total if stop_at is None else min(total, stop_at)
+        if validate is not None and learner.step_count == 0 and not val_rows:
+            validation()
         while learner.step_count < end:
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                 checkpoint()
@@ -160,6 +183,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                 rows.append(row)
                 tb.log(row)
                 bar.set_postfix(phi=f"{diag['phi']:.3g}", grad=f"{diag['meta_grad_norm']:.2g}", refresh=False)
+            if validate is not None and (learner.step_count % log["eval_every"] == 0 or learner.step_count == total):
+                validation()
             if learner.step_count % log["checkpoint_every"] == 0 or learner.step_count == end:
                 checkpoint()
             bar.update(1)

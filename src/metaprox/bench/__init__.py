@@ -11,26 +11,32 @@ from typing import Any
 __all__ = ["run_bench", "BENCHMARKS"]
 
 
-def _sine(quick: bool) -> dict[str, Any]:
+def _sine(quick: bool, device: str) -> dict[str, Any]:
     from metaprox.bench.sine import bench_sine
 
+    if device != "cpu":
+        raise ValueError("bench sine measures the CPU execution paths; drop --device.")
     return bench_sine(quick=quick)
 
 
-def _omniglot(quick: bool, device: str = "cpu") -> dict[str, Any]:
+def _omniglot(quick: bool, device: str) -> dict[str, Any]:
     from metaprox.bench.fewshot import bench_omniglot
 
     return bench_omniglot(quick=quick, device=device)
 
 
-BENCHMARKS = {"sine": _sine, "omniglot": _omniglot}
+def _rules(quick: bool, device: str) -> dict[str, Any]:
+    from metaprox.bench.rules import bench_rules
+
+    if device != "cpu":
+        raise ValueError("bench rules measures the CPU execution paths; drop --device.")
+    return bench_rules(quick=quick)
+
+
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules}
 
 
 def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {sorted(BENCHMARKS)}.")
-    if name == "sine":
-        if device != "cpu":
-            raise ValueError("bench sine measures the CPU paths; drop --device.")
-        return BENCHMARKS[name](quick)
     return BENCHMARKS[name](quick, device)

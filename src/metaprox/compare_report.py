@@ -1,0 +1,221 @@
+"""The report of ``metaprox compare``: ``README.md`` (tables) and PNG figures, rendered from ``results.json``.
+
+Every number and label comes from the results dictionary that :func:`metaprox.compare.run_compare` wrote;
+nothing is typed by hand. ``write_report(json.load(open("results.json")), out_dir)`` re-renders a report.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from metaprox.bench.memory import memory_markdown, plot_memory  # noqa: E402
+
+__all__ = ["write_report", "report_markdown"]
+
+FIGURES = {"test": "test_mse_vs_steps.png", "time": "val_mse_vs_time.png", "memory": "memory_vs_steps.png"}
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+
+
+def _sets(results: dict[str, Any]) -> list[str]:
+    first = next(iter(results["algorithms"].values()))
+    return list(first["test"]["sets"])
+
+
+def plot_test_curves(results: dict[str, Any], path: Path) -> None:
+    """Mean test MSE against test-time steps, one panel per shot setting, 95% CI bars at the reported steps."""
+    sets = _sets(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for label, a in results["algorithms"].items():
+            s = a["test"]["sets"][name]
+            (line,) = ax.plot(range(len(s["curve"])), s["curve"], label=label)
+            steps = a["test"]["steps"]
+            ax.errorbar(steps, [s[str(k)]["loss"] for k in steps], yerr=[s[str(k)]["loss_ci95"] for k in steps],
+                        fmt="o", color=line.get_color(), capsize=3, ms=4)
+        ax.set_yscale("log")
+        ax.set_xlabel("test-time inner steps")
+        ax.set_ylabel("mean test MSE (95% CI at reported steps)")
+        ax.set_title(f"{name}, {int(s[str(steps[0])]['tasks'])} test tasks")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
+    """Validation MSE after ``step`` test-time steps against training seconds (top) and tasks seen (bottom)."""
+    sets = _sets(results)
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 8.5), squeeze=False, layout="constrained")
+    for j, name in enumerate(sets):
+        for label, a in results["algorithms"].items():
+            rows = a["val_curve"]
+            if not rows:
+                continue
+            y = [r["sets"][name][str(step)] for r in rows]
+            axes[0][j].plot([r["time"] for r in rows], y, marker=".", label=label)
+            axes[1][j].plot([r["tasks_seen"] for r in rows], y, marker=".", label=label)
+        for i, xlabel in enumerate(("training wall-clock (s, validation excluded)", "meta-training tasks seen")):
+            ax = axes[i][j]
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"val MSE after {step} steps")
+            ax.set_title(f"{name} (validation tasks)")
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _cpu_note(results: dict[str, Any]) -> str:
+    if "cpu_seconds" not in results:
+        return ""
+    reused = [lab for lab, a in results["algorithms"].items() if a["train"].get("reused")]
+    note = (f" and {results['cpu_seconds'] / 60:.1f} min of CPU time (this process and its subprocesses; 1-minute "
+            f"load average {results['loadavg_start'][0]:.1f} at the start, {results['loadavg_end'][0]:.1f} at the "
+            f"end — the machine is shared, so wall-clock times include waiting for the CPU)")
+    if reused:
+        note += f"; the training runs of {', '.join(reused)} were reused from an earlier invocation"
+    return note
+
+
+def _speed_lines(results: dict[str, Any], step: int) -> list[str]:
+    """Per shot setting: each algorithm's final validation MSE and the training seconds (and tasks) it needed to
+    first reach the level that every algorithm reaches (the worst final MSE among them)."""
+    algos = {lab: a for lab, a in results["algorithms"].items() if a["val_curve"]}
+    if not algos:
+        return []
+    lines = ["| algorithm | shots | final val MSE | level | training s to reach it | tasks seen to reach it |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in _sets(results):
+        final = {lab: a["val_curve"][-1]["sets"][name][str(step)] for lab, a in algos.items()}
+        level = max(final.values())
+        for lab, a in algos.items():
+            hit = next(r for r in a["val_curve"] if r["sets"][name][str(step)] <= level)
+            lines.append(f"| {lab} | {name} | {final[lab]:.3f} | {level:.3f} | {hit['time']:.1f} | "
+                         f"{hit['tasks_seen']:,} |")
+    return lines
+
+
+def _fmt(v: float, ci: float) -> str:
+    return f"{v:.3f} ± {ci:.3f}"
+
+
+def _hyper_rows(results: dict[str, Any]) -> list[str]:
+    lines = ["| algorithm | rule | inner (train) | λ (train) | outer | rule options | inner data (train) | "
+             "test-time λ / lr | source |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, a in results["algorithms"].items():
+        c = a["config"]
+        i, o, r = c["inner"], c["outer"], c["rule"]
+        opts = {"maml": f"first_order={r['first_order']}", "imaml": f"cg_steps={r['cg_steps']}"}.get(
+            c["algorithm"], "–")
+        data = ("support ∪ query" if r["inner_data"] == "support+query" else "support") + (
+            " → query-loss meta-gradient" if c["algorithm"] in ("maml", "fomaml", "imaml") else
+            " (query unused)" if r["inner_data"] == "support" else "")
+        lam_t = a["test"]["test_time"]
+        lines.append(f"| {label} | {c['algorithm']} | {i['solver']} lr {i['lr']} × {i['steps']} | "
+                     f"{c['prox']['lam'] or '– (none)'} | {o['optimizer']} lr {o['lr']} ({o['schedule']}) | {opts} | "
+                     f"{data} | {lam_t['lam'] or '–'} / {lam_t['lr']} | {a['source'] or '–'} |")
+    return lines
+
+
+def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) -> str:
+    algos = results["algorithms"]
+    first = next(iter(algos.values()))
+    shared = first["config"]
+    t, o, e = shared["task"], shared["outer"], shared["eval"]
+    m = results["machine"]
+    b = results["bench"]
+    steps = first["test"]["steps"]
+    cmd = results.get("command") or f"metaprox compare {results.get('config_path')} --out OUT"
+    md = [f"# {results['name']}: {', '.join(algos)} on sine regression", "",
+          "Regenerate this directory (every number and figure below is written by this command):", "",
+          "```bash", cmd, "```", "",
+          f"Run on {m['cpu']} with {m['threads']} torch thread(s), torch {m['torch']}, metaprox {m['metaprox']} "
+          f"(git {str(m.get('git_commit'))[:10]}); the whole command took "
+          f"{results['total_seconds'] / 60:.1f} min wall-clock{_cpu_note(results)}. "
+          "Raw numbers: [results.json](results.json).", "",
+          "## Common budget and protocol", "",
+          f"- every algorithm: {o['steps']} meta-iterations × meta-batch {o['meta_batch']} = "
+          f"{o['steps'] * o['meta_batch']:,} meta-training tasks, the same task stream (seed {shared['seed']}), the "
+          f"same model ({shared['model']['kind']} {shared['model']['sizes']} {shared['model']['activation']}, same "
+          f"initialisation) and {shared['inner']['steps']} inner steps;",
+          f"- a meta-training task has {t['train_points']} support + {t['query_points']} query points "
+          f"(amplitude U{t['amp_range']}, phase U[{t['phase_range'][0]:.3g}, {t['phase_range'][1]:.3g}], "
+          f"x U{t['x_range']});",
+          f"- test: {e['tasks']} tasks per shot setting ({', '.join(str(s) for s in e['shots'])} support points, "
+          f"MSE on {e['points']} evenly spaced points), seed {e['seed']}; validation tasks (seed {e['val_seed']}) "
+          f"are the only ones used for monitoring/tuning;",
+          f"- periodic validation every {shared['log']['eval_every']} iterations on {shared['log']['eval_tasks']} "
+          f"validation tasks per shot setting; its time is excluded from the training clock.", "",
+          "## Per-algorithm hyperparameters", "", *_hyper_rows(results), "",
+          f"## Test MSE (mean ± 95% CI over {e['tasks']} test tasks)", "",
+          "| algorithm | shots | " + " | ".join(f"after {s} steps" for s in steps) + " |",
+          "|---|---|" + "---:|" * len(steps)]
+    for label, a in algos.items():
+        for name, rows in a["test"]["sets"].items():
+            md.append(f"| {label} | {name} | " + " | ".join(_fmt(rows[str(s)]["loss"], rows[str(s)]["loss_ci95"])
+                                                        for s in steps) + " |")
+    best = {name: min(algos, key=lambda lab, n=name: algos[lab]["test"]["sets"][n][str(steps[-1])]["loss"])
+            for name in first["test"]["sets"]}
+    md += ["", "Lowest mean test MSE after " + f"{steps[-1]} steps: "
+           + "; ".join(f"{n}: **{lab}**" for n, lab in best.items()) + " (overlapping CIs are not a difference).", "",
+           f"![test MSE vs test-time steps]({figures['test']})", "",
+           "## Training cost", "",
+           "Wall-clock of the training loop (periodic validation excluded; monitors every "
+           f"{shared['log']['every']} iterations and checkpoints included), measured one algorithm after the other; "
+           "CPU time of the training process includes its start-up and the periodic validation. Peak memory = peak RSS "
+           "(`VmHWM`) of the training subprocess, which also holds Python and torch themselves "
+           "(the per-iteration increase is in the memory section).", "",
+           "| algorithm | training time (s) | ms / meta-iteration | tasks/s | CPU time of the training process (s) "
+           "| 1-min load avg (start → end) | peak RSS of training process (MiB) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, a in algos.items():
+        s, n = a["train"], a["config"]["outer"]["steps"]
+        cpu = f"{s['cpu_s']:.1f}" if "cpu_s" in s else "–"
+        load = " → ".join(f"{v:.1f}" for v in s["loadavg_1min"]) if "loadavg_1min" in s else "–"
+        md.append(f"| {label} | {s['train_s']:.1f} | {1e3 * s['train_s'] / n:.2f} | "
+                  f"{n * a['config']['outer']['meta_batch'] / s['train_s']:.0f} | {cpu} | {load} | "
+                  f"{s['peak_rss_mib']:.0f} |")
+    thr = results["throughput"]
+    md += ["", f"## Throughput at B = {thr['tasks']} tasks, {thr['steps']} inner steps", "",
+           f"Every algorithm's learner (its own hyperparameters, inner steps set to {thr['steps']}) on the same "
+           f"batch of {thr['tasks']} meta-training tasks, in one process, rounds interleaved, median of "
+           f"{thr['rounds']} rounds, {thr['threads']} thread(s), monitors off.", "", thr["markdown"], "",
+           f"## Peak memory vs inner steps M ∈ {b['memory_steps']}", "",
+           f"One meta-iteration on B = {results['memory']['tasks']} tasks per point, each point in a fresh "
+           "subprocess: peak RSS increase over the RSS just before the iteration (after a warm-up step and a "
+           "`clear_refs` reset of the high-water mark), glibc mmap threshold fixed at 128 KiB.", "",
+           memory_markdown(results["memory"]["points"]), "", f"![memory vs inner steps]({figures['memory']})", "",
+           f"## Validation error vs training time (after {b['curve_step']} test-time steps)", "",
+           f"Mean MSE on {shared['log']['eval_tasks']} validation tasks per shot setting, recorded every "
+           f"{shared['log']['eval_every']} iterations (time = training seconds so far, validation excluded). "
+           "'Level' is the worst final validation MSE among the algorithms, a level all of them reach; the "
+           "time to first reach it measures who learns fastest per second on this machine.", "",
+           *_speed_lines(results, int(b["curve_step"])), "",
+           f"![validation MSE vs training time]({figures['time']})", ""]
+    if results.get("notes"):
+        md += ["## Notes (from the compare config)", "", *[f"- {n}" for n in results["notes"]], ""]
+    return "\n".join(md)
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path, figures: dict[str, str] = FIGURES) -> list[Path]:
+    """Write ``README.md`` and the figures into ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_test_curves(results, out / figures["test"])
+    plot_val_vs_time(results, int(results["bench"]["curve_step"]), out / figures["time"])
+    b = results["bench"]
+    plot_memory(results["memory"]["points"], out / figures["memory"],
+                f"one meta-iteration, B = {results['memory']['tasks']} tasks, fresh process per point "
+                f"(steps {b['memory_steps']})")
+    (out / "README.md").write_text(report_markdown(results, figures))
+    return [out / "README.md", *(out / f for f in figures.values())]

@@ -30,6 +30,7 @@ class ProxProblem:
     prox: SquaredL2
     center: Tensors
     init: Tensors | None = None
+    keys: torch.Tensor | None = None  # (B, steps, ≥ n) uniforms choosing inner minibatches (see MetaLearner.step)
 
     def start(self) -> Tensors:
         """Warm start: a copy of ``init`` (or the center) for every task, with a leading task axis."""
@@ -84,13 +85,22 @@ class InnerSolver:
             raise ValueError(f"{type(self).__name__}.batch_size = {bs}: must be ≥ 1 or None (full batch).")
 
 
-def _minibatch(problem: ProxProblem, batch_size: int | None, gen: torch.Generator | None) -> torch.Tensor | None:
+def _minibatch(problem: ProxProblem, batch_size: int | None, gen: torch.Generator | None,
+               step: int) -> torch.Tensor | None:
+    """Indices (B, batch_size) of each task's examples for inner step ``step``, without replacement.
+
+    Uses the problem's pre-drawn ``keys`` when given — drawn once per outer step for the whole minibatch, so the
+    choice does not depend on how tasks are grouped or split across processes — else draws from ``gen``.
+    """
     n = problem.oracle.num_examples
     if batch_size is None or batch_size >= n:
         return None
     b = problem.oracle.num_tasks
-    # independent draw without replacement per task: argsort of uniforms (no Python loop over tasks)
-    keys = torch.rand(b, n, generator=gen)
+    if problem.keys is not None and step < problem.keys.shape[1]:
+        keys = problem.keys[:, step, :n]
+    else:
+        keys = torch.rand(b, n, generator=gen)
+    # argsort of uniforms: an independent draw without replacement per task, no Python loop over tasks
     return keys.argsort(dim=1)[:, :batch_size].to(problem.oracle.x.device)
 
 
@@ -116,7 +126,7 @@ class SGD(InnerSolver):
         if callback:
             callback(0, v)
         for k in range(self.steps):
-            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator))
+            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator, k))
             problem.prox.add_grad_v_(g, v, problem.center)
             if self.momentum:
                 if buf is None:
@@ -155,7 +165,7 @@ class Adam(InnerSolver):
         if callback:
             callback(0, v)
         for k in range(1, self.steps + 1):
-            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator))
+            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator, k - 1))
             problem.prox.add_grad_v_(g, v, problem.center)
             torch._foreach_lerp_(m, g, 1 - self.beta1)
             torch._foreach_mul_(s, self.beta2)

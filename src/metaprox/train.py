@@ -105,11 +105,6 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
         changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval."))]
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
-    bs = cfg["inner"]["batch_size"]
-    if reducer.world_size > 1 and bs and bs < cfg["task"]["train_points"]:
-        raise ConfigError(f"inner.batch_size = {bs} with {reducer.world_size} processes: inner minibatches "
-                          f"would be drawn per rank and depend on the split; use full-batch inner steps "
-                          f"(inner.batch_size = 0) for distributed training.")
 
     learner = build_learner(cfg)
     learner.reducer = reducer

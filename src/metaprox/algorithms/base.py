@@ -114,6 +114,7 @@ class MetaLearner:
         self.optimizer = self._make_optimizer(meta_optimizer, outer_lr)
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.step_count = 0
+        self._step_keys: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stationarity_warn_ratio = stationarity_warn_ratio
         self._warned = False
@@ -177,7 +178,13 @@ class MetaLearner:
                 with torch.no_grad():
                     self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
                 self._shapes_checked = True
-            result = solver.solve(ProxProblem(oracle, penalty, c), generator=self.generator, monitor=monitor)
+            keys = self._step_keys
+            if keys is not None and (keys.shape[0] != len(tasks) or solver is not self.inner):
+                keys = None  # not this step's minibatch: draw from the generator instead
+            if keys is not None:
+                keys = keys[idx, :, : x.shape[1]]
+            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys), generator=self.generator,
+                                  monitor=monitor)
             out.append(SolvedGroup(idx, oracle, result))
         return out
 
@@ -209,10 +216,15 @@ class MetaLearner:
         w = self.center()
         part = self.reducer.part(len(tasks))  # this process's share of the minibatch (all of it, usually)
         local, a_local = list(tasks)[part], a[part]
-        if local:
-            solved, grads = self.solve_and_meta_gradient(local, w, a_local, monitor)
-        else:
-            solved, grads = [], [torch.zeros_like(t) for t in w]
+        keys = self._draw_minibatch_keys(tasks)
+        self._step_keys = None if keys is None else keys[part]
+        try:
+            if local:
+                solved, grads = self.solve_and_meta_gradient(local, w, a_local, monitor)
+            else:
+                solved, grads = [], [torch.zeros_like(t) for t in w]
+        finally:
+            self._step_keys = None
         sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
         grads, sums = self.reducer.sum(grads, sums)
         grads = torch._foreach_div(grads, sums["weight"])
@@ -233,6 +245,19 @@ class MetaLearner:
         if monitor:
             diag.update(self.monitors(sums))
         return diag
+
+    def _draw_minibatch_keys(self, tasks: Sequence[Task]) -> torch.Tensor | None:
+        """Uniforms (B, steps, n_max) that choose every task's inner minibatches for this outer step.
+
+        Drawn once for the whole (global) minibatch, so results do not depend on how tasks are grouped by shape
+        or split across processes; None when the inner solver uses full batches.
+        """
+        bs, steps = getattr(self.inner, "batch_size", None), int(getattr(self.inner, "steps", 0))
+        if not bs or steps < 1:
+            return None
+        both = self.inner_data == "support+query"
+        n_max = max(t.num_examples + (int(t.x_query.shape[0]) if both and t.has_query else 0) for t in tasks)
+        return torch.rand(len(tasks), steps, n_max, generator=self.generator)
 
     def monitor_sums(self, solved: list[SolvedGroup], w: Tensors) -> dict[str, float]:
         """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count)."""

@@ -16,16 +16,20 @@ import json, sys; r = json.load(sys.stdin)['sets']
 print(f\"$name: 5-shot {r['5-shot']['32']['loss']:.3f} ± {r['5-shot']['32']['loss_ci95']:.3f}, \"
       f\"10-shot {r['10-shot']['32']['loss']:.3f} ± {r['10-shot']['32']['loss_ci95']:.3f}  ($*)\")"
 }
-variant literal                                                    # meta-batch 5, full-batch inner, α = 0.8
-variant alpha1.6       --set outer.lr=1.6                          # α read as ηλ = 0.8 → η = 1.6
-variant alpha1.6_mb10  --set outer.lr=1.6 --set outer.meta_batch=10
-variant alpha1.6_mb25  --set outer.lr=1.6 --set outer.meta_batch=25
-variant train10pts     --set outer.lr=1.6 --set task.train_points=10
-variant ib10           --set outer.lr=1.6 --set inner.batch_size=10  # inner minibatches of 10 of the 50 points
-variant ib5            --set outer.lr=1.6 --set inner.batch_size=5
-variant ib5_alpha3.2   --set outer.lr=3.2 --set inner.batch_size=5
-variant ib5_mb10       --set outer.lr=1.6 --set inner.batch_size=5 --set outer.meta_batch=10
-variant ib2            --set outer.lr=1.6 --set inner.batch_size=2
-variant ib1            --set outer.lr=1.6 --set inner.batch_size=1
-variant ib2_alpha3.2   --set outer.lr=3.2 --set inner.batch_size=2
-variant ib2_alpha3.2_mb10 --set outer.lr=3.2 --set inner.batch_size=2 --set outer.meta_batch=10
+# Every variant states the three validated details explicitly (inner minibatch, outer α, meta-batch), so the
+# sweep does not depend on what configs/sine.toml currently holds.
+B="--set inner.batch_size"; A="--set outer.lr"; MB="--set outer.meta_batch"
+variant literal           $B=0  $A=0.8 $MB=5       # paper as written: full-batch inner, α = 0.8, meta-batch 5
+variant alpha1.6          $B=0  $A=1.6 $MB=5       # α read as ηλ = 0.8 → η = 1.6
+variant alpha1.6_mb10     $B=0  $A=1.6 $MB=10
+variant alpha1.6_mb25     $B=0  $A=1.6 $MB=25
+variant train10pts        $B=0  $A=1.6 $MB=5 --set task.train_points=10
+variant ib10              $B=10 $A=1.6 $MB=5       # inner minibatches of 10 of the 50 points
+variant ib5               $B=5  $A=1.6 $MB=5
+variant ib5_alpha3.2      $B=5  $A=3.2 $MB=5
+variant ib5_mb10          $B=5  $A=1.6 $MB=10
+variant ib2               $B=2  $A=1.6 $MB=5
+variant ib1               $B=1  $A=1.6 $MB=5
+variant ib2_alpha3.2      $B=2  $A=3.2 $MB=5       # → configs/sine.toml
+variant ib2_alpha3.2_mb10 $B=2  $A=3.2 $MB=10
+variant ib2_alpha3.8      $B=2  $A=3.8 $MB=5

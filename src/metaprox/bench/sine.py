@@ -126,7 +126,7 @@ def bench_sine(quick: bool = False) -> dict[str, Any]:
     for s, rows in mem.items():
         v = [r["peak_growth_mib"] for r in rows]
         md.append(f"| {s} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[2] / max(v[0], 1e-9):.2f} |")
-    md += ["", "### Full sine schedule of configs/sine.toml (meta-batch 5, 50 points, 15 steps on minibatches of 2)", "",
+    md += ["", "### Full sine schedule of configs/sine.toml (meta-batch 5, 50 points, 15 steps, minibatch 2)", "",
            f"{sched['ms_per_iteration']:.2f} ms / iteration → {sched['projected_minutes_30000']:.1f} min for "
            f"S = 30,000 (torch threads: {torch.get_num_threads()})"]
     return {"throughput": thr, "memory": mem, "schedule": sched, "markdown": "\n".join(md)}

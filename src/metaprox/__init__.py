@@ -6,15 +6,17 @@ from metaprox.algorithms import (
     IMAML,
     MAML,
     FiniteMMP,
+    FiniteMultiHeadMMP,
     HierarchicalMMP,
     InexactInnerSolveWarning,
     MetaLearner,
     MetaMinibatchProx,
+    MultiHeadMMP,
     NonFiniteError,
     Reptile,
 )
 from metaprox.evaluate import AdaptationCurve, adaptation_curve, mean_ci
-from metaprox.models import MLP
+from metaprox.models import MLP, SharedTrunk
 from metaprox.priors import Graph, Tree
 from metaprox.prox import GroupL2, NoProx, RobustL2, SquaredL2, TaskScaled
 from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerResult, ProxProblem
@@ -28,4 +30,5 @@ __all__ = ["Task", "TaskDataError", "MetaMinibatchProx", "MAML", "FOMAML", "Rept
            "MetaLearner", "SGD", "Adam", "ExactLeastSquares", "MLP", "SquaredL2", "NoProx", "InnerResult",
            "ProxProblem", "NonFiniteError", "InexactInnerSolveWarning", "adaptation_curve", "AdaptationCurve",
            "mean_ci", "FiniteMMP", "HierarchicalMMP", "TaskSet", "GeneratedTaskSet", "TaskSampler",
-           "task_lam_factors", "GroupL2", "TaskScaled", "RobustL2", "MemoryStore", "MemmapStore", "Tree", "Graph"]
+           "task_lam_factors", "GroupL2", "TaskScaled", "RobustL2", "MemoryStore", "MemmapStore", "Tree", "Graph",
+           "MultiHeadMMP", "FiniteMultiHeadMMP", "SharedTrunk"]

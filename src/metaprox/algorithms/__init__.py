@@ -10,6 +10,7 @@ from metaprox.algorithms.hierarchical import HierarchicalMMP
 from metaprox.algorithms.imaml import IMAML
 from metaprox.algorithms.maml import MAML
 from metaprox.algorithms.mmp import MetaMinibatchProx
+from metaprox.algorithms.multihead import FiniteMultiHeadMMP, MultiHeadMMP
 from metaprox.algorithms.reptile import Reptile
 
 ALGORITHMS: dict[str, type[MetaLearner]] = {
@@ -17,4 +18,5 @@ ALGORITHMS: dict[str, type[MetaLearner]] = {
 }
 
 __all__ = ["MetaLearner", "MetaMinibatchProx", "MAML", "FOMAML", "Reptile", "IMAML", "ALGORITHMS",
-           "NonFiniteError", "InexactInnerSolveWarning", "FiniteMMP", "HierarchicalMMP"]
+           "NonFiniteError", "InexactInnerSolveWarning", "FiniteMMP", "HierarchicalMMP",
+           "MultiHeadMMP", "FiniteMultiHeadMMP"]

@@ -2,5 +2,6 @@
 
 from metaprox.models.batched import batched_forward
 from metaprox.models.mlp import MLP
+from metaprox.models.shared_trunk import SharedTrunk
 
-__all__ = ["MLP", "batched_forward"]
+__all__ = ["MLP", "batched_forward", "SharedTrunk"]

@@ -33,10 +33,11 @@ import torch
 
 from metaprox.checkpoint import CheckpointError, atomic_write
 
-__all__ = ["ParamLayout", "TaskStore", "MemoryStore", "MemmapStore"]
+__all__ = ["ParamLayout", "TaskStore", "MemoryStore", "MemmapStore", "ShardedStore"]
 
 Tensors = list[torch.Tensor]
 FORMAT = 1
+PENDING = "index.pending.json"  # phase 1 of a two-phase commit (MemmapStore.prepare)
 
 
 class ParamLayout:
@@ -175,9 +176,19 @@ class MemmapStore(TaskStore):
         return store
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> MemmapStore:
-        """Reopen a store at its last commit: roll back uncommitted chunks from the journal, verify checksums."""
+    def open(cls, path: str | Path, verify: bool = True, accept_pending: bool = False) -> MemmapStore:
+        """Reopen a store at its last commit: roll back uncommitted chunks from the journal, verify checksums.
+
+        A commit that was prepared (:meth:`prepare`) but not finalized (:meth:`finalize`) is rolled back, or — with
+        ``accept_pending`` (its coordinator did commit; see :func:`pending_meta`) — rolled forward."""
         path = Path(path)
+        if (path / PENDING).exists():  # a two-phase commit that was prepared but not finalized
+            if accept_pending:  # the coordinator committed: roll forward to the prepared state
+                os.replace(path / PENDING, path / "index.json")
+                for f in (path / "journal").glob("chunk-*.bak"):
+                    f.unlink()
+            else:  # not committed: forget it, the journal rolls the chunks back below
+                (path / PENDING).unlink()
         try:
             index = json.loads((path / "index.json").read_text())
         except FileNotFoundError as e:
@@ -271,3 +282,74 @@ class MemmapStore(TaskStore):
         for c in sorted(self._journaled):
             self._journal_file(c).unlink()
         self._journaled.clear()
+
+    # ----- two-phase commit (several stores that must commit together, e.g. the shards of the ranks) -------
+    def prepare(self, meta: dict[str, Any] | None = None) -> None:
+        """Phase 1 of a two-phase commit: flush and fsync the rows, write the new checksums, generation and
+        ``meta`` to ``index.pending.json`` — but keep the journal, so the store still reopens at its previous
+        commit unless :meth:`open` is told ``accept_pending``. No writes between this and :meth:`finalize`."""
+        self.mm.flush()
+        with open(self.path / "params.f32", "rb+") as f:
+            os.fsync(f.fileno())
+        checksums = list(self.checksums)
+        for c in sorted(self._journaled):
+            checksums[c] = self._hash(c)
+        index = {"format": FORMAT, "layout": self.layout.to_json(), "num_tasks": self.num_tasks,
+                 "chunk": self.chunk, "dtype": "float32", "row": "[initialized flag, flat params]",
+                 "generation": self.generation + 1, "checksums": checksums,
+                 "meta": dict(meta) if meta is not None else self.meta}
+        atomic_write(self.path / PENDING, json.dumps(index))
+
+    def finalize(self) -> None:
+        """Phase 2: install the prepared index (atomic rename) and empty the journal."""
+        index = json.loads((self.path / PENDING).read_text())
+        os.replace(self.path / PENDING, self.path / "index.json")
+        self.checksums, self.generation, self.meta = list(index["checksums"]), int(index["generation"]), index["meta"]
+        for c in sorted(self._journaled):
+            self._journal_file(c).unlink()
+        self._journaled.clear()
+
+
+def pending_meta(path: str | Path) -> dict[str, Any] | None:
+    """The ``meta`` of a prepared, not finalized commit of the store in ``path`` (None if there is none)."""
+    try:
+        return json.loads((Path(path) / PENDING).read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class ShardedStore(TaskStore):
+    """The rows of the tasks ``[lo, hi)`` of ``num_tasks``, kept in ``base`` (a store of ``hi - lo`` rows) and
+    addressed by global task index — one rank's shard of a finite task set (see :mod:`metaprox.sharded`).
+    Touching a task outside ``[lo, hi)`` raises :class:`IndexError` (it belongs to another rank)."""
+
+    def __init__(self, base: TaskStore, lo: int, hi: int, num_tasks: int):
+        if not 0 <= lo < hi <= num_tasks or base.num_tasks != hi - lo:
+            raise ValueError(f"a shard [{lo}, {hi}) of {num_tasks} tasks needs a base store of {hi - lo} rows "
+                             f"(got {base.num_tasks}).")
+        self.base, self.lo, self.hi = base, int(lo), int(hi)
+        self.layout, self.num_tasks = base.layout, int(num_tasks)
+
+    def owns(self, idx: Any) -> np.ndarray:
+        i = _index(idx)
+        return (i >= self.lo) & (i < self.hi)
+
+    def _local(self, idx: Any) -> np.ndarray:
+        i = _index(idx)
+        self._check(i)
+        if not self.owns(i).all():
+            raise IndexError(f"task(s) {i[~self.owns(i)][:5].tolist()} belong to another rank: this shard holds "
+                             f"tasks [{self.lo}, {self.hi}).")
+        return i - self.lo
+
+    def read(self, idx, default):
+        return self.base.read(self._local(idx), default)
+
+    def write(self, idx, rows):
+        self.base.write(self._local(idx), rows)
+
+    def initialized(self, idx):
+        return self.base.initialized(self._local(idx))
+
+    def commit(self, meta: dict[str, Any] | None = None) -> None:
+        self.base.commit(meta)

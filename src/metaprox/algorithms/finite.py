@@ -38,12 +38,13 @@ import torch
 from torch import nn
 
 from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
+from metaprox.distributed import shard_bounds
 from metaprox.execution import Oracle
 from metaprox.losses import Loss, LossFn
 from metaprox.priors import Graph, Tree
 from metaprox.prox import GroupL2, Penalty, TaskScaled
 from metaprox.solvers import InnerSolver, ProxProblem
-from metaprox.store import MemoryStore, ParamLayout, TaskStore
+from metaprox.store import MemoryStore, ParamLayout, ShardedStore, TaskStore
 from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_lam_factors
 
 __all__ = ["FiniteMMP", "CENTER_UPDATES"]
@@ -167,10 +168,15 @@ class FiniteMMP(MetaLearner):
 
     # ----- one outer step ---------------------------------------------------------------------------
     def step(self, indices: Any = None, monitor: bool = True) -> dict[str, float]:  # type: ignore[override]
-        """One outer iteration on tasks ``indices`` (default: the next batch of the sampler)."""
+        """One outer iteration on tasks ``indices`` (default: the next batch of the sampler).
+
+        Under torch.distributed (``reducer.world_size > 1``, every rank passing the same global batch) each rank
+        solves only the tasks of the batch it owns (:meth:`owned_range`) — see :meth:`_step_sharded`."""
         idx = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
+        if self.reducer.world_size > 1:
+            return self._step_sharded(idx, monitor)
         c = self.centers(idx)
         init, _ = self.store.read(idx, c)
         init[:, self.shared_entries] = c[:, self.shared_entries]
@@ -181,21 +187,7 @@ class FiniteMMP(MetaLearner):
             c_eff[:, self.shared_entries] = c[:, self.shared_entries]
         else:
             scale, c_eff = s, c
-        v = torch.empty_like(init)
-        data_grad = torch.zeros_like(init) if self.any_shared else None
-        stat = torch.zeros(len(idx), dtype=torch.float64)
-        for pos, x, y in self.tasks.groups(idx):
-            p = torch.from_numpy(pos)
-            oracle = self._oracle(x, y)
-            solve_oracle = _TiedOracle(oracle, self.shared_groups) if self.any_shared else oracle
-            problem = ProxProblem(solve_oracle, TaskScaled(self.prox, scale[p]),  # type: ignore[arg-type]
-                                  self.layout.unflatten(c_eff[p]), self.layout.unflatten(init[p]))
-            res = self.inner.solve(problem, generator=self.generator, monitor=monitor)
-            v[p] = self.layout.flatten(res.params).to(v.dtype)
-            if data_grad is not None:
-                data_grad[p] = self.layout.flatten(oracle(res.params)[1]).to(v.dtype)
-            if monitor and res.stationarity is not None:
-                stat[p] = res.stationarity.double().cpu()
+        v, data_grad, stat = self._solve_rows(idx, scale, c_eff, init, monitor)
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
         self.store.write(idx, v)
@@ -211,6 +203,83 @@ class FiniteMMP(MetaLearner):
                 "tasks": float(len(idx))}
         if monitor:
             diag["inner_stationarity"] = float(stat.mean())
+        return diag
+
+    def _solve_rows(self, idx: np.ndarray, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
+                    monitor: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Solve the prox problems of tasks ``idx`` (warm-started at ``init``): rows v, data gradients on shared
+        entries (or None), inner stationarity per task."""
+        v = torch.empty_like(init)
+        data_grad = torch.zeros_like(init) if self.any_shared else None
+        stat = torch.zeros(len(idx), dtype=torch.float64)
+        for pos, x, y in self.tasks.groups(idx):
+            p = torch.from_numpy(pos)
+            oracle = self._oracle(x, y)
+            solve_oracle = _TiedOracle(oracle, self.shared_groups) if self.any_shared else oracle
+            problem = ProxProblem(solve_oracle, TaskScaled(self.prox, scale[p]),  # type: ignore[arg-type]
+                                  self.layout.unflatten(c_eff[p]), self.layout.unflatten(init[p]))
+            res = self.inner.solve(problem, generator=self.generator, monitor=monitor)
+            v[p] = self.layout.flatten(res.params).to(v.dtype)
+            if data_grad is not None:
+                data_grad[p] = self.layout.flatten(oracle(res.params)[1]).to(v.dtype)
+            if monitor and res.stationarity is not None:
+                stat[p] = res.stationarity.double().cpu()
+        return v, data_grad, stat
+
+    # ----- torch.distributed: tasks partitioned across ranks --------------------------------------------
+    def owned_range(self) -> tuple[int, int]:
+        """The tasks ``[lo, hi)`` this rank owns: contiguous blocks of ids (``shard_bounds(n, world, rank)``)."""
+        return shard_bounds(len(self.tasks), self.reducer.world_size, self.reducer.rank)
+
+    def _check_sharded(self) -> tuple[int, int]:
+        lo, hi = self.owned_range()
+        if self.graph is not None or self.prior is not None or self.center_update == "exact":
+            raise NotImplementedError("FiniteMMP on several ranks supports center_update 'gradient' or 'fixed' "
+                                      "without a graph or tree prior (those read other ranks' rows).")
+        if getattr(self.inner, "batch_size", None):
+            raise ValueError("FiniteMMP on several ranks needs full-batch inner solves (inner minibatch draws "
+                             "would depend on the split).")
+        store = self.store
+        if not isinstance(store, ShardedStore) or (store.lo, store.hi) != (lo, hi):
+            raise ValueError(f"FiniteMMP on rank {self.reducer.rank} of {self.reducer.world_size} needs this rank's "
+                             f"shard of the store, tasks [{lo}, {hi}) (metaprox.sharded.open_shard).")
+        return lo, hi
+
+    def _step_sharded(self, idx: np.ndarray, monitor: bool) -> dict[str, float]:
+        """One outer step on one rank: solve the owned tasks of the global batch ``idx``, then one all-reduce of
+        ``[Σ_local w_t ∂_c D_t | Σ_local w_t | non-finite flag | Σ_local stationarity]``; the owned rows are
+        written only when no rank saw a non-finite solution, and every rank takes the same center step."""
+        lo, hi = self._check_sharded()
+        local = idx[(idx >= lo) & (idx < hi)]
+        grad = torch.zeros_like(self.w_row())
+        wsum = bad = stat_sum = 0.0
+        v = None
+        if len(local):
+            c = self.centers(local)
+            init, _ = self.store.read(local, c)
+            init[:, self.shared_entries] = c[:, self.shared_entries]
+            s = self.task_scale[local].to(self.dtype)
+            wt = self.tasks.weights[local].to(self.dtype)
+            v, data_grad, stat = self._solve_rows(local, s, c, init, monitor)
+            bad = float(not bool(torch.isfinite(v).all()))
+            grad = self._center_gradient(v, c, s, wt, data_grad)  # unnormalised: Σ_local w_t g_t
+            wsum, stat_sum = float(wt.sum()), float(stat.sum())
+        (grad,), sums = self.reducer.sum([grad], {"weight": wsum, "nonfinite": bad, "stationarity": stat_sum})
+        if sums["nonfinite"] > 0:
+            raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
+        if v is not None:
+            self.store.write(local, v)
+        grad = grad / sums["weight"]
+        gnorm = float(grad.double().norm())
+        if not math.isfinite(gnorm):
+            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
+        if self.center_update != "fixed":
+            self._apply(grad)
+        self.step_count += 1
+        diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
+                "tasks": float(len(idx))}
+        if monitor:
+            diag["inner_stationarity"] = sums["stationarity"] / len(idx)
         return diag
 
     def _center_gradient(self, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
@@ -261,8 +330,9 @@ class FiniteMMP(MetaLearner):
         """The exact joint objective J = Σ_t w_t [L_t(v_t) + s_t·D(v_t, c_t)] (+ graph and tree terms)."""
         n = len(self.tasks)
         total = 0.0
-        for start in range(0, n, chunk):
-            idx = np.arange(start, min(n, start + chunk))
+        lo, hi = (0, n) if self.reducer.world_size == 1 else self._check_sharded()
+        for start in range(lo, hi, chunk):
+            idx = np.arange(start, min(hi, start + chunk))
             c = self.centers(idx)
             v = self.store.read(idx, c)[0]
             v[:, self.shared_entries] = c[:, self.shared_entries]
@@ -272,6 +342,8 @@ class FiniteMMP(MetaLearner):
                 p = torch.from_numpy(pos)
                 losses = self._oracle(x, y)(self.layout.unflatten(v[p]))[0]
                 total += float((self.tasks.weights[idx][p] * (losses.double().cpu() + pen[p].double().cpu())).sum())
+        if self.reducer.world_size > 1:  # a collective: every rank calls objective()
+            total = self.reducer.sum([], {"J": total})[1]["J"]
         if self.graph is not None:
             total += self.graph.penalty(self.rows(np.arange(n)), self.lam_entries)
         if self.prior is not None and self.theta is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metaprox.checkpoint import decode_rng, encode_rng
 from metaprox.tasks.task import Task
 
 __all__ = ["TaskSet", "GeneratedTaskSet", "TaskSampler", "task_lam_factors"]
@@ -139,6 +140,16 @@ class TaskSampler:
         out = self._perm[self._at:self._at + self.batch_size]
         self._at += len(out)
         return out.numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (generator, current epoch's permutation and position), for exact resumes."""
+        return {"generator": encode_rng(self.generator.get_state()), "at": self._at,
+                "perm": None if self._perm is None else self._perm.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(decode_rng(state["generator"]))
+        self._at = int(state["at"])
+        self._perm = None if state["perm"] is None else torch.tensor(state["perm"], dtype=torch.int64)
 
 
 def task_lam_factors(sizes: Any, how: str | Sequence[float] | torch.Tensor = "constant",

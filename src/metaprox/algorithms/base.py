@@ -227,7 +227,13 @@ class MetaLearner:
             self._step_keys = None
         sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
         grads, sums = self.reducer.sum(grads, sums)
-        grads = torch._foreach_div(grads, sums["weight"])
+        diag = self.apply_meta_gradient(torch._foreach_div(grads, sums["weight"]))
+        if monitor:
+            diag.update(self.monitors(sums))
+        return diag
+
+    def apply_meta_gradient(self, grads: Tensors) -> dict[str, float]:
+        """The outer step: check the meta-gradient, schedule the lr, write ``.grad``, step the optimizer."""
         gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "
@@ -240,11 +246,7 @@ class MetaLearner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        diag: dict[str, float] = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"],
-                                  "meta_grad_norm": gnorm}
-        if monitor:
-            diag.update(self.monitors(sums))
-        return diag
+        return {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm}
 
     def _draw_minibatch_keys(self, tasks: Sequence[Task]) -> torch.Tensor | None:
         """Uniforms (B, steps, n_max) that choose every task's inner minibatches for this outer step.

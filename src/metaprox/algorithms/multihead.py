@@ -175,20 +175,7 @@ class MultiHeadMMP(MetaLearner):
         return out
 
     def _outer(self, grad_sum: Tensors, weight: float) -> dict[str, float]:
-        grads = [g / weight for g in grad_sum]
-        gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
-        if not math.isfinite(gnorm):
-            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}; parameters were "
-                                 f"not updated.")
-        factor = self.lr_factor(self.step_count)
-        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
-            group["lr"] = base * factor
-        for p, g in zip(self.fmodel.params(), grads):
-            p.grad = g.to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        return {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm}
+        return self.apply_meta_gradient([g / weight for g in grad_sum])
 
     # ----- one outer step (infinite setting) -----------------------------------------------------------
     def step(self, tasks: Sequence[Task], kinds: Sequence[str],  # type: ignore[override]

@@ -193,17 +193,7 @@ class FiniteMMP(MetaLearner):
         self.store.write(idx, v)
         a = wt / wt.sum()
         grad = self._center_gradient(v, c, s, a, data_grad)
-        gnorm = float(grad.double().norm())
-        if not math.isfinite(gnorm):
-            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
-        if self.center_update != "fixed":
-            self._apply(grad)
-        self.step_count += 1
-        diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
-                "tasks": float(len(idx))}
-        if monitor:
-            diag["inner_stationarity"] = float(stat.mean())
-        return diag
+        return self._finish_step(grad, len(idx), float(stat.mean()) if monitor else None)
 
     def _solve_rows(self, idx: np.ndarray, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
                     monitor: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -245,6 +235,20 @@ class FiniteMMP(MetaLearner):
                              f"shard of the store, tasks [{lo}, {hi}) (metaprox.sharded.open_shard).")
         return lo, hi
 
+    def _finish_step(self, grad: torch.Tensor, num_tasks: int, stationarity: float | None) -> dict[str, float]:
+        """Check the center gradient, move the center (unless fixed), count the step; the diagnostics."""
+        gnorm = float(grad.double().norm())
+        if not math.isfinite(gnorm):
+            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
+        if self.center_update != "fixed":
+            self._apply(grad)
+        self.step_count += 1
+        diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
+                "tasks": float(num_tasks)}
+        if stationarity is not None:
+            diag["inner_stationarity"] = stationarity
+        return diag
+
     def _step_sharded(self, idx: np.ndarray, monitor: bool) -> dict[str, float]:
         """One outer step on one rank: solve the owned tasks of the global batch ``idx``, then one all-reduce of
         ``[Σ_local w_t ∂_c D_t | Σ_local w_t | non-finite flag | Σ_local stationarity]``; the owned rows are
@@ -270,17 +274,7 @@ class FiniteMMP(MetaLearner):
         if v is not None:
             self.store.write(local, v)
         grad = grad / sums["weight"]
-        gnorm = float(grad.double().norm())
-        if not math.isfinite(gnorm):
-            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
-        if self.center_update != "fixed":
-            self._apply(grad)
-        self.step_count += 1
-        diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
-                "tasks": float(len(idx))}
-        if monitor:
-            diag["inner_stationarity"] = sums["stationarity"] / len(idx)
-        return diag
+        return self._finish_step(grad, len(idx), sums["stationarity"] / len(idx) if monitor else None)
 
     def _center_gradient(self, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
                          data_grad: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metaprox.algorithms.base import MetaLearner, SolvedGroup
-from metaprox.algorithms.fomaml import query_gradient, task_weighted_sum
+from metaprox.algorithms.fomaml import FOMAML
 from metaprox.execution import FunctionalModel
 from metaprox.losses import Loss
 from metaprox.solvers import SGD, InnerResult, ProxProblem
@@ -158,14 +158,8 @@ class MAML(MetaLearner):
                              f"(or FOMAML for other solvers).")
         self.first_order = bool(first_order)
 
-    def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
-                      weights: torch.Tensor) -> Tensors:
-        """First-order path only: the query gradient at the shared solver's ``v^M``."""
-        total = [torch.zeros_like(p) for p in self.center()]
-        for s in solved:
-            _, g = query_gradient(self, tasks, s)
-            torch._foreach_add_(total, task_weighted_sum(weights[s.indices], g))
-        return total
+    # First-order path only: the query gradient at the shared solver's ``v^M`` — exactly FOMAML's rule.
+    meta_gradient = FOMAML.meta_gradient
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
                                 monitor: bool) -> tuple[list[SolvedGroup], Tensors]:

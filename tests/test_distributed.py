@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -197,10 +196,9 @@ def _run_case(rule: str, batch: int, reducer) -> tuple[dict[str, torch.Tensor], 
     return {n: p.detach().clone() for n, p in zip(learner.names, learner.fmodel.params())}, diag
 
 
-def _spawned(rank: int, world: int, port: int, out_dir: str) -> None:
+def _spawned(rank: int, world: int, init_method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         from metaprox.distributed import AllReduceReducer
 
@@ -215,14 +213,10 @@ def _spawned(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_rule_two_processes_equal_one(tmp_path):
-    torch.multiprocessing.spawn(_spawned, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # rendezvous through a file, not a probed free TCP port (no race with other processes grabbing the port)
+    init = f"file://{tmp_path / 'rdzv-store'}"
+    torch.multiprocessing.spawn(_spawned, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     for rule, batch in CASES:
         ref, ref_diag = _run_case(rule, batch, LocalReducer())
         got = load_file(tmp_path / f"{rule}-{batch}.safetensors")

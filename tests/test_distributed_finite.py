@@ -5,7 +5,7 @@ another world size (re-partitioning)."""
 from __future__ import annotations
 
 import datetime
-import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +57,15 @@ def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return (num / sum(float(a[k].double().square().sum()) for k in a)) ** 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args) -> None:
-    torch.multiprocessing.spawn(_worker, args=(fn, _free_port(), *args), nprocs=2, join=True)
+    # rendezvous through a fresh file, not a probed free TCP port: no race with other processes grabbing the port
+    rdzv = Path(tempfile.mkdtemp(prefix="metaprox-rdzv-")) / "store"
+    torch.multiprocessing.spawn(_worker, args=(fn, f"file://{rdzv}", *args), nprocs=2, join=True)
 
 
-def _worker(rank: int, fn, port: int, *args) -> None:
+def _worker(rank: int, fn, init_method: str, *args) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
                                          timeout=datetime.timedelta(seconds=60))
     try:
         from metaprox.distributed import AllReduceReducer

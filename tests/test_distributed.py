@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import metaprox
+from _spawn_helpers import exit_without_teardown
 from metaprox.distributed import LocalReducer, shard_bounds
 from metaprox.tasks.sine import SineFamily
 
@@ -211,6 +212,7 @@ def _spawned(rank: int, world: int, init_method: str, out_dir: str) -> None:
                 Path(f"{out_dir}/{rule}-{batch}.json").write_text(json.dumps(diag))
     finally:
         torch.distributed.destroy_process_group()
+    exit_without_teardown()
 
 
 def test_every_rule_two_processes_equal_one(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import metaprox
+from _spawn_helpers import exit_without_teardown
 from metaprox import sharded
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.distributed import LocalReducer, shard_bounds
@@ -73,6 +74,7 @@ def _worker(rank: int, fn, init_method: str, *args) -> None:
         fn(rank, AllReduceReducer(), *args)
     finally:
         torch.distributed.destroy_process_group()
+    exit_without_teardown()
 
 
 # ----- 2 ranks vs 1 process ------------------------------------------------------------------------------

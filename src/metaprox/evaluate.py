@@ -155,9 +155,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
 
 
 class PeriodicValidation:
-    """Cheap validation during training (``log.eval_every``): mean query MSE on ``log.eval_tasks`` validation
-    tasks per shot setting, after each of ``eval.steps`` test-time steps (same test-time λ and lr as
-    :func:`evaluate_run`). The tasks are drawn once, with ``eval.val_seed`` — never the test tasks.
+    """Cheap validation during training (``log.eval_every``): mean query loss (and accuracy) on
+    ``log.eval_tasks`` validation tasks per shot setting, after each of ``eval.steps`` test-time steps (same
+    test-time λ and lr as :func:`evaluate_run`). The tasks are drawn once, with ``eval.val_seed`` (never test tasks).
 
     The learner's generator is restored afterwards, so training is bitwise the same with or without it.
     """
@@ -172,13 +172,18 @@ class PeriodicValidation:
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"])
 
-    def __call__(self, learner: MetaLearner) -> dict[str, dict[str, float]]:
+    def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
+        """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""
         state = learner.generator.get_state()
         try:
-            out = {}
+            losses, accuracy = {}, {}
+            record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
             for name, tasks in self.sets.items():
-                curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner)
-                out[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
-            return out
+                curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
+                                         record=record)
+                losses[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
+                if curve.accuracy is not None:
+                    accuracy[name] = {str(s): float(curve.accuracy[s].mean()) for s in self.steps}
+            return {"sets": losses, **({"accuracy": accuracy} if accuracy else {})}
         finally:
             learner.generator.set_state(state)

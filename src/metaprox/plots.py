@@ -5,6 +5,8 @@
 - ``plots/sine_fits.png`` (sine runs): the paper-style picture — a test task's true curve, its K support points
   and the model after each of ``eval.steps`` test-time steps, one panel per shot setting.
 - ``plots/adaptation.png``: mean test loss against test-time steps for every evaluation set.
+- ``plots/val_curve.png`` (``log.eval_every`` > 0): periodic validation accuracy (classification) or loss
+  against training time — the time-to-accuracy curve.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 from metaprox.checkpoint import atomic_write  # noqa: E402
 from metaprox.rundir import read_metrics  # noqa: E402
 
-__all__ = ["plot_run", "plot_learning_curve", "plot_sine_fits", "plot_adaptation"]
+__all__ = ["plot_run", "plot_learning_curve", "plot_sine_fits", "plot_adaptation", "plot_val_curve"]
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -105,6 +107,24 @@ def plot_adaptation(result: dict[str, Any], cfg: dict[str, Any], path: Path) -> 
     _save(fig, path)
 
 
+def plot_val_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -> None:
+    """Validation accuracy (or loss) after each logged number of test-time steps, against training minutes."""
+    key = "accuracy" if "accuracy" in rows[0] else "sets"
+    minutes = [r["time"] / 60 for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in rows[0][key]:
+        for step in rows[0][key][name]:
+            vals = [100 * r[key][name][step] if key == "accuracy" else r[key][name][step] for r in rows]
+            ax.plot(minutes, vals, marker=".", label=f"{name}, {step} steps")
+    ax.set_xlabel("training time (min, validation excluded)")
+    ax.set_ylabel("validation accuracy (%)" if key == "accuracy" else "validation query loss")
+    ax.set_title(f"{cfg['name']}: {cfg['log']['eval_tasks']} validation tasks per set\n{_subtitle(cfg)}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def plot_run(run_dir: str | Path, learner: Any = None, cfg: dict[str, Any] | None = None) -> list[Path]:
     """Write all figures of a run into ``run_dir/plots``; returns their paths."""
     from metaprox.rundir import load_learner
@@ -120,6 +140,10 @@ def plot_run(run_dir: str | Path, learner: Any = None, cfg: dict[str, Any] | Non
     if cfg["task"]["family"] == "sine":
         out.append(run_dir / "plots" / "sine_fits.png")
         plot_sine_fits(learner, cfg, out[-1])
+    val_rows = read_metrics(run_dir, "val_curve.jsonl")
+    if val_rows:
+        out.append(run_dir / "plots" / "val_curve.png")
+        plot_val_curve(val_rows, cfg, out[-1])
     if (run_dir / "eval.json").is_file():
         out.append(run_dir / "plots" / "adaptation.png")
         plot_adaptation(json.loads((run_dir / "eval.json").read_text()), cfg, out[-1])

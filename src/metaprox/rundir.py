@@ -2,7 +2,8 @@
 
     config.json      resolved config + provenance (metaprox/torch versions, git commit)
     metrics.jsonl    one JSON line per logged iteration (rewritten atomically)
-    val_curve.jsonl  periodic validation (``log.eval_every``): step, training time, mean MSE per set and step
+    val_curve.jsonl  periodic validation (``log.eval_every``): step, training time, mean query loss (and accuracy)
+                     per set and step
     checkpoint.json + checkpoint-*.safetensors
     eval.json, eval.md, plots/*.png
 """

@@ -145,10 +145,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
         nonlocal t0
         start = time.perf_counter()
-        sets = validate(learner)  # type: ignore[misc]
+        result = validate(learner)  # type: ignore[misc]
         seconds = time.perf_counter() - start
         val_rows.append({"step": learner.step_count, "time": elapsed0 + start - t0, "eval_seconds": seconds,
-                         "tasks_seen": learner.step_count * mb, "sets": sets})
+                         "tasks_seen": learner.step_count * mb, **result})
         t0 += seconds
 
     from tqdm import tqdm

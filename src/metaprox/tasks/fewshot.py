@@ -49,8 +49,8 @@ def load_split(dataset: str, root: Path, split_scheme: str, which: str, val_alph
             lists = root if root.is_dir() else root.parent
             return omniglot.vinyals_split(images, which, root=lists), None
         if split_scheme == "background":
-            bg = [c for c in range(images.num_classes) if images.class_meta["split"][c] == "images_background"]
-            ev = [c for c in range(images.num_classes) if images.class_meta["split"][c] != "images_background"]
+            bg = [c for c in range(images.num_classes) if images.class_meta["split"][c] == "background"]
+            ev = [c for c in range(images.num_classes) if images.class_meta["split"][c] != "background"]
             alphabets = sorted({images.class_meta["alphabet"][c] for c in bg})
             held = set(alphabets[-val_alphabets:]) if val_alphabets else set()
             if which == "train":

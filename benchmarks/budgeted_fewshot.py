@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, required=True)
-    p.add_argument("--calibrate", type=int, default=30, help="outer iterations timed to size S")
+    p.add_argument("--calibrate", type=int, default=100, help="outer iterations timed to size S")
     p.add_argument("--splits", default="val,test", help="evaluation splits after training (tuning: val)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
@@ -40,7 +40,7 @@ def main() -> int:
     learner, family = build_learner(cfg), build_family(cfg)
     g = torch.Generator().manual_seed(12345)
     mb = cfg["outer"]["meta_batch"]
-    for _ in range(3):
+    for _ in range(10):  # warm-up: lazy init, allocator, and whatever else is still starting up
         learner.step(family.train_batch(mb, g), monitor=False)
     if cfg["device"].startswith("cuda"):
         torch.cuda.synchronize()

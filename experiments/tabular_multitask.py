@@ -35,29 +35,12 @@ import torch
 import metaprox
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.data.multitask import load_computer_survey, load_landmine, load_parkinsons, split_per_task
+from metaprox.metrics import auc
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSet
 
 METHODS = ("pooled", "independent", "mmp", "mmp_size", "mmp_all")
 DT = torch.float64
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney U with average ranks for ties); NaN if one class is absent."""
-    pos, neg = int(labels.sum()), int((1 - labels).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_s = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def fit(method: str, tasks: list[Task], lam: float, classify: bool) -> list[dict[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from metaprox.checkpoint import CheckpointError
 from metaprox.config import ConfigError
@@ -93,9 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
                            progress=not args.quiet, evaluate=not args.no_eval)
-            if result:  # rank 0 only under torchrun
+            if result and "sets" in result:  # rank 0 only under torchrun
                 print(_table(result), end="")
                 print(f"run directory: {args.out} (plots in {args.out}/plots)")
+            elif result:  # a finite task set (algorithm = "finite_mmp")
+                print((Path(args.out) / "eval.md").read_text(), end="")
+                print(f"run directory: {args.out}")
         elif args.command == "eval":
             return _eval(args)
         elif args.command == "bench":

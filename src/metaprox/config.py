@@ -51,16 +51,25 @@ DEFAULTS: dict[str, Any] = {
         "queries": 0,              # query images per class when meta-training (MAML-family rules)
         "eval_queries": 15,        # query images per class of evaluation episodes
         "rotations": False,        # 90° rotations as new training classes
+        # finite tabular task sets (family = "multitask", algorithm = "finite_mmp")
+        "train_frac": 0.75,        # share of each task's rows used for training (computer_survey: fixed protocol)
+        "split_seed": 0,
     },
     "model": {
-        "kind": "mlp",             # "mlp" | "conv4"
+        "kind": "mlp",             # "mlp" | "conv4" | "linear" (multitask)
         "sizes": [1, 40, 40, 1],   # mlp
         "activation": "tanh",      # mlp
         "filters": 32,             # conv4
         "bn": "transductive",      # conv4: "batch" | "transductive" | "running"
         "channels_last": True,     # conv4
     },
-    "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile)
+    "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
+                                   # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)
+    "finite": {                    # algorithm = "finite_mmp" (metaprox.train_finite)
+        "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)
+        "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed"
+        "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
+    },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
         "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"
         "first_order": False,       # MAML
@@ -99,6 +108,8 @@ def _check_types(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str =
             _check_types(value, default, path + ".")
         elif default is None or value is None:
             continue
+        elif key == "lam" and isinstance(value, Mapping):
+            continue  # a table {glob pattern = λ}: its values are checked in resolve()
         elif isinstance(default, bool):
             if not isinstance(value, bool) and not (isinstance(default, bool) and value == "auto"):
                 raise ConfigError(f"config key {path!r} must be true/false, got {value!r}.")
@@ -157,7 +168,19 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     lam = out["prox"]["lam"]
     if not isinstance(lam, (dict, int, float)) or isinstance(lam, bool):
         raise ConfigError(f"prox.lam must be a number or a table of pattern = λ, got {lam!r}.")
+    finite = out["algorithm"] == "finite_mmp"
+    if finite != (out["task"]["family"] == "multitask"):
+        raise ConfigError("algorithm = 'finite_mmp' and task.family = 'multitask' go together (a finite set of "
+                          "known tasks with persistent parameters); got algorithm = "
+                          f"{out['algorithm']!r}, task.family = {out['task']['family']!r}.")
+    f = out["finite"]
+    for key, allowed in (("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
+                         ("sample", ("without_replacement", "with_replacement", "all"))):
+        if f[key] not in allowed:
+            raise ConfigError(f"finite.{key} = {f[key]!r}: choose one of {allowed}.")
     for v in (lam.values() if isinstance(lam, dict) else [lam]):
+        if finite and isinstance(lam, dict) and v in ("shared", "private"):
+            continue
         if not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError(f"prox.lam = {v!r}: λ must be > 0 (or 0 for no prox term, MAML/Reptile only).")
     if lam == 0 and out["algorithm"] in ("mmp", "imaml"):

@@ -84,6 +84,12 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
     fixed time budget.
     """
     with process_group(cfg["device"]) as reducer:
+        if cfg["algorithm"] == "finite_mmp":
+            from metaprox.train_finite import train_finite
+
+            if max_seconds is not None:
+                raise ConfigError("a wall-clock budget (max_seconds) is not supported for finite_mmp runs.")
+            return train_finite(cfg, Path(out_dir), resume, progress, evaluate, stop_at, reducer)
         return _train(cfg, Path(out_dir), resume, progress, evaluate, stop_at, max_seconds, reducer)
 
 

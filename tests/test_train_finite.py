@@ -1,0 +1,145 @@
+"""``metaprox train`` with algorithm = "finite_mmp" on a multi-task fixture: a closed-form ground truth, the
+interrupted-and-resumed run equal to an uninterrupted one, config errors, and 2 torchrun ranks = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metaprox.config import ConfigError, apply_overrides, resolve
+from metaprox.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS, PROFILES, D = 9, 20, 3
+
+
+def write_survey(folder: Path) -> None:
+    """computer_survey layout: const column + D attributes, per-task linear targets around a shared w."""
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=D)
+    xs, ys, task, prof = [], [], [], []
+    for t in range(TASKS):
+        w = w0 + 0.5 * rng.normal(size=D)
+        x = rng.choice([-1.0, 1.0], size=(PROFILES, D))
+        xs.append(np.hstack([np.ones((PROFILES, 1)), x]))
+        ys.append(x @ w + 0.3 * t + 0.2 * rng.normal(size=PROFILES))
+        task += [t] * PROFILES
+        prof += list(range(1, PROFILES + 1))
+    np.savez(folder / "computer_survey.npz", X=np.vstack(xs), y=np.concatenate(ys), task=np.array(task),
+             profile=np.array(prof), feature_names=np.array(["const"] + [f"a{i}" for i in range(D)]))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("multitask")
+    write_survey(d)
+    return d
+
+
+def overrides(data_dir: Path, **extra: object) -> list[str]:
+    sets = {"name": "finite-test", "algorithm": "finite_mmp", "task.family": "multitask",
+            "task.dataset": "computer_survey", "task.data_path": str(data_dir), "model.kind": "linear",
+            "prox.lam": 2.0, "inner.solver": "sgd", "inner.lr": 0.1, "inner.steps": 10, "outer.lr": 0.2,
+            "outer.steps": 12, "outer.meta_batch": 4, "outer.schedule": "constant", "log.every": 3,
+            "log.checkpoint_every": 4, "log.progress": False, "log.tensorboard": "false", **extra}
+    return [f"{k}={toml_value(v)}" for k, v in sets.items()]
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
+
+
+def cfg_of(data_dir: Path, **extra: object) -> dict:
+    return resolve(apply_overrides({}, overrides(data_dir, **extra)))
+
+
+def test_independent_limit_is_per_task_least_squares(data_dir, tmp_path):
+    """λ → 0 with the exact inner solver: every v_t is its task's least-squares fit on profiles 1–16."""
+    cfg = cfg_of(data_dir, **{"prox.lam": 1e-10, "inner.solver": "exact_least_squares", "finite.sample": "all",
+                              "outer.steps": 1, "log.every": 1, "log.checkpoint_every": 1})
+    res = train(cfg, tmp_path / "run")
+    f = np.load(data_dir / "computer_survey.npz")
+    x, y, task, prof = f["X"][:, 1:], f["y"], f["task"], f["profile"]
+    train_rows = prof <= 16
+    mean, std = x[train_rows].mean(0), x[train_rows].std(0) + 1e-12
+    xs = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
+    err = []
+    for t in range(TASKS):
+        tr, te = (task == t) & train_rows, (task == t) & ~train_rows
+        coef = np.linalg.lstsq(xs[tr], y[tr], rcond=None)[0]
+        err.append(xs[te] @ coef - y[te])
+    rmse = float(np.sqrt(np.mean(np.concatenate(err) ** 2)))
+    assert res["test"]["metric"] == "rmse" and res["test"]["value"] == pytest.approx(rmse, rel=1e-6)
+    assert res["test"]["rows"] == TASKS * 4
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["test"]["value"] == res["test"]["value"] and "RMSE" in (tmp_path / "run" / "eval.md").read_text()
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    meta = json.loads((run / "checkpoint.json").read_text())
+    out = {k: v for k, v in load_file(run / meta["tensors"]).items() if k.startswith("params/")}
+    from metaprox.store import MemmapStore
+
+    store = MemmapStore.open(run / "store-rank0-of-1")
+    out["rows"] = store.read(np.arange(TASKS), torch.zeros(store.layout.numel, dtype=torch.float64))[0]
+    return out
+
+
+def test_resume_equals_uninterrupted_and_metrics(data_dir, tmp_path):
+    cfg = cfg_of(data_dir)
+    whole = train(cfg, tmp_path / "whole")
+    assert train(cfg, tmp_path / "cut", stop_at=5) == {}  # stopped: checkpoint at step 5 (and at 4)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, tmp_path / "cut")
+    resumed = train(cfg, tmp_path / "cut", resume=True)
+    assert resumed["test"]["value"] == whole["test"]["value"] and resumed["J"] == whole["J"]
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(r) for r in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert rows[-1]["J"] < rows[0]["J"]  # the joint objective goes down
+    changed = cfg_of(data_dir, **{"prox.lam": 3.0})
+    with pytest.raises(ConfigError, match="prox.lam"):
+        train(changed, tmp_path / "cut", resume=True)
+
+
+def test_config_errors(data_dir):
+    with pytest.raises(ConfigError, match="go together"):
+        cfg_of(data_dir, **{"task.family": "sine"})
+    with pytest.raises(ConfigError, match="finite.sample"):
+        cfg_of(data_dir, **{"finite.sample": "sometimes"})
+    ok = cfg_of(data_dir, **{"prox.lam": {"weight": 1.0, "bias": "private"}})
+    assert ok["prox"]["lam"]["bias"] == "private"
+    with pytest.raises(ConfigError, match="λ must be"):
+        resolve(apply_overrides({}, ['prox.lam={weight = "private"}']))  # strings only for finite_mmp
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path):
+    one = train(cfg_of(data_dir), tmp_path / "one")
+    base = tmp_path / "base.json"  # everything else from the same overrides as cfg_of
+    base.write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               METAPROX_DIST_TIMEOUT="30")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "metaprox.cli", "train", str(base), "--out", str(tmp_path / "two"), "--quiet"]
+    sets = [a for o in overrides(data_dir) for a in ("--set", o)]
+    proc = subprocess.run(cmd + sets, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert two["test"]["value"] == pytest.approx(one["test"]["value"], rel=1e-9)
+    assert two["J"] == pytest.approx(one["J"], rel=1e-9)
+    for r in range(2):
+        assert (tmp_path / "two" / f"store-rank{r}-of-2" / "index.json").is_file()

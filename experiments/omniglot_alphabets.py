@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omniglot_mixed_way import downsample
 from torch import nn
 
 import metaprox
@@ -37,12 +38,6 @@ from metaprox.tasks.episodes import EpisodeSampler
 from metaprox.tasks.task import Task
 
 WAYS = 5
-
-
-def downsample(data: LabelledImages) -> LabelledImages:
-    img = data.images.astype(np.float32)
-    small = img.reshape(len(img), 14, 2, 14, 2).mean((2, 4))
-    return LabelledImages(np.round(small).astype(np.uint8), data.labels, data.class_names, data.class_meta, "omni14")
 
 
 def splits(data: LabelledImages, seed: int) -> dict[str, dict[str, list[int]]]:

@@ -117,10 +117,14 @@ def evaluate(ln: metaprox.MetaLearner, kind: str, episodes: AlphabetEpisodes, n:
     accs = []
     for t, g in zip(tasks, groups):
         p = ln.adapt(t, steps=args.eval_steps) if kind == "flat" else ln.adapt(t, g, steps=args.eval_steps)
-        with torch.no_grad():
-            logits = torch.func.functional_call(ln.model, p, (t.x_query,))
-        accs.append(float((logits.argmax(1) == t.y_query).float().mean()))
+        accs.append(query_accuracy(ln, p, t))
     return metaprox.mean_ci(accs)
+
+
+def query_accuracy(ln: metaprox.MetaLearner, params: dict[str, torch.Tensor], task: Task) -> float:
+    """Share of ``task``'s query examples that the adapted ``params`` classify correctly."""
+    with torch.no_grad():
+        return float((ln.predict(params, task.x_query).argmax(1) == task.y_query).float().mean())
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omniglot_alphabets import make_model
+from omniglot_alphabets import make_model, query_accuracy
 from omniglot_mixed_way import downsample, flat_tasks
 
 import metaprox
@@ -64,12 +64,7 @@ def train(variant: str, lam: float, delta: float, sampler: EpisodeSampler, args)
 
 def evaluate(ln: metaprox.MetaLearner, sampler: EpisodeSampler, n: int, args, seed: int) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(seed)
-    accs = []
-    for t in flat_tasks(sampler, n, gen):
-        p = ln.adapt(t, steps=args.eval_steps)
-        with torch.no_grad():
-            logits = torch.func.functional_call(ln.model, p, (t.x_query,))
-        accs.append(float((logits.argmax(1) == t.y_query).float().mean()))
+    accs = [query_accuracy(ln, ln.adapt(t, steps=args.eval_steps), t) for t in flat_tasks(sampler, n, gen)]
     return metaprox.mean_ci(accs)
 
 

@@ -148,8 +148,8 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
     train, test, classify = finite_tasks(cfg)
-    probe = build_finite(cfg, train, classify)  # only for the parameter layout of the shards
-    store = sharded.open_shard(run_dir, probe.layout, len(train), reducer, resume=bool(resume))
+    layout = sharded.layout_of(_model(cfg, train[0].x.shape[1], 2 if classify else 1))
+    store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=bool(resume))
     learner = build_finite(cfg, train, classify, store)
     learner.reducer = reducer
     rows: list[dict[str, Any]] = []

@@ -4,13 +4,14 @@
 Setting (small, one CPU thread): images area-downsampled 28→14 and flattened (196 inputs); MLP 196→h→h→5 with
 ReLU; inner SGD (momentum) on the prox problem; both learners see the same episodes (alphabet drawn uniformly,
 then 5 of its training characters), the same number of outer steps and the same outer step rule (SGD with
-ηλ = ``--interp``, linearly decayed), so the only difference is the prior.
+ηλ, linearly decayed), so the only difference is the prior. The outer step ηλ is chosen from ``--interps`` on
+validation for each prior, like λ: an untuned step can cripple one prior and not the other.
 
 Splits (deterministic, ``--seed``): each *background* alphabet with ≥ 20 characters gives 50 % of its characters
 to training, 25 % to validation (new characters of seen alphabets) and 25 % to test; smaller background
 alphabets train only. The 20 *evaluation* alphabets are unseen: the first 10 (sorted by name) validate, the last
 10 test. λ (flat) and λ_group (hierarchical) are chosen on the validation sets only (mean of the seen and unseen
-validation accuracies); test numbers are reported once for the chosen values, 95 % CIs over episodes.
+validation accuracies), as is ηλ; test numbers are reported once for the chosen values, 95 % CIs over episodes.
 
 Adaptation: flat — from w with λ. Hierarchical — a task of a seen alphabet from its alphabet center θ_g with λ;
 of an unseen alphabet from the root w with the marginal pull λλ_g/(λ + λ_g) (the unknown center integrated out).
@@ -87,19 +88,20 @@ def make_model(hidden: int, seed: int) -> nn.Module:
                          nn.Linear(hidden, WAYS))
 
 
-def build(kind: str, lam: float, lam_group: float, args) -> metaprox.MetaLearner:
+def build(kind: str, lam: float, lam_group: float, interp: float, args) -> metaprox.MetaLearner:
     inner = metaprox.SGD(lr=args.inner_lr, steps=args.inner_steps, momentum=args.momentum)
     common = dict(inner=inner, total_steps=args.steps, seed=args.seed)  # outer optimizer: plain SGD
     model = make_model(args.hidden, args.seed)
     if kind == "flat":
-        return metaprox.MetaMinibatchProx(model, "cross_entropy", lam=lam, outer_lr=args.interp / lam, **common)
+        return metaprox.MetaMinibatchProx(model, "cross_entropy", lam=lam, outer_lr=interp / lam, **common)
     # root: η λ_g = interp; groups: one meta-batch holds ~1/M of a group's mass, so scale the step by M
-    return HierarchicalMMP(model, "cross_entropy", lam=lam, lam_group=lam_group, outer_lr=args.interp / lam_group,
-                           group_lr=args.interp * args.meta_batch / (lam + lam_group), **common)
+    return HierarchicalMMP(model, "cross_entropy", lam=lam, lam_group=lam_group, outer_lr=interp / lam_group,
+                           group_lr=interp * args.meta_batch / (lam + lam_group), **common)
 
 
-def train(kind: str, lam: float, lam_group: float, episodes: AlphabetEpisodes, args) -> metaprox.MetaLearner:
-    ln = build(kind, lam, lam_group, args)
+def train(kind: str, lam: float, lam_group: float, interp: float, episodes: AlphabetEpisodes,
+          args) -> metaprox.MetaLearner:
+    ln = build(kind, lam, lam_group, interp, args)
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.steps):
         tasks, groups = episodes.sample(args.meta_batch, gen)
@@ -142,7 +144,8 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=10)
     ap.add_argument("--eval-steps", type=int, default=None)
     ap.add_argument("--momentum", type=float, default=0.5)
-    ap.add_argument("--interp", type=float, default=0.5, help="outer step ηλ (at each level), linearly decayed")
+    ap.add_argument("--interps", type=float, nargs="+", default=[0.5],
+                    help="grid of outer steps ηλ (at each level, linearly decayed), chosen on validation")
     ap.add_argument("--val-episodes", type=int, default=300)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -156,32 +159,34 @@ def main() -> None:
     evals = {k: AlphabetEpisodes(data, sp[k], args.shots, args.queries) for k in sp if k != "train"}
     print({k: f"{len(v)} alphabets, {sum(map(len, v.values()))} characters" for k, v in sp.items()}, flush=True)
 
-    def score(kind: str, lam: float, lam_group: float) -> tuple[metaprox.MetaLearner, float, dict]:
-        ln = train(kind, lam, lam_group, train_eps, args)
+    def score(kind: str, lam: float, lam_group: float, interp: float) -> tuple[metaprox.MetaLearner, float, dict]:
+        ln = train(kind, lam, lam_group, interp, train_eps, args)
         val = {k: evaluate(ln, kind, evals[k], args.val_episodes, args, seed=1000 + i)
                for i, k in enumerate(("val_seen", "val_unseen"))}
         mean = float(np.mean([a for a, _ in val.values()]))
-        print(f"{kind} λ={lam:g} λ_g={lam_group:g}: " + ", ".join(f"{k} {100 * a:.2f}" for k, (a, _) in val.items())
-              + f" [{time.time() - t0:.0f}s]", flush=True)
+        print(f"{kind} λ={lam:g} λ_g={lam_group:g} ηλ={interp:g}: "
+              + ", ".join(f"{k} {100 * a:.2f}" for k, (a, _) in val.items()) + f" [{time.time() - t0:.0f}s]",
+              flush=True)
         return ln, mean, {k: a for k, (a, _) in val.items()}
 
     val_table, chosen = [], {}
-    for kind, grid in (("flat", [(lam, 0.0) for lam in args.lams]),
-                       ("hierarchical", [(lam, lg) for lam in args.lams for lg in args.lam_groups])):
+    for kind, grid in (("flat", [(lam, 0.0, i) for lam in args.lams for i in args.interps]),
+                       ("hierarchical", [(lam, lg, i) for lam in args.lams for lg in args.lam_groups
+                                         for i in args.interps])):
         best = None
-        for lam, lg in grid:
-            ln, mean, val = score(kind, lam, lg)
-            val_table.append({"kind": kind, "lam": lam, "lam_group": lg, **val})
+        for lam, lg, interp in grid:
+            ln, mean, val = score(kind, lam, lg, interp)
+            val_table.append({"kind": kind, "lam": lam, "lam_group": lg, "interp": interp, **val})
             if best is None or mean > best[1]:
-                best = (ln, mean, lam, lg)
+                best = (ln, mean, lam, lg, interp)
         chosen[kind] = best
     test = {}
-    for kind, (ln, _, lam, lg) in chosen.items():
-        test[kind] = {"lam": lam, "lam_group": lg if kind == "hierarchical" else None}
+    for kind, (ln, _, lam, lg, interp) in chosen.items():
+        test[kind] = {"lam": lam, "lam_group": lg if kind == "hierarchical" else None, "interp": interp}
         for i, k in enumerate(("test_seen", "test_unseen")):
             a, c = evaluate(ln, kind, evals[k], args.test_episodes, args, seed=2000 + i)
             test[kind][k] = {"acc": a, "ci95": c}
-        print(f"TEST {kind} (λ={lam:g}, λ_g={lg:g}): " + ", ".join(
+        print(f"TEST {kind} (λ={lam:g}, λ_g={lg:g}, ηλ={interp:g}): " + ", ".join(
             f"{k} {100 * test[kind][k]['acc']:.2f} ± {100 * test[kind][k]['ci95']:.2f}"
             for k in ("test_seen", "test_unseen")) + f" [{time.time() - t0:.0f}s]", flush=True)
     if args.out:

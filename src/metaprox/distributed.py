@@ -161,6 +161,14 @@ def _timeout_s() -> float:
     return DEFAULT_TIMEOUT_S if not value else float(value)
 
 
+_JOINED = False  # set once this process has initialised (and so later destroyed) a process group
+
+
+def joined_process_group() -> bool:
+    """Whether :func:`process_group` initialised a torch.distributed group in this process (see cli.run)."""
+    return _JOINED
+
+
 @contextmanager
 def process_group(device: str = "cpu") -> Iterator[Reducer]:
     """The :class:`Reducer` for this process, joining torchrun's process group when there is one.
@@ -185,6 +193,8 @@ def process_group(device: str = "cpu") -> Iterator[Reducer]:
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
     dist.init_process_group(backend="nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(seconds=_timeout_s()))
+    global _JOINED
+    _JOINED = True
     try:
         yield AllReduceReducer()
     finally:

@@ -19,7 +19,7 @@ from metaprox.evaluate import AdaptationCurve, adaptation_curve, mean_ci
 from metaprox.models import MLP, SharedTrunk
 from metaprox.priors import Graph, Tree
 from metaprox.prox import GroupL2, NoProx, RobustL2, SquaredL2, TaskScaled
-from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerResult, ProxProblem
+from metaprox.solvers import SGD, Adam, AdamMoments, ExactLeastSquares, InnerResult, ProxProblem
 from metaprox.store import MemmapStore, MemoryStore
 from metaprox.tasks import Task, TaskDataError
 from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_lam_factors
@@ -27,7 +27,8 @@ from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_
 __version__ = "0.1.0"
 
 __all__ = ["Task", "TaskDataError", "MetaMinibatchProx", "MAML", "FOMAML", "Reptile", "IMAML", "ALGORITHMS",
-           "MetaLearner", "SGD", "Adam", "ExactLeastSquares", "MLP", "SquaredL2", "NoProx", "InnerResult",
+           "MetaLearner", "SGD", "Adam", "AdamMoments", "ExactLeastSquares", "MLP", "SquaredL2", "NoProx",
+           "InnerResult",
            "ProxProblem", "NonFiniteError", "InexactInnerSolveWarning", "adaptation_curve", "AdaptationCurve",
            "mean_ci", "FiniteMMP", "HierarchicalMMP", "TaskSet", "GeneratedTaskSet", "TaskSampler",
            "task_lam_factors", "GroupL2", "TaskScaled", "RobustL2", "MemoryStore", "MemmapStore", "Tree", "Graph",

@@ -78,10 +78,12 @@ def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None 
     steps = i["steps"] if steps is None else steps
     lr = i["lr"] if lr is None else lr
     bs = (i["batch_size"] if batch_size is None else batch_size) or None
+    if i["carry_moments"] and i["solver"] != "adam":
+        raise ConfigError(f"inner.carry_moments = true needs inner.solver = 'adam', not {i['solver']!r}.")
     if i["solver"] == "sgd":
         return SGD(lr=lr, steps=steps, momentum=i["momentum"], batch_size=bs)
     if i["solver"] == "adam":
-        return Adam(lr=lr, steps=steps, beta1=i["beta1"], batch_size=bs)
+        return Adam(lr=lr, steps=steps, beta1=i["beta1"], batch_size=bs, carry_moments=i["carry_moments"])
     if i["solver"] == "exact_least_squares":
         return ExactLeastSquares()
     raise ConfigError(f"unknown inner.solver {i['solver']!r}; choose 'sgd', 'adam' or 'exact_least_squares'.")

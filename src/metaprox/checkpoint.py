@@ -89,6 +89,11 @@ def save_checkpoint(run_dir: str | Path, learner_state: dict[str, Any], extra: d
     tensors = {f"params/{k}": v.detach().cpu().contiguous() for k, v in learner_state["params"].items()}
     opt_tensors, opt_rest = _split_optimizer(learner_state["optimizer"])
     tensors.update(opt_tensors)
+    moments = learner_state.get("inner_moments")
+    if moments is not None:  # Adam(carry_moments=True): the inner solver's running moments
+        for which in ("m", "s"):
+            tensors.update({f"inner_{which}/{k}": v.detach().cpu().contiguous() for k, v in moments[which].items()})
+        extra = {**extra, "inner_moments_t": int(moments["t"])}
     blob = st_save(tensors)
     name = f"checkpoint-{step:07d}.safetensors"
     atomic_write(run_dir / name, blob)
@@ -133,4 +138,8 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     params = {n: tensors[f"params/{n}"] for n in meta["param_names"]}
     state = {"step": meta["step"], "params": params, "optimizer": _join_optimizer(tensors, meta["optimizer"]),
              "base_lrs": meta["base_lrs"], "generator": decode_rng(meta["generator"])}
+    if "inner_moments_t" in meta:
+        state["inner_moments"] = {"t": meta["inner_moments_t"],
+                                  **{w: {n: tensors[f"inner_{w}/{n}"] for n in meta["param_names"]}
+                                     for w in ("m", "s")}}
     return state, meta

@@ -75,7 +75,8 @@ DEFAULTS: dict[str, Any] = {
         "first_order": False,       # MAML
         "cg_steps": 5,              # iMAML
     },
-    "inner": {"solver": "sgd", "lr": 0.02, "steps": 15, "momentum": 0.0, "beta1": 0.9, "batch_size": 0},
+    "inner": {"solver": "sgd", "lr": 0.02, "steps": 15, "momentum": 0.0, "beta1": 0.9, "batch_size": 0,
+              "carry_moments": False},
     "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5},
     "eval": {
         "shots": [5, 10],

@@ -16,10 +16,20 @@ from torch import nn
 from metaprox.execution import Oracle
 from metaprox.prox import SquaredL2
 
-__all__ = ["ProxProblem", "InnerResult", "InnerSolver", "SGD", "Adam", "ExactLeastSquares"]
+__all__ = ["ProxProblem", "InnerResult", "InnerSolver", "SGD", "Adam", "AdamMoments", "ExactLeastSquares"]
 
 Tensors = list[torch.Tensor]
 Callback = Callable[[int, Tensors], None]
+
+
+@dataclass
+class AdamMoments:
+    """Adam's first and second moment estimates (one tensor per parameter, no task axis) after ``t`` steps,
+    carried from one inner problem to the next by ``Adam(carry_moments=True)``."""
+
+    m: Tensors
+    s: Tensors
+    t: int
 
 
 @dataclass
@@ -31,6 +41,7 @@ class ProxProblem:
     center: Tensors
     init: Tensors | None = None
     keys: torch.Tensor | None = None  # (B, steps, ≥ n) uniforms choosing inner minibatches (see MetaLearner.step)
+    moments: AdamMoments | None = None  # where a moment-carrying solver starts (None: zeros at t = 0)
 
     def start(self) -> Tensors:
         """Warm start: a copy of ``init`` (or the center) for every task, with a leading task axis."""
@@ -49,11 +60,13 @@ class ProxProblem:
 
 @dataclass
 class InnerResult:
-    """Solutions ``params`` (leading task axis) and, when monitored, data loss and stationarity per task."""
+    """Solutions ``params`` (leading task axis) and, when monitored, data loss and stationarity per task;
+    ``moments``: a moment-carrying solver's final moments per task (leading task axis, ``t`` shared)."""
 
     params: Tensors
     loss: torch.Tensor | None = None
     stationarity: torch.Tensor | None = None
+    moments: AdamMoments | None = None
 
 
 class InnerSolver:
@@ -143,9 +156,18 @@ class SGD(InnerSolver):
 
 @dataclass(frozen=True)
 class Adam(InnerSolver):
-    """Adam on the prox objective (Kingma & Ba 2015), fresh moments for every inner problem.
+    """Adam on the prox objective (Kingma & Ba 2015).
 
     The paper's classification recipe uses ``beta1 = 0`` (RMSProp-like with bias correction).
+
+    ``carry_moments=False`` (default): fresh moments for every inner problem. With ``beta1 = 0`` the first
+    steps are then close to sign descent (``±lr`` per entry), whatever the gradient's scale.
+    ``carry_moments=True``: the moments and the step count carry over from one inner problem to the next, as
+    in the TensorFlow code of Reptile and of the MMP paper (one optimizer for all tasks; only the weights are
+    reset to the prior). A meta-learner then starts every task from its running moments
+    (``MetaLearner.inner_moments``) and, after each outer step, replaces them by the mean over the minibatch
+    of the tasks' final moments (test-time adaptation reads them and leaves them unchanged). The step count
+    advances by ``steps`` per outer step, as if the tasks had run side by side.
     """
 
     lr: float = 1e-3
@@ -154,18 +176,26 @@ class Adam(InnerSolver):
     beta2: float = 0.999
     eps: float = 1e-8
     batch_size: int | None = None
+    carry_moments: bool = False
 
     def solve(self, problem, *, generator=None, monitor=True, callback=None):
         self._check()
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"Adam betas ({self.beta1}, {self.beta2}) must lie in [0, 1).")
         v = problem.start()
-        m = [torch.zeros_like(t) for t in v]
-        s = [torch.zeros_like(t) for t in v]
+        start = problem.moments if self.carry_moments else None
+        if start is None:
+            m = [torch.zeros_like(t) for t in v]
+            s = [torch.zeros_like(t) for t in v]
+            t0 = 0
+        else:
+            m = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.m, v)]
+            s = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.s, v)]
+            t0 = int(start.t)
         if callback:
             callback(0, v)
-        for k in range(1, self.steps + 1):
-            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator, k - 1))
+        for k in range(t0 + 1, t0 + self.steps + 1):
+            _, g = problem.oracle(v, _minibatch(problem, self.batch_size, generator, k - t0 - 1))
             problem.prox.add_grad_v_(g, v, problem.center)
             torch._foreach_lerp_(m, g, 1 - self.beta1)
             torch._foreach_mul_(s, self.beta2)
@@ -176,8 +206,11 @@ class Adam(InnerSolver):
             torch._foreach_add_(denom, self.eps)
             torch._foreach_addcdiv_(v, m, denom, value=-self.lr / bc1)
             if callback:
-                callback(k, v)
-        return self._finish(problem, v, monitor)
+                callback(k - t0, v)
+        result = self._finish(problem, v, monitor)
+        if self.carry_moments:
+            result.moments = AdamMoments(m, s, t0 + self.steps)
+        return result
 
 
 def _linear_layout(module: nn.Module, names: list[str]) -> tuple[str, str | None]:

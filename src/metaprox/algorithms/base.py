@@ -29,7 +29,7 @@ from metaprox.distributed import LocalReducer, Reducer
 from metaprox.execution import Execution, FunctionalModel, Oracle
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import SquaredL2, make_prox
-from metaprox.solvers import SGD, InnerResult, InnerSolver, ProxProblem
+from metaprox.solvers import SGD, AdamMoments, InnerResult, InnerSolver, ProxProblem
 from metaprox.tasks.task import Task
 
 __all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
@@ -67,6 +67,7 @@ def _check_weights(weights: Any, n: int) -> torch.Tensor:
 
 class MetaLearner:
     supports_shared = False  # rules that handle λ = ∞ ("shared") parameter groups set this
+    supports_carried_moments = True  # MetaLearner.step keeps Adam(carry_moments=True)'s running moments
     """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments.
 
     ``inner_data`` says which examples of a task the inner problem is solved on during meta-training:
@@ -96,6 +97,9 @@ class MetaLearner:
         self.inner = inner if inner is not None else SGD()
         if not isinstance(self.inner, InnerSolver):
             raise TypeError(f"inner must be a metaprox solver (SGD, Adam, ExactLeastSquares), got {self.inner!r}.")
+        if getattr(self.inner, "carry_moments", False) and not self.supports_carried_moments:
+            raise ValueError(f"{type(self).__name__} does not carry inner Adam moments across tasks; use "
+                             f"Adam(carry_moments=False).")
         self.execution = Execution(self.fmodel, self.loss, execution)
         if inner_data not in INNER_DATA:
             raise ValueError(f"unknown inner_data {inner_data!r}; choose one of {INNER_DATA}.")
@@ -120,6 +124,8 @@ class MetaLearner:
         self._warned = False
         #: who solves which tasks of a minibatch and how partial sums combine (set by the trainer under torchrun)
         self.reducer: Reducer = LocalReducer()
+        #: running moments of a moment-carrying inner solver (``Adam(carry_moments=True)``); None until set
+        self.inner_moments: AdamMoments | None = None
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
@@ -183,8 +189,9 @@ class MetaLearner:
                 keys = None  # not this step's minibatch: draw from the generator instead
             if keys is not None:
                 keys = keys[idx, :, : x.shape[1]]
-            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys), generator=self.generator,
-                                  monitor=monitor)
+            moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
+            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys, moments=moments),
+                                  generator=self.generator, monitor=monitor)
             out.append(SolvedGroup(idx, oracle, result))
         return out
 
@@ -226,7 +233,16 @@ class MetaLearner:
         finally:
             self._step_keys = None
         sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
+        carry = bool(getattr(self.inner, "carry_moments", False))
+        if carry:
+            grads = grads + self._moment_sums(solved, w)  # all-reduced with the meta-gradient (one call)
+            sums["moment_tasks"] = float(len(local))
         grads, sums = self.reducer.sum(grads, sums)
+        if carry:
+            grads, m_sum, s_sum = grads[:len(w)], grads[len(w):2 * len(w)], grads[2 * len(w):]
+            n = sums["moment_tasks"]
+            t = (0 if self.inner_moments is None else self.inner_moments.t) + int(self.inner.steps)
+            self.inner_moments = AdamMoments(torch._foreach_div(m_sum, n), torch._foreach_div(s_sum, n), t)
         diag = self.apply_meta_gradient(torch._foreach_div(grads, sums["weight"]))
         if monitor:
             diag.update(self.monitors(sums))
@@ -247,6 +263,19 @@ class MetaLearner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm}
+
+    @staticmethod
+    def _moment_sums(solved: list[SolvedGroup], w: Tensors) -> Tensors:
+        """Σ over this process's tasks of the inner solver's final first, then second moments."""
+        m = [torch.zeros_like(t) for t in w]
+        s = [torch.zeros_like(t) for t in w]
+        for group in solved:
+            mo = group.result.moments
+            if mo is None:
+                raise RuntimeError("the inner solver was asked to carry its moments but returned none.")
+            torch._foreach_add_(m, [t.sum(0) for t in mo.m])
+            torch._foreach_add_(s, [t.sum(0) for t in mo.s])
+        return m + s
 
     def _draw_minibatch_keys(self, tasks: Sequence[Task]) -> torch.Tensor | None:
         """Uniforms (B, steps, n_max) that choose every task's inner minibatches for this outer step.
@@ -319,10 +348,15 @@ class MetaLearner:
 
     # ----- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count,
-                "params": {n: p.detach().clone() for n, p in zip(self.names, self.fmodel.params())},
-                "optimizer": self.optimizer.state_dict(), "base_lrs": list(self._base_lrs),
-                "generator": self.generator.get_state().clone()}
+        state = {"step": self.step_count,
+                 "params": {n: p.detach().clone() for n, p in zip(self.names, self.fmodel.params())},
+                 "optimizer": self.optimizer.state_dict(), "base_lrs": list(self._base_lrs),
+                 "generator": self.generator.get_state().clone()}
+        if self.inner_moments is not None:
+            mo = self.inner_moments
+            state["inner_moments"] = {"t": mo.t, "m": {n: t.clone() for n, t in zip(self.names, mo.m)},
+                                      "s": {n: t.clone() for n, t in zip(self.names, mo.s)}}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         params = state["params"]
@@ -338,3 +372,6 @@ class MetaLearner:
         self._base_lrs = list(state["base_lrs"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
+        mo = state.get("inner_moments")
+        self.inner_moments = None if mo is None else AdamMoments(
+            [mo["m"][n].clone() for n in self.names], [mo["s"][n].clone() for n in self.names], int(mo["t"]))

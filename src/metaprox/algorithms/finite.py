@@ -99,6 +99,7 @@ class FiniteMMP(MetaLearner):
         True
     """
 
+    supports_carried_moments = False  # its own step(): the running moments would never be updated
     supports_shared = True
 
     def __init__(self, model: nn.Module, tasks: TaskSet | GeneratedTaskSet, loss: str | LossFn | Loss = "mse",

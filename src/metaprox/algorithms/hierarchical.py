@@ -36,6 +36,8 @@ class HierarchicalMMP(MetaLearner):
     arguments as in :class:`metaprox.MetaMinibatchProx` (``lam`` must be a single number).
     ``group_lr`` is the step size of the group centers (default: the optimizer's base learning rate)."""
 
+    supports_carried_moments = False  # its own step(): the running moments would never be updated
+
     def __init__(self, model, loss="mse", lam: float = 1.0, lam_group: float = 1.0, group_lr: float | None = None,
                  **kwargs):
         super().__init__(model, loss, lam, **kwargs)

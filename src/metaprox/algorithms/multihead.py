@@ -88,6 +88,7 @@ class MultiHeadMMP(MetaLearner):
         Others as in :class:`metaprox.MetaMinibatchProx` (default schedule: constant).
     """
 
+    supports_carried_moments = False  # its own step(): the running moments would never be updated
     supports_shared = True
 
     def __init__(self, model: SharedTrunk, loss: str | LossFn | Loss = "cross_entropy",

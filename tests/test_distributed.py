@@ -172,6 +172,9 @@ def _learner(rule: str) -> metaprox.MetaLearner:
     kw = {"outer_lr": 0.1, "total_steps": 10}
     if rule == "mmp":
         return metaprox.MetaMinibatchProx(model, "mse", lam=0.5, inner=sgd, **kw)
+    if rule == "mmp_carry":  # Adam moments carried across outer steps: all-reduced with the meta-gradient
+        adam = metaprox.Adam(lr=0.01, steps=4, beta1=0.0, carry_moments=True)
+        return metaprox.MetaMinibatchProx(model, "mse", lam=0.5, inner=adam, **kw)
     if rule == "maml":
         return metaprox.MAML(model, "mse", inner=sgd, **kw)
     if rule == "fomaml":
@@ -181,7 +184,7 @@ def _learner(rule: str) -> metaprox.MetaLearner:
     return metaprox.IMAML(model, "mse", lam=1.0, inner=sgd, cg_steps=3, **kw)
 
 
-CASES = [("mmp", 5), ("mmp", 1), ("maml", 5), ("fomaml", 4), ("reptile", 5), ("imaml", 3)]
+CASES = [("mmp", 5), ("mmp", 1), ("mmp_carry", 5), ("maml", 5), ("fomaml", 4), ("reptile", 5), ("imaml", 3)]
 ITERS = 3
 
 

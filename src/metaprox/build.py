@@ -124,7 +124,8 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     return ALGORITHMS[algo](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
         meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
-        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], seed=cfg["seed"], **extra)
+        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
+        seed=cfg["seed"], **extra)
 
 
 def build_family(cfg: dict[str, Any]) -> Any:

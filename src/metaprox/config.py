@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "algorithm": "mmp",
     "execution": "auto",
+    "precision": "fp32",           # "bf16": model forward/backward under bfloat16 autocast (speed only)
     "task": {
         "family": "sine",
         "train_points": 50,        # support points per meta-training task

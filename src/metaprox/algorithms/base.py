@@ -83,7 +83,7 @@ class MetaLearner:
                  lam: float | Mapping[str, float] | SquaredL2 | None = 1.0, inner: InnerSolver | None = None,
                  meta_optimizer: OptimizerSpec = None, outer_lr: float = 1.0, total_steps: int | None = None,
                  schedule: str = "linear", execution: str = "auto", seed: int = 0,
-                 stationarity_warn_ratio: float = 10.0, inner_data: str = "support"):
+                 stationarity_warn_ratio: float = 10.0, inner_data: str = "support", precision: str = "fp32"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
@@ -100,7 +100,7 @@ class MetaLearner:
         if getattr(self.inner, "carry_moments", False) and not self.supports_carried_moments:
             raise ValueError(f"{type(self).__name__} does not carry inner Adam moments across tasks; use "
                              f"Adam(carry_moments=False).")
-        self.execution = Execution(self.fmodel, self.loss, execution)
+        self.execution = Execution(self.fmodel, self.loss, execution, precision)
         if inner_data not in INNER_DATA:
             raise ValueError(f"unknown inner_data {inner_data!r}; choose one of {INNER_DATA}.")
         if inner_data != "support" and self.needs_query:

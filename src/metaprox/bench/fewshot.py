@@ -3,7 +3,8 @@
 Issue-4 setting: 5 tasks, 5-way, 6 support images per class, 28×28 greyscale, Conv-4 (32 filters,
 batch-statistics BatchNorm), 8 inner Adam steps with β1 = 0. Variants are timed interleaved (round-robin,
 median of repeats) in one process, so the ratios are measured side by side. Random images of the right shape
-are used (timing does not depend on pixel values). ``device="cuda"`` times with synchronisation.
+are used (timing does not depend on pixel values). ``+bf16``: forward/backward under bfloat16 autocast
+(``precision="bf16"``), parameters and gradients float32. ``device="cuda"`` times with synchronisation.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import torch
 __all__ = ["bench_omniglot"]
 
 
-def _variants(filters: int) -> dict[str, tuple[str, bool]]:
-    return {"loop": ("loop", False), "loop+channels_last": ("loop", True), "batched": ("batched", False),
-            "batched+channels_last": ("batched", True), "vmap": ("vmap", False)}
+def _variants(filters: int) -> dict[str, tuple[str, bool, str]]:
+    """name → (execution strategy, channels_last, precision)."""
+    return {"loop": ("loop", False, "fp32"), "loop+channels_last": ("loop", True, "fp32"),
+            "batched": ("batched", False, "fp32"), "batched+channels_last": ("batched", True, "fp32"),
+            "vmap": ("vmap", False, "fp32"), "batched+channels_last+bf16": ("batched", True, "bf16")}
 
 
 def bench_omniglot(quick: bool = False, device: str = "cpu", tasks: int = 5, ways: int = 5, shots: int = 6,
@@ -32,12 +35,12 @@ def bench_omniglot(quick: bool = False, device: str = "cpu", tasks: int = 5, way
     batch = [metaprox.Task(torch.rand(ways * shots, 1, 28, 28, generator=g).to(device),
                            torch.arange(ways).repeat_interleave(shots).to(device)) for _ in range(tasks)]
     learners = {}
-    for name, (strategy, cl) in _variants(filters).items():
+    for name, (strategy, cl, precision) in _variants(filters).items():
         torch.manual_seed(0)
         model = Conv4(1, ways, filters, 28, bn="batch", channels_last=cl).to(device)
         learners[name] = metaprox.MetaMinibatchProx(
             model, "cross_entropy", lam=1.0, inner=metaprox.Adam(lr=1e-3, steps=steps, beta1=0.0), outer_lr=1.0,
-            execution=strategy)
+            execution=strategy, precision=precision)
     for lr in learners.values():  # warm-up (cuDNN autotuning, lazy init)
         lr.step(batch, monitor=False)
     times: dict[str, list[float]] = {n: [] for n in learners}

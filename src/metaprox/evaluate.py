@@ -170,7 +170,7 @@ class PeriodicValidation:
         self.sets = build_family(small).eval_sets("val")
         self.steps = sorted(set(e["steps"]))
         self.lam = e["lam"]
-        self.inner = build_inner(cfg, lr=e["lr"])
+        self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
         """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""

@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=None)
     ap.add_argument("--momentum", type=float, default=0.5)
     ap.add_argument("--interps", type=float, nargs="+", default=[0.5], help="grid of outer steps ηλ")
+    ap.add_argument("--variants", nargs="+", default=["plain", "robust"], choices=["plain", "robust"])
     ap.add_argument("--val-episodes", type=int, default=300)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -107,6 +108,8 @@ def main() -> None:
         for variant, grid in (("plain", [(lam, 0.0, i) for lam in args.lams for i in args.interps]),
                               ("robust", [(lam, d, i) for lam in args.lams for d in args.deltas
                                           for i in args.interps])):
+            if variant not in args.variants:
+                continue
             best = None
             for lam, delta, interp in grid:
                 ln = train(variant, lam, delta, interp, train_s, args)

@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.5)
     ap.add_argument("--interps", type=float, nargs="+", default=[0.5],
                     help="grid of outer steps ηλ (at each level, linearly decayed), chosen on validation")
+    ap.add_argument("--kinds", nargs="+", default=["flat", "hierarchical"], choices=["flat", "hierarchical"])
     ap.add_argument("--val-episodes", type=int, default=300)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -173,6 +174,8 @@ def main() -> None:
     for kind, grid in (("flat", [(lam, 0.0, i) for lam in args.lams for i in args.interps]),
                        ("hierarchical", [(lam, lg, i) for lam in args.lams for lg in args.lam_groups
                                          for i in args.interps])):
+        if kind not in args.kinds:
+            continue
         best = None
         for lam, lg, interp in grid:
             ln, mean, val = score(kind, lam, lg, interp)

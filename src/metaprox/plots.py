@@ -39,6 +39,7 @@ def _save(fig: Any, path: Path) -> None:
 def _subtitle(cfg: dict[str, Any]) -> str:
     i, o = cfg["inner"], cfg["outer"]
     mini = f" on minibatches of {i['batch_size']}" if i["batch_size"] else ""
+    mini += " (carried moments)" if i.get("carry_moments") else ""
     return (f"{cfg['algorithm'].upper()} λ={cfg['prox']['lam']}, inner {i['solver']} lr={i['lr']} × {i['steps']} "
             f"steps{mini}, outer {o['optimizer']} α={o['lr']} ({o['schedule']}), meta-batch {o['meta_batch']}, "
             f"S={o['steps']}")

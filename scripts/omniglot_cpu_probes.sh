@@ -23,7 +23,9 @@ probe P3 1 inner.steps=5 inner.lr=0.01 'eval.steps=[0,4,8,16,50]' &
 probe P4 1 inner.steps=10 inner.lr=0.003 'eval.steps=[0,4,8,16,50]'; wait
 probe P5 1 inner.steps=5 inner.lr=0.03 'eval.steps=[0,2,3,4,5,8]' &
 probe P6 1 inner.steps=3 inner.lr=0.01 'eval.steps=[0,2,3,4,5,8]'; wait
-# Adam moments carried across inner problems (inner.carry_moments, as Reptile's TF code); A4 runs 15 minutes
+# Adam moments carried across inner problems (inner.carry_moments, as Reptile's TF code); A4 runs 15 minutes.
+# The reported A numbers came from a prototype whose Adam step count grew steps x meta-batch per outer step
+# (larger early steps); this library version scores lower in 5 minutes (reports/omniglot_cpu, caveat).
 probe A1 1 inner.steps=5 inner.lr=0.01 inner.carry_moments=true 'eval.steps=[0,4,8,16,50]' &
 probe A2 1 inner.steps=5 inner.lr=0.003 inner.carry_moments=true 'eval.steps=[0,4,8,16,50]'; wait
 MINUTES=15 probe A4 1 inner.steps=5 inner.lr=0.003 inner.carry_moments=true 'eval.steps=[0,3,4,5,6,8]' &

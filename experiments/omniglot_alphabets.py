@@ -129,28 +129,33 @@ def query_accuracy(ln: metaprox.MetaLearner, params: dict[str, torch.Tensor], ta
         return float((ln.predict(params, task.x_query).argmax(1) == task.y_query).float().mean())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options shared by the small Omniglot MLP experiments (this one and omniglot_robust.py)."""
     ap.add_argument("--data", default="../shared/data/omniglot", help="folder with omniglot28.npz")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--meta-batch", type=int, default=5)
-    ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--train-shots", type=int, default=5)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.5, 2.0])
-    ap.add_argument("--lam-groups", type=float, nargs="+", default=[0.5, 2.0, 8.0])
     ap.add_argument("--inner-lr", type=float, default=0.3)
     ap.add_argument("--inner-steps", type=int, default=10)
     ap.add_argument("--eval-steps", type=int, default=None)
     ap.add_argument("--momentum", type=float, default=0.5)
     ap.add_argument("--interps", type=float, nargs="+", default=[0.5],
                     help="grid of outer steps ηλ (at each level, linearly decayed), chosen on validation")
-    ap.add_argument("--kinds", nargs="+", default=["flat", "hierarchical"], choices=["flat", "hierarchical"])
     ap.add_argument("--val-episodes", type=int, default=300)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(ap)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--lam-groups", type=float, nargs="+", default=[0.5, 2.0, 8.0])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "hierarchical"], choices=["flat", "hierarchical"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()

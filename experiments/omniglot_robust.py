@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omniglot_alphabets import make_model, query_accuracy
+from omniglot_alphabets import add_common_arguments, make_model, query_accuracy
 from omniglot_mixed_way import downsample, flat_tasks
 
 import metaprox
@@ -73,25 +73,10 @@ def evaluate(ln: metaprox.MetaLearner, sampler: EpisodeSampler, n: int, args, se
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/data/omniglot", help="folder with omniglot28.npz")
+    add_common_arguments(ap)
     ap.add_argument("--blank", type=float, nargs="+", default=[0.05, 0.2], help="blank fraction per class")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--meta-batch", type=int, default=5)
-    ap.add_argument("--train-shots", type=int, default=5)
-    ap.add_argument("--queries", type=int, default=5)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--lams", type=float, nargs="+", default=[0.5, 2.0])
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.5, 2.0], help="robust scale δ grid")
-    ap.add_argument("--inner-lr", type=float, default=0.3)
-    ap.add_argument("--inner-steps", type=int, default=10)
-    ap.add_argument("--eval-steps", type=int, default=None)
-    ap.add_argument("--momentum", type=float, default=0.5)
-    ap.add_argument("--interps", type=float, nargs="+", default=[0.5], help="grid of outer steps ηλ")
     ap.add_argument("--variants", nargs="+", default=["plain", "robust"], choices=["plain", "robust"])
-    ap.add_argument("--val-episodes", type=int, default=300)
-    ap.add_argument("--test-episodes", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()

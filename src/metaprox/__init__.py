@@ -28,8 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Task", "TaskDataError", "MetaMinibatchProx", "MAML", "FOMAML", "Reptile", "IMAML", "ALGORITHMS",
            "MetaLearner", "SGD", "Adam", "AdamMoments", "ExactLeastSquares", "MLP", "SquaredL2", "NoProx",
-           "InnerResult",
-           "ProxProblem", "NonFiniteError", "InexactInnerSolveWarning", "adaptation_curve", "AdaptationCurve",
-           "mean_ci", "FiniteMMP", "HierarchicalMMP", "TaskSet", "GeneratedTaskSet", "TaskSampler",
+           "InnerResult", "ProxProblem", "NonFiniteError", "InexactInnerSolveWarning", "adaptation_curve",
+           "AdaptationCurve", "mean_ci", "FiniteMMP", "HierarchicalMMP", "TaskSet", "GeneratedTaskSet", "TaskSampler",
            "task_lam_factors", "GroupL2", "TaskScaled", "RobustL2", "MemoryStore", "MemmapStore", "Tree", "Graph",
            "MultiHeadMMP", "FiniteMultiHeadMMP", "SharedTrunk"]

@@ -12,10 +12,12 @@ Variants (same trunk, same inner solver, same number of outer steps and of tasks
 tasks of one way-count, its one head), and ``untrained`` (the random initial trunk, no meta-training).
 Evaluation: for each way-count, ``--eval-episodes`` test episodes (``--shots``-shot, ``--queries`` queries per
 class), adapted from the trained center (trunk pulled with λ, zero head), query accuracy; 95 % CI over episodes.
-λ and step sizes are fixed (below, not tuned on test classes); ``--lams`` > 1 value picks λ for ``mixed`` on
-held-out *background* alphabets (last 20 % of background classes) with ``--val-episodes`` episodes per way.
+Step sizes are fixed (below, not tuned on test classes). With more than one ``--lams`` value, *every* trained
+variant picks its own λ on held-out *background* classes (trained on the first 80 % of background classes,
+validated on the last 20 % with ``--val-episodes`` episodes per way-count, mean accuracy over 5/10/20-way), then
+is retrained with that λ on all background classes — so no variant gets a tuned λ the others lack.
 
-    python experiments/omniglot_mixed_way.py --out reports/beyond/omniglot_mixed_way.json
+    python experiments/omniglot_mixed_way.py --data ../shared/data/omniglot --out reports/beyond/omniglot_mixed_way.json
 """
 
 from __future__ import annotations
@@ -112,36 +114,40 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=400)
     ap.add_argument("--val-episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", type=str, default="../shared/data/omniglot",
+                    help="folder with omniglot28.npz (the shared compact copy)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    data = downsample(load_omniglot_npz("/work/shared/data/omniglot/omniglot28.npz"))
+    data = downsample(load_omniglot_npz(str(Path(args.data) / "omniglot28.npz")))
     background = data.classes_where("split", "background")
     test = data.classes_where("split", "evaluation")
-    val_lams = {}
-    lam = args.lams[0]
-    if len(args.lams) > 1:  # λ on held-out background classes only
-        cut = int(0.8 * len(background))
-        fit, val = background[:cut], background[cut:]
-        for cand in args.lams:
-            ln = train("mixed", cand, data, fit, args)
-            r = evaluate(ln, data, val, args.val_episodes, args, seed=10_000)
-            val_lams[cand] = float(np.mean([r[w][0] for w in WAYS]))
-            print(f"val λ={cand:g}: {r} [{time.time() - t0:.0f}s]", flush=True)
-        lam = max(val_lams, key=val_lams.get)
+    cut = int(0.8 * len(background))
+    fit, val = background[:cut], background[cut:]
+    val_lams: dict[str, dict[float, float]] = {}
+    chosen: dict[str, float] = {}
     results = {}
     for variant in args.variants:
+        lam = args.lams[0]
+        if variant != "untrained" and len(args.lams) > 1:  # λ on held-out background classes only
+            val_lams[variant] = {}
+            for cand in args.lams:
+                r = evaluate(train(variant, cand, data, fit, args), data, val, args.val_episodes, args, seed=10_000)
+                val_lams[variant][cand] = float(np.mean([r[w][0] for w in WAYS]))
+                print(f"{variant} val λ={cand:g}: {val_lams[variant][cand]:.4f} [{time.time() - t0:.0f}s]", flush=True)
+            lam = max(val_lams[variant], key=val_lams[variant].get)
+        chosen[variant] = lam
         if variant == "untrained":
             ln = learner(make_model(args.hidden, args.seed), lam, args)
         else:
             ln = train(variant, lam, data, background, args)
         r = evaluate(ln, data, test, args.eval_episodes, args, seed=20_000)
         results[variant] = {f"{w}way": {"acc": a, "ci95": c} for w, (a, c) in r.items()}
-        print(f"{variant:10s} " + "  ".join(f"{w}-way {100 * a:.2f} ± {100 * c:.2f}" for w, (a, c) in r.items()),
-              f"[{time.time() - t0:.0f}s]", flush=True)
+        accs = "  ".join(f"{w}-way {100 * a:.2f} ± {100 * c:.2f}" for w, (a, c) in r.items())
+        print(f"{variant:10s} λ={lam:g} {accs} [{time.time() - t0:.0f}s]", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "lam": lam, "val_lams": val_lams,
+        Path(args.out).write_text(json.dumps({"args": vars(args), "lam": chosen, "val_lams": val_lams,
                                               "test_accuracy": results, "seconds": time.time() - t0}, indent=1))
 
 

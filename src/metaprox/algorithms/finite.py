@@ -318,9 +318,10 @@ class FiniteMMP(MetaLearner):
 
     def _exact_sums_local(self, local: np.ndarray, v: torch.Tensor | None, chunk: int = 4096) -> Tensors:
         """This rank's part of the exact center update, over every task it owns (the batch rows ``local`` taken
-        from ``v``, not yet stored): ``[Σ_solved w_t s_t λ_g v_t, Σ_never-solved w_t s_t]`` per center row
-        (``(K, P)`` and ``(K,)``; K = 1 flat, the tree's nodes). Never-solved tasks read as their center, which
-        the update only knows after the optimizer step, so they travel as a weight (see :meth:`_exact_centers`)."""
+        from ``v``, not yet stored, rounded as the store will keep them): ``[Σ_solved w_t s_t λ_g v_t,
+        Σ_never-solved w_t s_t]`` per center row (``(K, P)`` and ``(K,)``; K = 1 flat, the tree's nodes).
+        Never-solved tasks read as their center, which the update only knows after the optimizer step, so they
+        travel as a weight (see :meth:`_exact_centers`)."""
         lo, hi = self.owned_range()
         num = torch.zeros(self._center_rows(), self.layout.numel, dtype=self.dtype)
         unseen = torch.zeros(self._center_rows(), dtype=self.dtype)
@@ -332,7 +333,8 @@ class FiniteMMP(MetaLearner):
             here = (local >= start) & (local < start + len(ids))
             if v is not None and here.any():
                 pos = torch.from_numpy(local[here] - start)
-                rows[pos], seen[pos] = v[torch.from_numpy(here)], True
+                stored = v[torch.from_numpy(here)].to(self.store.dtype or self.dtype)
+                rows[pos], seen[pos] = stored.to(self.dtype), True
             qs, node = q[ids], self._node_of(ids)
             num.index_add_(0, node, (qs * seen).unsqueeze(1) * self.lam_entries * rows)
             unseen.index_add_(0, node, qs * ~seen)

@@ -133,6 +133,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         print(variant, {k: f"{v:.1e}" for k, v in err.items()})
         assert err["moved"] > 0.1, variant  # the comparison is not between two untouched centers
         assert max(v for k, v in err.items() if k != "moved") <= 1e-6, (variant, err)
+        assert err["J"] <= 1e-9, (variant, err)
         assert float(r1["J"]) == float(r0["J"])
         ref_d = torch.tensor([[d["meta_grad_norm"], d["inner_stationarity"]] for d in ref_diags], dtype=DT)
         assert torch.allclose(r0["diag"], ref_d, rtol=1e-6, atol=1e-12), variant

@@ -25,6 +25,11 @@ Parameter groups (``lam`` as ``{glob: λ | "shared" | "private"}``, :class:`~met
 *shared* groups are tied to the center (the inner solver's gradient is masked there, so they never move) and
 their meta-gradient is Σ_t â_t ∇L_t(v_t) — joint training; *private* groups (λ = 0) are trained per task and
 never averaged into w.
+
+On several torch.distributed ranks (``reducer.world_size > 1``) each rank owns a contiguous block of tasks and
+its store shard (:mod:`metaprox.sharded`) and solves only its tasks of every batch (:meth:`FiniteMMP._step_sharded`).
+Collectives per outer step: one all-reduce (the center gradient; exact center sums ride on it), plus one halo
+all-reduce of the batch's neighbour rows for a graph; :meth:`FiniteMMP.objective` is one all-reduce.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FiniteMMP with its tasks partitioned over torch.distributed ranks (2 gloo processes on 127.0.0.1, spawned):
-equality with one process, per-rank store shards, two-phase-commit checkpoints, resume with the same and with
-another world size (re-partitioning)."""
+equality with one process (gradient and exact centers, a two-level tree, a graph), per-rank store shards,
+two-phase-commit checkpoints, resume with the same and with another world size (re-partitioning)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from _spawn_helpers import exit_without_teardown
 from metaprox import sharded
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.distributed import LocalReducer, shard_bounds
+from metaprox.priors import Graph, Tree
 from metaprox.store import MemmapStore, MemoryStore, ParamLayout, ShardedStore, pending_meta
 from metaprox.tasks.taskset import TaskSampler, TaskSet
 
@@ -38,12 +39,24 @@ def taskset() -> TaskSet:
     return TaskSet(tasks, weights=[1.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.5])
 
 
-def learner(store=None, reducer=None) -> FiniteMMP:
+# the variants compared with one process; tree groups and graph edges cross the rank boundary (tasks 3 | 4)
+VARIANTS = {
+    "gradient": {},
+    "exact": {"center_update": "exact"},
+    "tree": {"center_update": "exact",
+             "prior": Tree({"root": None, "a": "root", "b": "root"}, ["a", "a", "b", "b", "a", "b", "root"], [0.8],
+                           weights=[1.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.5])},
+    "graph": {"graph": Graph(N_TASKS, [(0, 1, 1.0), (3, 4, 0.5), (1, 5, 0.8), (2, 6, 0.3), (4, 5, 1.2)])},
+}
+
+
+def learner(store=None, reducer=None, variant: str = "gradient") -> FiniteMMP:
     torch.manual_seed(1)
     fm = FiniteMMP(torch.nn.Linear(3, 1).to(DT), taskset(), lam=2.0, task_lam="size",
                    inner=metaprox.SGD(lr=0.05, steps=10), store=store, outer_lr=0.3,
                    meta_optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
-                   sampler=TaskSampler(N_TASKS, BATCH, seed=3))  # epochs: some batches miss a rank entirely
+                   sampler=TaskSampler(N_TASKS, BATCH, seed=3),  # epochs: some batches miss a rank entirely
+                   **VARIANTS[variant])
     if reducer is not None:
         fm.reducer = reducer
     return fm
@@ -80,36 +93,50 @@ def _worker(rank: int, fn, init_method: str, *args) -> None:
 # ----- 2 ranks vs 1 process ------------------------------------------------------------------------------
 def _equal_case(rank: int, reducer, out: str) -> None:
     lo, hi = shard_bounds(N_TASKS, 2, rank)
-    fm0 = learner()
-    store = ShardedStore(MemoryStore(fm0.layout, hi - lo, DT), lo, hi, N_TASKS)
-    fm = learner(store, reducer)
-    diags = [fm.step() for _ in range(STEPS)]
-    assert reducer.calls == STEPS  # one all-reduce per outer step
-    j = fm.objective()
-    rows = fm.rows(np.arange(lo, hi))
-    with pytest.raises(IndexError, match="another rank"):
-        fm.rows([(hi) % N_TASKS if rank == 0 else 0])
-    tensors = {f"rows{rank}": rows, "J": torch.tensor([j], dtype=DT),
-               "diag": torch.tensor([[d["meta_grad_norm"], d["inner_stationarity"]] for d in diags], dtype=DT)}
-    if rank == 0:
-        tensors.update({f"center/{k}": v for k, v in center(fm).items()})
-    save_file(tensors, f"{out}/rank{rank}.safetensors")
+    for variant in VARIANTS:
+        store = ShardedStore(MemoryStore(learner().layout, hi - lo, DT), lo, hi, N_TASKS)
+        fm = learner(store, reducer, variant)
+        calls = reducer.calls
+        diags = [fm.step() for _ in range(STEPS)]
+        # one all-reduce per outer step (exact centers ride on it); a graph adds the halo of the batch's neighbours
+        assert reducer.calls - calls == STEPS * (2 if variant == "graph" else 1), variant
+        j = fm.objective()
+        rows = fm.rows(np.arange(lo, hi))
+        with pytest.raises(IndexError, match="another rank"):
+            fm.rows([(hi) % N_TASKS if rank == 0 else 0])
+        tensors = {f"rows{rank}": rows, "J": torch.tensor([j], dtype=DT),
+                   "diag": torch.tensor([[d["meta_grad_norm"], d["inner_stationarity"]] for d in diags], dtype=DT)}
+        if rank == 0:
+            tensors.update({f"center/{k}": v for k, v in center(fm).items()})
+            if fm.theta is not None:
+                tensors["theta"] = fm.theta
+        save_file(tensors, f"{out}/{variant}-rank{rank}.safetensors")
 
 
 def test_two_ranks_equal_one_process(tmp_path):
+    """Center, every per-task row (and tree node), objective and diagnostics of 2 ranks vs 1 process, per variant;
+    ``pytest -s`` prints the measured relative differences."""
     _spawn(_equal_case, str(tmp_path))
-    ref = learner()
-    ref_diags = [ref.step() for _ in range(STEPS)]
-    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    got = {k[len("center/"):]: v for k, v in r0.items() if k.startswith("center/")}
-    assert rel(center(ref), got) <= 1e-6, rel(center(ref), got)
-    rows = torch.cat([r0["rows0"], r1["rows1"]])
-    ref_rows = ref.rows(np.arange(N_TASKS))
-    assert ref.store.initialized(np.arange(N_TASKS)).all()  # every task was solved at least once
-    assert float((rows - ref_rows).norm() / ref_rows.norm()) <= 1e-6
-    assert float(r0["J"]) == pytest.approx(ref.objective(), rel=1e-9) and float(r1["J"]) == float(r0["J"])
-    ref_d = torch.tensor([[d["meta_grad_norm"], d["inner_stationarity"]] for d in ref_diags], dtype=DT)
-    assert torch.allclose(r0["diag"], ref_d, rtol=1e-6, atol=1e-12)
+    for variant in VARIANTS:
+        ref = learner(variant=variant)
+        start = center(ref)
+        ref_diags = [ref.step() for _ in range(STEPS)]
+        r0, r1 = (load_file(tmp_path / f"{variant}-rank{r}.safetensors") for r in range(2))
+        got = {k[len("center/"):]: v for k, v in r0.items() if k.startswith("center/")}
+        rows = torch.cat([r0["rows0"], r1["rows1"]])
+        ref_rows = ref.rows(np.arange(N_TASKS))
+        assert ref.store.initialized(np.arange(N_TASKS)).all()  # every task was solved at least once
+        err = {"center": rel(center(ref), got), "rows": float((rows - ref_rows).norm() / ref_rows.norm()),
+               "J": abs(float(r0["J"]) / ref.objective() - 1), "moved": rel(start, center(ref))}
+        if ref.theta is not None:
+            err["theta"] = float((r0["theta"] - ref.theta).norm() / ref.theta.norm())
+        print(variant, {k: f"{v:.1e}" for k, v in err.items()})
+        assert err["moved"] > 0.1, variant  # the comparison is not between two untouched centers
+        assert max(v for k, v in err.items() if k != "moved") <= 1e-6, (variant, err)
+        assert err["J"] <= 1e-9, (variant, err)
+        assert float(r1["J"]) == float(r0["J"])
+        ref_d = torch.tensor([[d["meta_grad_norm"], d["inner_stationarity"]] for d in ref_diags], dtype=DT)
+        assert torch.allclose(r0["diag"], ref_d, rtol=1e-6, atol=1e-12), variant
 
 
 # ----- checkpoints and resume ---------------------------------------------------------------------------------
@@ -194,10 +221,18 @@ def test_two_phase_commit_of_a_memmap_store(tmp_path):
     assert MemmapStore.open(tmp_path / "s").meta == {"step": 3}
 
 
-def test_sharded_step_refuses_a_wrong_store():
-    class Fake(LocalReducer):
-        world_size = 2
+class _TwoRanks(LocalReducer):
+    world_size = 2
 
-    fm = learner(reducer=Fake())
+
+def test_sharded_step_refuses_a_wrong_store():
+    fm = learner(reducer=_TwoRanks())
     with pytest.raises(ValueError, match="shard of the store"):
+        fm.step()
+
+
+def test_sharded_step_refuses_inner_minibatches():
+    fm = learner(ShardedStore(MemoryStore(learner().layout, 4, DT), 0, 4, N_TASKS), _TwoRanks())
+    fm.inner = metaprox.SGD(lr=0.05, steps=10, batch_size=2)
+    with pytest.raises(ValueError, match="full-batch inner solves"):
         fm.step()

@@ -125,8 +125,10 @@ def test_config_errors(data_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path):
-    one = train(cfg_of(data_dir), tmp_path / "one")
+@pytest.mark.parametrize("center_update", ["gradient", "exact"])
+def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path, center_update):
+    extra = {"finite.center_update": center_update}
+    one = train(cfg_of(data_dir, **extra), tmp_path / "one")
     base = tmp_path / "base.json"  # everything else from the same overrides as cfg_of
     base.write_text("{}")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
@@ -135,7 +137,7 @@ def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path):
                METAPROX_DIST_TIMEOUT="30")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "metaprox.cli", "train", str(base), "--out", str(tmp_path / "two"), "--quiet"]
-    sets = [a for o in overrides(data_dir) for a in ("--set", o)]
+    sets = [a for o in overrides(data_dir, **extra) for a in ("--set", o)]
     proc = subprocess.run(cmd + sets, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "eval.json").read_text())

@@ -11,7 +11,9 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
       J = Σ_t w_t [L_t(v_t) + (s_t λ_g/2)‖v_t − θ_node(t)‖²] + Σ_{n ≠ root} (m_n λ_depth(n)/2)‖θ_n − θ_parent(n)‖²
 
   and :meth:`Tree.update_nodes` minimises it exactly over every node in turn (block coordinate: each node is
-  the weighted mean of its tasks, children and parent). The root is the meta-parameter w.
+  the weighted mean of its tasks, children and parent). The root is the meta-parameter w. The tasks enter only
+  through per-node sums Σ pull·v and Σ pull (:meth:`Tree.task_sums`), so the sweep can run from sums that
+  torch.distributed ranks all-reduce (:meth:`Tree.update_nodes_from_sums`).
 - :class:`Graph` — weighted edges λ_ts between tasks, adding ``Σ_{edges} (λ_ts λ_g/2)‖v_t − v_s‖²`` to J. For
   task t with the others fixed, the inner problem is again a prox problem: center
   ``m_t = (s_t c_t + Σ_s (λ_ts/w_t) v_s) / (s_t + Σ_s λ_ts/w_t)`` and pull ``(s_t + Σ_s λ_ts/w_t)·λ_g``
@@ -102,6 +104,14 @@ class Tree:
                 total += 0.5 * float(self.mass[i]) * self.lam_up(n) * float((theta[i] - theta[p]).square().sum())
         return total
 
+    def task_sums(self, v: torch.Tensor, task_pull: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-node sufficient statistics of the tasks attached to each node: ``(Σ pull·v, Σ pull)``, each
+        ``(N, P)``, from the rows ``v`` ``(n, P)`` of *all* tasks and ``task_pull`` ``(n, P)`` = w_t·s_t·λ_g."""
+        node_of = torch.from_numpy(self.task_node)
+        num = torch.zeros(len(self.nodes), v.shape[1], dtype=v.dtype).index_add_(0, node_of, task_pull * v)
+        den = torch.zeros(len(self.nodes), v.shape[1], dtype=v.dtype).index_add_(0, node_of, task_pull)
+        return num, den
+
     def update_nodes(self, theta: torch.Tensor, v: torch.Tensor, task_pull: torch.Tensor,
                      sweeps: int = 1) -> torch.Tensor:
         """Exact block-coordinate minimisation of J over every node (leaves first, then root first).
@@ -109,10 +119,13 @@ class Tree:
         ``v`` are the rows of *all* tasks ``(n, P)``; ``task_pull`` ``(n, P)`` is w_t·s_t·λ_g per entry.
         Returns the new θ ``(N, P)``; an entry with zero total weight keeps its value.
         """
+        return self.update_nodes_from_sums(theta, *self.task_sums(v, task_pull), sweeps=sweeps)
+
+    def update_nodes_from_sums(self, theta: torch.Tensor, num: torch.Tensor, den: torch.Tensor,
+                               sweeps: int = 1) -> torch.Tensor:
+        """:meth:`update_nodes` from the per-node task sums of :meth:`task_sums` (the tasks enter the sweep only
+        through them, so ranks that each hold some tasks can all-reduce the sums and run the same sweep)."""
         theta = theta.clone()
-        node_of = torch.from_numpy(self.task_node)
-        num = torch.zeros_like(theta).index_add_(0, node_of, task_pull * v)
-        den = torch.zeros_like(theta).index_add_(0, node_of, task_pull)
         for _ in range(int(sweeps)):
             for n in self.order + self.order[::-1]:
                 i = self.index[n]
@@ -172,10 +185,18 @@ class Graph:
         scale = s.to(center.dtype) + kt
         return scale, (s.to(center.dtype).unsqueeze(1) * center + nb_sum) / scale.clamp_min(1e-300).unsqueeze(1)
 
-    def penalty(self, rows: torch.Tensor, lam_entries: torch.Tensor) -> float:
-        """Σ_{edges} (λ_ts/2) Σ_entries λ_g (v_t − v_s)² for all task rows ``(n, P)``."""
+    def endpoints(self) -> np.ndarray:
+        """The sorted ids of the tasks that have an edge (the rows :meth:`penalty` reads)."""
+        src, dst, _ = self.edges
+        return np.unique(np.concatenate([src, dst]))
+
+    def penalty(self, rows: torch.Tensor, lam_entries: torch.Tensor, tasks: np.ndarray | None = None) -> float:
+        """Σ_{edges} (λ_ts/2) Σ_entries λ_g (v_t − v_s)² from the rows ``(len(tasks), P)`` of the sorted task ids
+        ``tasks`` (default: all n tasks; they must include every :meth:`endpoints` id)."""
         src, dst, w = self.edges
         if len(src) == 0:
             return 0.0
+        if tasks is not None:
+            src, dst = np.searchsorted(tasks, src), np.searchsorted(tasks, dst)
         d = rows[torch.from_numpy(src)] - rows[torch.from_numpy(dst)]
         return 0.5 * float((torch.from_numpy(w).to(rows.dtype) * (d.square() * lam_entries).sum(1)).sum())

@@ -81,6 +81,8 @@ class TaskStore:
 
     layout: ParamLayout
     num_tasks: int
+    #: precision the rows are kept in (a write rounds to it); None: not declared (taken as the caller's dtype)
+    dtype: torch.dtype | None = None
 
     def _check(self, idx: np.ndarray) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_tasks):
@@ -117,6 +119,7 @@ class MemoryStore(TaskStore):
     def __init__(self, layout: ParamLayout, num_tasks: int, dtype: torch.dtype = torch.float32):
         self.layout, self.num_tasks = layout, int(num_tasks)
         self.data = torch.zeros(self.num_tasks, layout.numel, dtype=dtype)
+        self.dtype = dtype
         self.seen = torch.zeros(self.num_tasks, dtype=torch.bool)
 
     def read(self, idx, default):
@@ -141,6 +144,8 @@ class MemmapStore(TaskStore):
 
     Create with :meth:`create`, reopen with :meth:`open` (rolls back uncommitted writes, verifies checksums).
     """
+
+    dtype = torch.float32
 
     def __init__(self, path: Path, layout: ParamLayout, num_tasks: int, chunk: int, checksums: list[str],
                  generation: int, meta: dict[str, Any]):
@@ -328,7 +333,7 @@ class ShardedStore(TaskStore):
             raise ValueError(f"a shard [{lo}, {hi}) of {num_tasks} tasks needs a base store of {hi - lo} rows "
                              f"(got {base.num_tasks}).")
         self.base, self.lo, self.hi = base, int(lo), int(hi)
-        self.layout, self.num_tasks = base.layout, int(num_tasks)
+        self.layout, self.num_tasks, self.dtype = base.layout, int(num_tasks), base.dtype
 
     def owns(self, idx: Any) -> np.ndarray:
         i = _index(idx)

@@ -25,6 +25,11 @@ Parameter groups (``lam`` as ``{glob: λ | "shared" | "private"}``, :class:`~met
 *shared* groups are tied to the center (the inner solver's gradient is masked there, so they never move) and
 their meta-gradient is Σ_t â_t ∇L_t(v_t) — joint training; *private* groups (λ = 0) are trained per task and
 never averaged into w.
+
+On several torch.distributed ranks (``reducer.world_size > 1``) each rank owns a contiguous block of tasks and
+its store shard (:mod:`metaprox.sharded`) and solves only its tasks of every batch (:meth:`FiniteMMP._step_sharded`).
+Collectives per outer step: one all-reduce (the center gradient; exact center sums ride on it), plus one halo
+all-reduce of the batch's neighbour rows for a graph; :meth:`FiniteMMP.objective` is one all-reduce.
 """
 
 from __future__ import annotations
@@ -178,23 +183,29 @@ class FiniteMMP(MetaLearner):
             raise ValueError("empty batch of tasks.")
         if self.reducer.world_size > 1:
             return self._step_sharded(idx, monitor)
-        c = self.centers(idx)
-        init, _ = self.store.read(idx, c)
-        init[:, self.shared_entries] = c[:, self.shared_entries]
-        s = self.task_scale[idx].to(self.dtype)
-        wt = self.tasks.weights[idx].to(self.dtype)
-        if self.graph is not None:
-            scale, c_eff = self.graph.coupled(idx, c, self.rows, s, wt)
-            c_eff[:, self.shared_entries] = c[:, self.shared_entries]
-        else:
-            scale, c_eff = s, c
-        v, data_grad, stat = self._solve_rows(idx, scale, c_eff, init, monitor)
+        c, s, wt, v, data_grad, stat = self._solve_batch(idx, self.rows, monitor)
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
         self.store.write(idx, v)
         a = wt / wt.sum()
         grad = self._center_gradient(v, c, s, a, data_grad)
         return self._finish_step(grad, len(idx), float(stat.mean()) if monitor else None)
+
+    def _solve_batch(self, idx: np.ndarray, rows_of: Any, monitor: bool) -> tuple[torch.Tensor, ...]:
+        """Solve tasks ``idx`` warm-started from the store (a graph: one Jacobi sweep with the neighbours' rows
+        from ``rows_of(ids)``): (centers c, pull factors s_t, weights w_t, rows v, data gradients, stationarity)."""
+        c = self.centers(idx)
+        init, _ = self.store.read(idx, c)
+        init[:, self.shared_entries] = c[:, self.shared_entries]
+        s = self.task_scale[idx].to(self.dtype)
+        wt = self.tasks.weights[idx].to(self.dtype)
+        if self.graph is not None:
+            scale, c_eff = self.graph.coupled(idx, c, rows_of, s, wt)
+            c_eff[:, self.shared_entries] = c[:, self.shared_entries]
+        else:
+            scale, c_eff = s, c
+        v, data_grad, stat = self._solve_rows(idx, scale, c_eff, init, monitor)
+        return c, s, wt, v, data_grad, stat
 
     def _solve_rows(self, idx: np.ndarray, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
                     monitor: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -224,9 +235,6 @@ class FiniteMMP(MetaLearner):
 
     def _check_sharded(self) -> tuple[int, int]:
         lo, hi = self.owned_range()
-        if self.graph is not None or self.prior is not None or self.center_update == "exact":
-            raise NotImplementedError("FiniteMMP on several ranks supports center_update 'gradient' or 'fixed' "
-                                      "without a graph or tree prior (those read other ranks' rows).")
         if getattr(self.inner, "batch_size", None):
             raise ValueError("FiniteMMP on several ranks needs full-batch inner solves (inner minibatch draws "
                              "would depend on the split).")
@@ -236,13 +244,14 @@ class FiniteMMP(MetaLearner):
                              f"shard of the store, tasks [{lo}, {hi}) (metaprox.sharded.open_shard).")
         return lo, hi
 
-    def _finish_step(self, grad: torch.Tensor, num_tasks: int, stationarity: float | None) -> dict[str, float]:
+    def _finish_step(self, grad: torch.Tensor, num_tasks: int, stationarity: float | None,
+                     exact_sums: Tensors | None = None) -> dict[str, float]:
         """Check the center gradient, move the center (unless fixed), count the step; the diagnostics."""
         gnorm = float(grad.double().norm())
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
         if self.center_update != "fixed":
-            self._apply(grad)
+            self._apply(grad, exact_sums)
         self.step_count += 1
         diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
                 "tasks": float(num_tasks)}
@@ -252,30 +261,89 @@ class FiniteMMP(MetaLearner):
 
     def _step_sharded(self, idx: np.ndarray, monitor: bool) -> dict[str, float]:
         """One outer step on one rank: solve the owned tasks of the global batch ``idx``, then one all-reduce of
-        ``[Σ_local w_t ∂_c D_t | Σ_local w_t | non-finite flag | Σ_local stationarity]``; the owned rows are
-        written only when no rank saw a non-finite solution, and every rank takes the same center step."""
+        ``[Σ_local w_t ∂_c D_t | Σ_local w_t | non-finite flag | Σ_local stationarity]`` (for ``"exact"`` also the
+        center sums of :meth:`_exact_sums_local`); the owned rows are written only when no rank saw a non-finite
+        solution, and every rank takes the same center step. A graph adds one all-reduce before the solves (the
+        halo of the batch's neighbours, :meth:`_halo`): two collectives per step instead of one."""
         lo, hi = self._check_sharded()
         local = idx[(idx >= lo) & (idx < hi)]
+        rows_of = None
+        if self.graph is not None:
+            rows_of = self._halo(np.unique(self.graph.neighbours(idx)[1]))
         grad = torch.zeros_like(self.w_row())
         wsum = bad = stat_sum = 0.0
         v = None
         if len(local):
-            c = self.centers(local)
-            init, _ = self.store.read(local, c)
-            init[:, self.shared_entries] = c[:, self.shared_entries]
-            s = self.task_scale[local].to(self.dtype)
-            wt = self.tasks.weights[local].to(self.dtype)
-            v, data_grad, stat = self._solve_rows(local, s, c, init, monitor)
+            c, s, wt, v, data_grad, stat = self._solve_batch(local, rows_of, monitor)
             bad = float(not bool(torch.isfinite(v).all()))
             grad = self._center_gradient(v, c, s, wt, data_grad)  # unnormalised: Σ_local w_t g_t
             wsum, stat_sum = float(wt.sum()), float(stat.sum())
-        (grad,), sums = self.reducer.sum([grad], {"weight": wsum, "nonfinite": bad, "stationarity": stat_sum})
+        exact = self._exact_sums_local(local, v) if self.center_update == "exact" else []
+        (grad, *exact), sums = self.reducer.sum([grad, *exact],
+                                               {"weight": wsum, "nonfinite": bad, "stationarity": stat_sum})
         if sums["nonfinite"] > 0:
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
         if v is not None:
             self.store.write(local, v)
         grad = grad / sums["weight"]
-        return self._finish_step(grad, len(idx), sums["stationarity"] / len(idx) if monitor else None)
+        return self._finish_step(grad, len(idx), sums["stationarity"] / len(idx) if monitor else None,
+                                 exact or None)
+
+    def _halo(self, ids: np.ndarray) -> Any:
+        """``rows_of`` for the sorted task ids ``ids`` owned by any rank (a collective): each rank writes the
+        current rows it owns into a zero ``(len(ids), P)`` buffer, one all-reduce (a sum with one non-zero term
+        per row: exact) gives every rank every row. Read before any rank writes, as in a single process."""
+        if len(ids) == 0:  # every rank knows the batch and the graph, so all skip together
+            return lambda q: torch.zeros(len(q), self.layout.numel, dtype=self.dtype)
+        (buf,), _ = self.reducer.sum([self._owned_rows_or_zero(ids, self.dtype)], {})
+        return lambda q: buf[torch.from_numpy(np.searchsorted(ids, q))]
+
+    def _owned_rows_or_zero(self, ids: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``(len(ids), P)`` of tasks ``ids``: this rank's current rows where it owns the task, else zeros
+        (summed over the ranks, every row has exactly one non-zero term)."""
+        lo, hi = self.owned_range()
+        buf = torch.zeros(len(ids), self.layout.numel, dtype=dtype)
+        mine = (ids >= lo) & (ids < hi)
+        if mine.any():
+            buf[torch.from_numpy(mine)] = self.rows(ids[mine]).to(dtype)
+        return buf
+
+    def _pull_factors(self) -> torch.Tensor:
+        """w_t·s_t of every task (its pull toward its center is this times λ_g per entry)."""
+        return self.tasks.weights.to(self.dtype) * self.task_scale.to(self.dtype)
+
+    def _center_rows(self) -> int:
+        return 1 if self.theta is None else len(self.theta)
+
+    def _node_of(self, ids: np.ndarray) -> torch.Tensor:
+        """The center row of each task: its tree node, or 0 (the one flat center)."""
+        if self.prior is None:
+            return torch.zeros(len(ids), dtype=torch.int64)
+        return torch.from_numpy(self.prior.task_node[ids])
+
+    def _exact_sums_local(self, local: np.ndarray, v: torch.Tensor | None, chunk: int = 4096) -> Tensors:
+        """This rank's part of the exact center update, over every task it owns (the batch rows ``local`` taken
+        from ``v``, not yet stored, rounded as the store will keep them): ``[Σ_solved w_t s_t λ_g v_t,
+        Σ_never-solved w_t s_t]`` per center row (``(K, P)`` and ``(K,)``; K = 1 flat, the tree's nodes).
+        Never-solved tasks read as their center, which the update only knows after the optimizer step, so they
+        travel as a weight (see :meth:`_exact_centers`)."""
+        lo, hi = self.owned_range()
+        num = torch.zeros(self._center_rows(), self.layout.numel, dtype=self.dtype)
+        unseen = torch.zeros(self._center_rows(), dtype=self.dtype)
+        q = self._pull_factors()
+        zero = torch.zeros(self.layout.numel, dtype=self.dtype)
+        for start in range(lo, hi, chunk):
+            ids = np.arange(start, min(hi, start + chunk))
+            rows, seen = self.store.read(ids, zero)
+            here = (local >= start) & (local < start + len(ids))
+            if v is not None and here.any():
+                pos = torch.from_numpy(local[here] - start)
+                stored = v[torch.from_numpy(here)].to(self.store.dtype or self.dtype)
+                rows[pos], seen[pos] = stored.to(self.dtype), True
+            qs, node = q[ids], self._node_of(ids)
+            num.index_add_(0, node, (qs * seen).unsqueeze(1) * self.lam_entries * rows)
+            unseen.index_add_(0, node, qs * ~seen)
+        return [num, unseen]
 
     def _center_gradient(self, v: torch.Tensor, c: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
                          data_grad: torch.Tensor | None) -> torch.Tensor:
@@ -290,7 +358,7 @@ class FiniteMMP(MetaLearner):
             g = torch.where(self.shared_entries, a @ data_grad, g)
         return g
 
-    def _apply(self, grad: torch.Tensor) -> None:
+    def _apply(self, grad: torch.Tensor, exact_sums: Tensors | None = None) -> None:
         factor = self.lr_factor(self.step_count)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
             group["lr"] = base * factor
@@ -299,23 +367,35 @@ class FiniteMMP(MetaLearner):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.center_update == "exact":
-            self._exact_centers()
+            self._exact_centers(exact_sums)
 
-    def _exact_centers(self) -> None:
-        """Minimise J over the centers with every v_t fixed (all tasks' rows from the store)."""
-        n = len(self.tasks)
-        rows = self.rows(np.arange(n))
-        pull = (self.tasks.weights.to(self.dtype) * self.task_scale.to(self.dtype)).unsqueeze(1) * self.lam_entries
-        keep = self.shared_entries | (self.lam_entries == 0)
+    def _exact_centers(self, sums: Tensors | None = None) -> None:
+        """Minimise J over the centers with every v_t fixed: from all tasks' rows in the store (one process), or
+        from the all-reduced ``sums`` of :meth:`_exact_sums_local` (several ranks; same minimiser, other
+        round-off): num = Σ_solved pull·v + (Σ_never-solved w_t s_t)·λ_g·c, den = (Σ_all w_t s_t)·λ_g."""
         w = self.w_row()
         if self.theta is not None:
             self.theta[:, self.shared_entries] = w[self.shared_entries]
-            self.theta = self.prior.update_nodes(self.theta, rows, pull)  # type: ignore[union-attr]
+        if sums is None:
+            rows = self.rows(np.arange(len(self.tasks)))
+            pull = self._pull_factors().unsqueeze(1) * self.lam_entries
+            if self.theta is not None:
+                num, den = self.prior.task_sums(rows, pull)  # type: ignore[union-attr]
+            else:
+                num, den = (pull * rows).sum(0, keepdim=True), pull.sum(0, keepdim=True)
+        else:
+            solved, unseen = sums
+            center = w.unsqueeze(0) if self.theta is None else self.theta
+            num = solved + unseen.unsqueeze(1) * self.lam_entries * center
+            mass = torch.zeros(self._center_rows(), dtype=self.dtype).index_add_(
+                0, self._node_of(np.arange(len(self.tasks))), self._pull_factors())
+            den = mass.unsqueeze(1) * self.lam_entries
+        if self.theta is not None:
+            self.theta = self.prior.update_nodes_from_sums(self.theta, num, den)  # type: ignore[union-attr]
             new = self.theta[self.prior.index[self.prior.root]]  # type: ignore[union-attr]
         else:
-            den = pull.sum(0)
-            new = torch.where(den > 0, (pull * rows).sum(0) / den.clamp_min(1e-300), w)
-        new = torch.where(keep, w, new)
+            new = torch.where(den[0] > 0, num[0] / den[0].clamp_min(1e-300), w)
+        new = torch.where(self.shared_entries | (self.lam_entries == 0), w, new)
         with torch.no_grad():
             for p, t in zip(self.fmodel.params(), self.layout.unflatten(new.unsqueeze(0))):
                 p.copy_(t[0])
@@ -338,12 +418,22 @@ class FiniteMMP(MetaLearner):
                 losses = self._oracle(x, y)(self.layout.unflatten(v[p]))[0]
                 total += float((self.tasks.weights[idx][p] * (losses.double().cpu() + pen[p].double().cpu())).sum())
         if self.reducer.world_size > 1:  # a collective: every rank calls objective()
-            total = self.reducer.sum([], {"J": total})[1]["J"]
-        if self.graph is not None:
+            total = self._objective_sharded(total)
+        elif self.graph is not None:
             total += self.graph.penalty(self.rows(np.arange(n)), self.lam_entries)
         if self.prior is not None and self.theta is not None:
             total += self.prior.penalty(self.theta)
         return total
+
+    def _objective_sharded(self, local: float) -> float:
+        """Σ over ranks of the local task terms, plus the graph penalty: one all-reduce that also carries the
+        rows of every edge endpoint (each rank fills the ones it owns; O(|endpoints|·P) floats, in float64 so
+        J keeps its precision), from which every rank computes the same penalty."""
+        if self.graph is None:
+            return self.reducer.sum([], {"J": local})[1]["J"]
+        ends = self.graph.endpoints()
+        (rows,), sums = self.reducer.sum([self._owned_rows_or_zero(ends, torch.float64)], {"J": local})
+        return sums["J"] + self.graph.penalty(rows.to(self.dtype), self.lam_entries, ends)
 
     def predict_task(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Model output of task ``i`` (its stored v_t) on inputs ``x``."""

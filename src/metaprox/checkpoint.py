@@ -94,6 +94,10 @@ def save_checkpoint(run_dir: str | Path, learner_state: dict[str, Any], extra: d
         for which in ("m", "s"):
             tensors.update({f"inner_{which}/{k}": v.detach().cpu().contiguous() for k, v in moments[which].items()})
         extra = {**extra, "inner_moments_t": int(moments["t"])}
+    buffers = learner_state.get("buffers") or {}  # a rule's own tensors (e.g. FiniteMMP's tree node centers)
+    tensors.update({f"buffers/{k}": v.detach().cpu().contiguous() for k, v in buffers.items()})
+    if buffers:
+        extra = {**extra, "buffer_names": list(buffers)}
     blob = st_save(tensors)
     name = f"checkpoint-{step:07d}.safetensors"
     atomic_write(run_dir / name, blob)
@@ -142,4 +146,6 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]
         state["inner_moments"] = {"t": meta["inner_moments_t"],
                                   **{w: {n: tensors[f"inner_{w}/{n}"] for n in meta["param_names"]}
                                      for w in ("m", "s")}}
+    if "buffer_names" in meta:
+        state["buffers"] = {n: tensors[f"buffers/{n}"] for n in meta["buffer_names"]}
     return state, meta

@@ -435,6 +435,27 @@ class FiniteMMP(MetaLearner):
         (rows,), sums = self.reducer.sum([self._owned_rows_or_zero(ends, torch.float64)], {"J": local})
         return sums["J"] + self.graph.penalty(rows.to(self.dtype), self.lam_entries, ends)
 
+    # ----- state: the tree's node centers θ travel with the checkpoint ---------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.theta is not None:
+            state["buffers"] = {"tree_theta": self.theta.clone()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        theta = (state.get("buffers") or {}).get("tree_theta")
+        if (theta is None) != (self.theta is None):
+            state_has = "has no" if theta is None else "has"
+            mine = "a" if self.theta is not None else "no"
+            raise ValueError(f"the state {state_has} tree node centers but this FiniteMMP has {mine} Tree prior; "
+                             f"load it into a learner built with the same prior.")
+        if theta is not None and theta.shape != self.theta.shape:  # type: ignore[union-attr]
+            raise ValueError(f"tree node centers of shape {tuple(theta.shape)} in the state, "
+                             f"{tuple(self.theta.shape)} in this learner (another tree or model).")  # type: ignore
+        super().load_state_dict(state)
+        if theta is not None:
+            self.theta = theta.to(self.dtype).clone()
+
     def predict_task(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Model output of task ``i`` (its stored v_t) on inputs ``x``."""
         with torch.no_grad():

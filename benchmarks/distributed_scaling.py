@@ -4,18 +4,25 @@ scaling model — compute time per task, serial per-iteration work, and one all-
     PYTHONPATH=src python benchmarks/distributed_scaling.py [--tasks 256] [--iters 15] [--repeats 3] [--worlds 1 2]
 
 Setting: MMP on sine (MLP 1-40-40-1, |w| = 1761), K = 10 support points, 15 inner SGD steps, a global minibatch
-of ``--tasks`` tasks sampled on every rank each iteration (as ``metaprox train`` does), one thread per process.
+of ``--tasks`` tasks each iteration, one thread per process. With p > 1 ranks two ways of sampling run side by
+side in the same processes (their order alternating between repeats):
+
+- ``full``: every rank builds the whole global minibatch and the learner keeps its share (a plain list: what
+  ``metaprox train`` did before sharded sampling);
+- ``sharded``: every rank draws the random numbers of the whole minibatch but builds only its share
+  (``SineFamily.sample(part=...)`` → a ``TaskShare``: what ``metaprox train`` does now).
+
 The world sizes alternate ``--repeats`` times (the machine is shared: the best repeat is the least
 disturbed); each process is a fresh ``torch.multiprocessing.spawn`` child. Per iteration we record
 
-- ``sample``: drawing the global minibatch (serial: every rank does all of it);
+- ``sample``: drawing the minibatch (serial: ``full`` builds all B tasks on every rank, ``sharded`` B/p);
 - ``step``: ``MetaLearner.step`` — the local share's solves and meta-gradient, the all-reduce, the update;
 - ``reduce``: the time inside ``reducer.sum`` (the all-reduce *including* waiting for the slower rank);
 
 and separately ``allreduce_us``: the median of 200 back-to-back all-reduces of a (|w| + 8)-float buffer after a
 barrier — the communication cost alone. The single-process runs also time the step at the batch ``B/p`` of
 every other world size ``p``, so the model ``T(p) = sample(B) + step_1(B/p) + allreduce(p)`` can be checked
-against the measured ``p``-process iteration.
+against the measured ``p``-process iteration of ``full`` sampling.
 Writes ``benchmarks/results/distributed_scaling.json``, then prints the scaling model's predicted efficiency at
 8, 64 and 512 workers (``--predict-only`` redoes only that, from the saved JSON): see :func:`predict` and
 docs/distributed.md.
@@ -40,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sine import make_rule  # noqa: E402
 
 from metaprox.distributed import AllReduceReducer, LocalReducer  # noqa: E402
+from metaprox.tasks.share import TaskShare  # noqa: E402
 from metaprox.tasks.sine import SineFamily  # noqa: E402
 
 
@@ -60,16 +68,20 @@ class _Timed:
         return out
 
 
-def _iterations(batch: int, iters: int, reducer, warmup: int = 2) -> dict[str, float]:
+def _iterations(batch: int, iters: int, reducer, sharded: bool = False, warmup: int = 2) -> dict[str, float]:
     learner = make_rule("mmp", steps=15, execution="auto")
     timed = _Timed(reducer)
     learner.reducer = timed
     fam, gen = SineFamily(), torch.Generator().manual_seed(0)
+    part = reducer.part(batch)
     samples, steps, reduces, shares = [], [], [], []
     for i in range(warmup + iters):
         c0 = time.process_time()
         t0 = time.perf_counter()
-        tasks = fam.sample(batch, 10, gen)
+        if sharded:  # only this rank's share is built; the whole minibatch's random numbers are drawn
+            tasks = TaskShare.uniform(fam.sample(batch, 10, gen, part=part), batch, part, 10, 0)
+        else:
+            tasks = fam.sample(batch, 10, gen)
         t1 = time.perf_counter()
         timed.seconds = 0.0
         learner.step(tasks, monitor=False)
@@ -86,7 +98,7 @@ def _iterations(batch: int, iters: int, reducer, warmup: int = 2) -> dict[str, f
             "params": sum(p.numel() for p in learner.fmodel.params())}
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str, repeat: int) -> None:
     torch.set_num_threads(1)
     result: dict = {"world": world}
     if world == 1:
@@ -98,7 +110,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world)
         try:
-            result["full"] = _iterations(args.tasks, args.iters, AllReduceReducer())
+            for mode in (("full", "sharded") if repeat % 2 == 0 else ("sharded", "full")):
+                result[mode] = _iterations(args.tasks, args.iters, AllReduceReducer(), sharded=mode == "sharded")
             buf = torch.zeros(result["full"]["params"] + 8)
             times = []
             for _ in range(200):
@@ -177,10 +190,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, args: argparse.Namespace) -> dict:
+def _run(world: int, args: argparse.Namespace, repeat: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
-        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
+        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), args, out, repeat), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -199,9 +212,9 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     args.worlds = sorted(set(args.worlds) | {1})
     runs: dict[int, list[dict]] = {p: [] for p in args.worlds}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for world in args.worlds:
-            runs[world].append(_run(world, args))
+            runs[world].append(_run(world, args, repeat))
     best = {p: min(runs[p], key=lambda r: r["full"]["iter_s"]) for p in args.worlds}
     b, one = args.tasks, best[1]
     t1 = one["full"]["iter_s"]
@@ -225,6 +238,10 @@ def main() -> None:
                        measured_over_predicted=r["iter_s"] / predicted, cpu_share=r["cpu_share"],
                        predicted_with_cpu_share_iter_s=contended,
                        measured_over_predicted_with_cpu_share=r["iter_s"] / contended)
+            sh = min((x["sharded"] for x in runs[p]), key=lambda x: x["iter_s"])
+            row["sharded"] = {"tasks_per_s": b / sh["iter_s"], "iter_s": sh["iter_s"], "sample_s": sh["sample_s"],
+                              "step_s": sh["step_s"], "speedup": t1 / sh["iter_s"], "cpu_share": sh["cpu_share"],
+                              "sample_full_over_sharded": r["sample_s"] / sh["sample_s"]}
         worlds[str(p)] = row
     summary = {
         "setting": {"rule": "mmp", "family": "sine", "model": "MLP 1-40-40-1", "params": one["full"]["params"],
@@ -253,6 +270,10 @@ def main() -> None:
                      f"{w['cpu_share']:.2f} vs {worlds['1']['cpu_share']:.2f} at world 1 → contended model "
                      f"{w['predicted_with_cpu_share_iter_s'] * 1e3:.1f} ms, measured/model "
                      f"{w['measured_over_predicted_with_cpu_share']:.2f}")
+            sh = w["sharded"]
+            line += (f"\n  sharded sampling: {sh['tasks_per_s']:.0f} tasks/s, iter {sh['iter_s'] * 1e3:.1f} ms (sample "
+                     f"{sh['sample_s'] * 1e3:.2f} + step {sh['step_s'] * 1e3:.1f}), speedup {sh['speedup']:.2f}; "
+                     f"sampling full/sharded {sh['sample_full_over_sharded']:.2f}×, CPU share {sh['cpu_share']:.2f}")
         print(line)
     _print_predictions(summary["predictions"])
     print(f"wrote {args.json}")

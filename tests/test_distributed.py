@@ -7,6 +7,7 @@ The launches go through ``python -m torch.distributed.run --standalone`` (= ``to
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import metaprox
 from _spawn_helpers import exit_without_teardown
+from _tiny_omniglot import make_omniglot
 from metaprox.distributed import LocalReducer, shard_bounds
+from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +175,9 @@ def _learner(rule: str) -> metaprox.MetaLearner:
     kw = {"outer_lr": 0.1, "total_steps": 10}
     if rule == "mmp":
         return metaprox.MetaMinibatchProx(model, "mse", lam=0.5, inner=sgd, **kw)
+    if rule == "mmp_minibatch":  # inner minibatches: uniforms drawn for the global minibatch, sliced per rank
+        return metaprox.MetaMinibatchProx(model, "mse", lam=0.5, inner=metaprox.SGD(lr=0.02, steps=4, batch_size=3),
+                                          **kw)
     if rule == "mmp_carry":  # Adam moments carried across outer steps: all-reduced with the meta-gradient
         adam = metaprox.Adam(lr=0.01, steps=4, beta1=0.0, carry_moments=True)
         return metaprox.MetaMinibatchProx(model, "mse", lam=0.5, inner=adam, **kw)
@@ -184,18 +190,25 @@ def _learner(rule: str) -> metaprox.MetaLearner:
     return metaprox.IMAML(model, "mse", lam=1.0, inner=sgd, cg_steps=3, **kw)
 
 
-CASES = [("mmp", 5), ("mmp", 1), ("mmp_carry", 5), ("maml", 5), ("fomaml", 4), ("reptile", 5), ("imaml", 3)]
+CASES = [("mmp", 5), ("mmp", 1), ("mmp_minibatch", 5), ("mmp_carry", 5), ("maml", 5), ("fomaml", 4), ("reptile", 5),
+         ("imaml", 3)]
 ITERS = 3
 
 
-def _run_case(rule: str, batch: int, reducer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _run_case(rule: str, batch: int, reducer, shared: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """ITERS steps of ``rule``; ``shared``: each step gets only this process's share (a TaskShare; the others'
+    tasks are never built), else the whole minibatch."""
     learner = _learner(rule)
     learner.reducer = reducer
     gen = torch.Generator().manual_seed(1)
     fam = SineFamily()
+    part = reducer.part(batch)
     for _ in range(ITERS):
-        tasks = fam.sample(batch, 10, gen, num_query=10)
-        weights = torch.arange(1.0, batch + 1)  # unequal task weights
+        if shared:
+            tasks = TaskShare.uniform(fam.sample(batch, 10, gen, num_query=10, part=part), batch, part, 10, 10)
+        else:
+            tasks = fam.sample(batch, 10, gen, num_query=10)
+        weights = torch.arange(1.0, batch + 1)  # unequal task weights (of the whole minibatch)
         diag = learner.step(tasks, weights=weights, monitor=True)
     return {n: p.detach().clone() for n, p in zip(learner.names, learner.fmodel.params())}, diag
 
@@ -206,13 +219,13 @@ def _spawned(rank: int, world: int, init_method: str, out_dir: str) -> None:
     try:
         from metaprox.distributed import AllReduceReducer
 
-        for rule, batch in CASES:
+        for (rule, batch), shared in itertools.product(CASES, (False, True)):
             reducer = AllReduceReducer()
-            params, diag = _run_case(rule, batch, reducer)
+            params, diag = _run_case(rule, batch, reducer, shared)
             assert reducer.calls == ITERS  # one all-reduce per outer iteration
             if rank == 0:
-                save_file(params, f"{out_dir}/{rule}-{batch}.safetensors")
-                Path(f"{out_dir}/{rule}-{batch}.json").write_text(json.dumps(diag))
+                save_file(params, f"{out_dir}/{rule}-{batch}-{shared}.safetensors")
+                Path(f"{out_dir}/{rule}-{batch}-{shared}.json").write_text(json.dumps(diag))
     finally:
         torch.distributed.destroy_process_group()
     exit_without_teardown()
@@ -222,14 +235,68 @@ def test_every_rule_two_processes_equal_one(tmp_path):
     # rendezvous through a file, not a probed free TCP port (no race with other processes grabbing the port)
     init = f"file://{tmp_path / 'rdzv-store'}"
     torch.multiprocessing.spawn(_spawned, args=(2, init, str(tmp_path)), nprocs=2, join=True)
-    for rule, batch in CASES:
+    for (rule, batch), shared in itertools.product(CASES, (False, True)):  # whole minibatch, or only the share
         ref, ref_diag = _run_case(rule, batch, LocalReducer())
-        got = load_file(tmp_path / f"{rule}-{batch}.safetensors")
-        assert _rel(ref, got) <= 1e-6, (rule, batch, _rel(ref, got))
-        diag = json.loads((tmp_path / f"{rule}-{batch}.json").read_text())
+        got = load_file(tmp_path / f"{rule}-{batch}-{shared}.safetensors")
+        assert _rel(ref, got) <= 1e-6, (rule, batch, shared, _rel(ref, got))
+        diag = json.loads((tmp_path / f"{rule}-{batch}-{shared}.json").read_text())
         assert set(diag) == set(ref_diag)
         for k, v in ref_diag.items():
-            assert diag[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (rule, k)
+            assert diag[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (rule, shared, k)
+
+
+# ----- the trainer: each rank builds only its share of every minibatch -----------------------------------------
+TRAIN_STEPS, META_BATCH = 6, 5
+
+
+def _train_config(family: str, root: Path) -> dict:
+    from metaprox.config import apply_overrides, load_config, resolve
+
+    if family == "sine":  # the sine recipe: inner minibatches of 2 of the 50 points
+        return load_config(CONFIG, OVERRIDES + [f"outer.steps={TRAIN_STEPS}", "log.every=2"])
+    make_omniglot(root)
+    sets = {"name": "tiny-omniglot", "task.family": "fewshot", "task.dataset": "omniglot",
+            "task.data_path": str(root), "task.split": "background", "task.val_alphabets": 1, "task.ways": 2,
+            "task.shots": 1, "task.queries": 1, "model.kind": "conv4", "model.filters": 4, "inner.steps": 2,
+            "outer.steps": TRAIN_STEPS, "outer.meta_batch": META_BATCH, "log.every": 2,
+            "log.tensorboard": "false"}
+    return resolve(apply_overrides({}, [f"{k}={json.dumps(v)}" for k, v in sets.items()]))
+
+
+def _spawned_train(rank: int, world: int, init_method: str, cfg: dict, out_dir: str) -> None:
+    """``train`` on one rank of a gloo group, counting the Task objects this process constructs."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    built = 0
+    post_init = metaprox.Task.__post_init__
+
+    def counting(task: metaprox.Task) -> None:
+        nonlocal built
+        built += 1
+        post_init(task)
+
+    metaprox.Task.__post_init__ = counting  # type: ignore[method-assign]
+    try:
+        from metaprox.train import train
+
+        train(cfg, Path(out_dir) / "two", progress=False, evaluate=False)
+        Path(f"{out_dir}/built-{rank}.json").write_text(json.dumps(built))
+    finally:
+        torch.distributed.destroy_process_group()
+    exit_without_teardown()
+
+
+@pytest.mark.parametrize("family", ["sine", "omniglot"])
+def test_train_ranks_build_only_their_share(family, tmp_path):
+    from metaprox.train import train
+
+    cfg = _train_config(family, tmp_path / "data")
+    init = f"file://{tmp_path / 'rdzv-store'}"
+    torch.multiprocessing.spawn(_spawned_train, args=(2, init, cfg, str(tmp_path)), nprocs=2, join=True)
+    built = [json.loads((tmp_path / f"built-{r}.json").read_text()) for r in range(2)]
+    assert built == [TRAIN_STEPS * 3, TRAIN_STEPS * 2]  # shares [0, 3) and [3, 5) of 5 tasks, never all 5
+    train(cfg, tmp_path / "one", progress=False, evaluate=False)
+    assert _rel(_params(tmp_path / "one"), _params(tmp_path / "two")) <= 1e-6
 
 
 # ----- the CLI under torchrun ------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Config → objects: the model, the task family, the inner solver and the meta-learner of a run.
 
-Task families registered here give the trainer two things: ``train_batch(n, generator)`` (meta-training tasks)
-and ``eval_sets(split)`` (named lists of test tasks with query sets, e.g. ``{"5-shot": [...]}``).
+Task families registered here give the trainer ``train_batch(n, generator)`` (meta-training tasks),
+``train_share(n, generator, part)`` (only the tasks ``part`` of that minibatch, as a
+:class:`~metaprox.tasks.share.TaskShare`, the generator advanced as by ``train_batch``: what a torchrun rank
+builds) and ``eval_sets(split)`` (named lists of test tasks with query sets, e.g. ``{"5-shot": [...]}``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from metaprox.algorithms.base import MetaLearner
 from metaprox.config import ConfigError
 from metaprox.models.mlp import MLP
 from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerSolver
+from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
 
@@ -33,6 +36,12 @@ class SineTasks:
     def train_batch(self, n: int, generator: torch.Generator) -> list[Task]:
         t = self.cfg["task"]
         return self.family.sample(n, t["train_points"], generator, num_query=t["query_points"])
+
+    def train_share(self, n: int, generator: torch.Generator, part: slice) -> TaskShare:
+        """Tasks ``part`` of the minibatch ``train_batch(n, generator)`` draws, built alone (same generator use)."""
+        t = self.cfg["task"]
+        tasks = self.family.sample(n, t["train_points"], generator, num_query=t["query_points"], part=part)
+        return TaskShare.uniform(tasks, n, part, t["train_points"], t["query_points"])
 
     def eval_sets(self, split: str) -> dict[str, list[Task]]:
         e = self.cfg["eval"]

@@ -5,7 +5,8 @@ checkpoint, bitwise identical (on CPU) to an uninterrupted run: the task-samplin
 generators, optimizer state and step counter are all checkpointed.
 
 Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the same function runs on every rank: all ranks draw
-the same task minibatch, each solves its share, one all-reduce combines them (:mod:`metaprox.distributed`);
+the same task minibatch (each builds only its share of it: ``family.train_share``), each solves its share, one
+all-reduce combines them (:mod:`metaprox.distributed`);
 only rank 0 writes the run directory. ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint
 and starts otherwise — what workers restarted by ``torchrun --max-restarts`` need. See docs/distributed.md.
 
@@ -133,6 +134,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
         write_config(run_dir, cfg)
 
     total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
+    sharded = reducer.world_size > 1
     show = log["progress"] if progress is None else progress
     tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
     validate = PeriodicValidation(cfg) if log["eval_every"] else None
@@ -171,7 +173,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                 break
             s = learner.step_count
             monitor = s == 0 or (s + 1) % log["every"] == 0 or s + 1 == total
-            tasks = family.train_batch(mb, sampler)
+            # under torchrun build only this rank's share (same draws from the sampler, same tasks)
+            tasks = family.train_share(mb, sampler, reducer.part(mb)) if sharded else family.train_batch(mb, sampler)
             try:
                 diag = learner.step(tasks, monitor=monitor)
             except NonFiniteError as e:  # raised on every rank alike (the meta-gradient is all-reduced)

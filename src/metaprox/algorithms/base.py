@@ -9,7 +9,9 @@ The meta-parameters ``w`` are the model's trainable parameters. One outer iterat
    *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`, which does steps 1–2;
 3. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
    (one process: the identity; under torchrun: one all-reduce, each rank having solved only its share
-   ``reducer.part(B)`` of the minibatch — see :mod:`metaprox.distributed`), and normalise: ``g = Σ a_T g_T / Σ a_T``;
+   ``reducer.part(B)`` of the minibatch — given the whole list, or only that share as a
+   :class:`~metaprox.tasks.share.TaskShare` — see :mod:`metaprox.distributed`), and normalise:
+   ``g = Σ a_T g_T / Σ a_T``;
 4. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
 5. return the diagnostics.
 """
@@ -30,6 +32,7 @@ from metaprox.execution import Execution, FunctionalModel, Oracle
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import SquaredL2, make_prox
 from metaprox.solvers import SGD, AdamMoments, InnerResult, InnerSolver, ProxProblem
+from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
 
 __all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
@@ -209,21 +212,28 @@ class MetaLearner:
         solved = self.solve(tasks, center=w, monitor=monitor, data=self.inner_data)
         return solved, self.meta_gradient(tasks, solved, weights)
 
-    def step(self, tasks: Sequence[Task], weights: Sequence[float] | torch.Tensor | None = None,
+    def step(self, tasks: Sequence[Task] | TaskShare, weights: Sequence[float] | torch.Tensor | None = None,
              monitor: bool = True) -> dict[str, float]:
-        """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``)."""
+        """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``).
+
+        ``tasks`` is the whole minibatch, or only this process's share of it (a :class:`TaskShare` of the part
+        ``reducer.part(B)``: what a task family builds under torchrun). ``weights`` always refer to the whole
+        minibatch of ``B`` tasks.
+        """
         if isinstance(tasks, Task):
             tasks = [tasks]
-        a = _check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
-        lacking = sum(isinstance(t, Task) and not t.has_query for t in tasks)
+        total = tasks.total if isinstance(tasks, TaskShare) else len(tasks)
+        a = _check_weights(weights if weights is not None else [1.0] * total, total)
+        part = self.reducer.part(total)  # this process's share of the minibatch (all of it, usually)
+        share = self._share(tasks, part)
+        lacking = share.lacking_query
         if (self.needs_query or self.inner_data == "support+query") and lacking:
             why = "its meta-gradient is a query loss" if self.needs_query else "inner_data='support+query'"
             raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
-                             f"y_query)) because {why}, but {lacking} of {len(tasks)} tasks have none.")
+                             f"y_query)) because {why}, but {lacking} of {total} tasks have none.")
         w = self.center()
-        part = self.reducer.part(len(tasks))  # this process's share of the minibatch (all of it, usually)
-        local, a_local = list(tasks)[part], a[part]
-        keys = self._draw_minibatch_keys(tasks)
+        local, a_local = share.tasks, a[part]
+        keys = self._draw_minibatch_keys(share)
         self._step_keys = None if keys is None else keys[part]
         try:
             if local:
@@ -277,18 +287,31 @@ class MetaLearner:
             torch._foreach_add_(s, [t.sum(0) for t in mo.s])
         return m + s
 
-    def _draw_minibatch_keys(self, tasks: Sequence[Task]) -> torch.Tensor | None:
+    def _share(self, tasks: Sequence[Task] | TaskShare, part: slice) -> TaskShare:
+        """``tasks`` as this process's :class:`TaskShare` (a plain list is the whole minibatch: cut ``part``)."""
+        if not isinstance(tasks, TaskShare):
+            return TaskShare.of(tasks, part)
+        if tasks.part != part:
+            r = self.reducer
+            raise ValueError(f"process {r.rank} of {r.world_size} solves tasks [{part.start}, {part.stop}) of a "
+                             f"minibatch of {tasks.total}, but was given the share [{tasks.lo}, {tasks.part.stop}):"
+                             f" build it for learner.reducer.part({tasks.total}) (e.g. family.train_share(B, "
+                             f"generator, learner.reducer.part(B))).")
+        return tasks
+
+    def _draw_minibatch_keys(self, tasks: Sequence[Task] | TaskShare) -> torch.Tensor | None:
         """Uniforms (B, steps, n_max) that choose every task's inner minibatches for this outer step.
 
         Drawn once for the whole (global) minibatch, so results do not depend on how tasks are grouped by shape
-        or split across processes; None when the inner solver uses full batches.
+        or split across processes (a :class:`TaskShare` knows the global ``n_max``); None when the inner solver
+        uses full batches.
         """
         bs, steps = getattr(self.inner, "batch_size", None), int(getattr(self.inner, "steps", 0))
         if not bs or steps < 1:
             return None
-        both = self.inner_data == "support+query"
-        n_max = max(t.num_examples + (int(t.x_query.shape[0]) if both and t.has_query else 0) for t in tasks)
-        return torch.rand(len(tasks), steps, n_max, generator=self.generator)
+        share = tasks if isinstance(tasks, TaskShare) else TaskShare.of(tasks, slice(0, len(tasks)))
+        n_max = share.max_examples(with_query=self.inner_data == "support+query")
+        return torch.rand(share.total, steps, n_max, generator=self.generator)
 
     def monitor_sums(self, solved: list[SolvedGroup], w: Tensors) -> dict[str, float]:
         """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metaprox.tasks.share import share_bounds
 from metaprox.tasks.task import Task
 
 __all__ = ["EpisodeSampler", "EpisodeBatch"]
@@ -134,20 +135,28 @@ class EpisodeSampler:
         self.classes = list(classes)
 
     # ---------------------------------------------------------------------------------------------------
-    def sample_batch(self, num_tasks: int, generator: torch.Generator | None = None) -> EpisodeBatch:
-        """``num_tasks`` episodes as stacked tensors (see :class:`EpisodeBatch`)."""
+    def sample_batch(self, num_tasks: int, generator: torch.Generator | None = None,
+                     part: slice | None = None) -> EpisodeBatch:
+        """``num_tasks`` episodes as stacked tensors (see :class:`EpisodeBatch`).
+
+        ``part`` (a ``slice(lo, hi)``) builds only episodes ``lo..hi−1``: the random numbers of all ``num_tasks``
+        are still drawn (cheap), so the generator ends in the same state and each built episode is bitwise the
+        one the full draw gives; the sorting, gathering and rotating (the costly part) is done for the part only
+        (rows are sorted independently).
+        """
         t, w, s, q = int(num_tasks), self.ways, self.shots, self.queries
         if t < 1:
             raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}.")
+        lo, hi = share_bounds(part, t)
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        drawn = torch.rand(t, self.num_classes, generator=generator, device=gen_device).argsort(1)[:, :w]
+        u_classes = torch.rand(t, self.num_classes, generator=generator, device=gen_device)[lo:hi]
+        u_images = torch.rand(t, w, self.table.shape[1], generator=generator, device=gen_device)[lo:hi]
+        t = hi - lo
+        drawn = u_classes.argsort(1)[:, :w]
         drawn = drawn.to(self.device)
         base = drawn // 4 if self.rotations else drawn
         count = self.counts[base]  # (t, w)
-        keys = torch.rand(t, w, self.table.shape[1], generator=generator, device=gen_device).to(
-            self.device
-        )
-        keys = keys.masked_fill(
+        keys = u_images.to(self.device).masked_fill(
             torch.arange(self.table.shape[1], device=self.device) >= count.unsqueeze(-1), 2.0
         )
         pick = keys.argsort(-1)[..., : s + q]  # (t, w, s + q): distinct images per class

@@ -20,6 +20,7 @@ import torch
 
 from metaprox.config import ConfigError
 from metaprox.tasks.episodes import EpisodeSampler
+from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
 
 __all__ = ["FewShotTasks", "load_split"]
@@ -105,6 +106,11 @@ class FewShotTasks:
 
     def train_batch(self, n: int, generator: torch.Generator) -> list[Task]:
         return self.train.sample_batch(n, generator).tasks()
+
+    def train_share(self, n: int, generator: torch.Generator, part: slice) -> TaskShare:
+        """Episodes ``part`` of the minibatch ``train_batch(n, generator)`` draws, built alone (same generator use)."""
+        tasks = self.train.sample_batch(n, generator, part).tasks()
+        return TaskShare.uniform(tasks, n, part, self.ways * self.train_shots, self.ways * self.train.queries)
 
     def eval_sets(self, split: str) -> dict[str, list[Task]]:
         e = self.cfg["eval"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metaprox.tasks.share import share_bounds
 from metaprox.tasks.task import Task
 
 __all__ = ["SineFamily"]
@@ -42,18 +43,22 @@ class SineFamily:
         return self.x_min + (self.x_max - self.x_min) * torch.rand(n, k, 1, generator=generator, dtype=torch.float64)
 
     def sample(self, num_tasks: int, num_points: int, generator: torch.Generator,
-               num_query: int = 0) -> list[Task]:
-        """``num_tasks`` training tasks with ``num_points`` random support points (and optional random query)."""
-        amp, phase = self.sample_params(num_tasks, generator)
-        x = self._x(num_tasks, num_points, generator)
+               num_query: int = 0, part: slice | None = None) -> list[Task]:
+        """``num_tasks`` training tasks with ``num_points`` random support points (and optional random query).
+
+        ``part`` (a ``slice(lo, hi)``) builds only tasks ``lo..hi−1``: the random numbers of all ``num_tasks``
+        are still drawn, so the generator ends in the same state and each built task is bitwise the one the
+        full draw gives.
+        """
+        lo, hi = share_bounds(part, num_tasks)
+        amp, phase = (v[lo:hi] for v in self.sample_params(num_tasks, generator))
+        x = self._x(num_tasks, num_points, generator)[lo:hi]
+        xq = self._x(num_tasks, num_query, generator)[lo:hi] if num_query else None
         y = amp.view(-1, 1, 1) * torch.sin(x + phase.view(-1, 1, 1))
-        xq = yq = None
-        if num_query:
-            xq = self._x(num_tasks, num_query, generator)
-            yq = amp.view(-1, 1, 1) * torch.sin(xq + phase.view(-1, 1, 1))
+        yq = None if xq is None else amp.view(-1, 1, 1) * torch.sin(xq + phase.view(-1, 1, 1))
         x, y = x.float(), y.float()
         return [Task(x[i], y[i], None if xq is None else xq[i].float(), None if yq is None else yq[i].float())
-                for i in range(num_tasks)]
+                for i in range(hi - lo)]
 
     def test_tasks(self, num_tasks: int, shots: int, generator: torch.Generator,
                    num_eval_points: int = 200) -> list[Task]:

@@ -57,3 +57,31 @@ def test_known_group_adapts_from_group_center_and_training_moves_centers():
     c = torch.cat([hm.groups["up"][0].flatten(), hm.groups["up"][1]])
     want = torch.linalg.solve(a + 2.0 * torch.eye(3, dtype=DT), b + 2.0 * c)
     assert torch.allclose(flat(hm.adapt(t, "up")), want, atol=1e-10)
+
+
+def test_node_centers_survive_a_checkpoint(tmp_path):
+    """Save after 3 of 6 steps, load into a fresh learner, 3 more steps = 6 uninterrupted steps (bitwise)."""
+    from metaprox.checkpoint import load_checkpoint, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        return HierarchicalMMP(torch.nn.Linear(2, 1).to(DT), "mse", lam=2.0, lam_levels=[0.5, 1.0],
+                               inner=metaprox.SGD(lr=0.1, steps=3), outer_lr=0.3)
+
+    batches = [([task(10 * s + i, float(i)) for i in range(3)], [("a", "x"), ("b", "y"), ("a", "z")])
+               for s in range(6)]
+    full, first = make(), make()
+    for ts, gs in batches:
+        full.step(ts, gs, monitor=False)
+    for ts, gs in batches[:3]:
+        first.step(ts, gs, monitor=False)
+    save_checkpoint(tmp_path, first.state_dict(), {})
+    resumed = make()
+    resumed.load_state_dict(load_checkpoint(tmp_path)[0])
+    assert list(resumed.nodes) == list(first.nodes) == [("a",), ("a", "x"), ("b",), ("b", "y"), ("a", "z")]
+    for ts, gs in batches[3:]:
+        resumed.step(ts, gs, monitor=False)
+    assert list(resumed.nodes) == list(full.nodes)
+    for path in full.nodes:
+        assert all(torch.equal(a, b) for a, b in zip(resumed.nodes[path], full.nodes[path]))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.center(), full.center()))

@@ -28,7 +28,9 @@ infimal convolution of the quadratic pulls. Needs a squared-ℓ2 penalty with on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -170,6 +172,33 @@ class HierarchicalMMP(MetaLearner):
         for d in range(k + 1, len(p)):
             spring = spring * self.lam_levels[d] / (spring + self.lam_levels[d])
         return center, spring / (float(self.prox.uniform) + spring)  # type: ignore[arg-type]
+
+    # ----- state: node centers travel with the checkpoint (as JSON-named buffers) ---------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        buffers = {}
+        for path, center in self.nodes.items():  # insertion order kept: it fixes the order of the root's sum
+            for name, t in zip(self.names, center):
+                try:
+                    key = json.dumps({"node": list(path), "param": name})
+                except TypeError as e:
+                    raise TypeError(f"node path {path} cannot be saved: checkpoints name nodes by JSON values "
+                                    f"(str, int, float, bool); use such group names.") from e
+                buffers[key] = t.clone()
+        state["buffers"] = buffers
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        nodes: dict[Path, dict[str, torch.Tensor]] = {}
+        for key, t in (state.get("buffers") or {}).items():
+            entry = json.loads(key)
+            nodes.setdefault(tuple(entry["node"]), {})[entry["param"]] = t
+        for path, center in nodes.items():
+            if len(path) > self.depth or set(center) != set(self.names):
+                raise ValueError(f"node {path} in the state does not fit this learner ({self.depth} levels, "
+                                 f"parameters {self.names}); load it into a learner built the same way.")
+        super().load_state_dict(state)
+        self.nodes = {path: [center[n].clone() for n in self.names] for path, center in nodes.items()}
 
     # ----- the outer step ------------------------------------------------------------------------------
     def step(self, tasks: Sequence[Task], groups: Sequence,  # type: ignore[override]

@@ -60,6 +60,32 @@ def test_memmap_commit_reopen_and_rollback(tmp_path):
     assert not any((path / "journal").iterdir())
 
 
+@pytest.mark.parametrize("how", ["commit", "two-phase"])
+def test_memmap_crash_after_the_index_was_replaced(how, tmp_path, monkeypatch):
+    """A crash after the new index is in place but before the journal is emptied: the commit is complete,
+    so the store reopens at it (the stale undo data must not roll the chunks back)."""
+    path = tmp_path / "s"
+    store = MemmapStore.create(path, LAYOUT, 40, chunk=8)
+    store.write([1, 30], rows(2))
+    store.commit({"step": 1})
+    new = rows(3, seed=1)
+    store.write([1, 2, 17], new)
+    monkeypatch.setattr(MemmapStore, "_clear_journal", lambda self: None)  # the crash: journal left behind
+    if how == "commit":
+        store.commit({"step": 2})
+    else:
+        store.prepare({"step": 2})
+        store.finalize()
+    assert len(list((path / "journal").iterdir())) == 2  # chunks 0 and 2 were journaled
+    monkeypatch.undo()
+    del store
+    again = MemmapStore.open(path)
+    assert again.meta == {"step": 2}
+    r, mask = again.read([1, 2, 17, 30], torch.zeros(LAYOUT.numel))
+    assert torch.equal(r[:3], new) and mask.all()
+    assert not any((path / "journal").iterdir())
+
+
 def test_memmap_detects_corruption(tmp_path):
     path = tmp_path / "s"
     store = MemmapStore.create(path, LAYOUT, 20, chunk=8)

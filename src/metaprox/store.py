@@ -13,9 +13,12 @@ a row that was never written reads as the caller's default (the center), so warm
 
   Writes go straight into the memmap; before a chunk is first modified after a commit its old bytes are saved
   (fsynced) in ``journal/``. :meth:`MemmapStore.commit` flushes the memmap, records the chunk checksums in
-  ``index.json`` (atomic replace) and only then empties the journal. Opening a store whose journal is not empty
-  (a crash between commits) rolls the touched chunks back, so the store always reopens at its last commit —
-  atomic at commit granularity and resumable. Checksums are verified on open (``verify=True``).
+  ``index.json`` (atomic replace) and only then empties the journal. Every journal file is tagged with the
+  generation of the commit it restores (``chunk-C.gG.bak``). Opening a store rolls back the chunks whose
+  journal files carry the index's generation (a crash between commits) and deletes those of an older
+  generation (a crash after the index was replaced but before the journal was emptied: that commit is
+  complete), so the store always reopens at its last commit — atomic at commit granularity and resumable.
+  Checksums are verified on open (``verify=True``).
 """
 
 from __future__ import annotations
@@ -224,7 +227,13 @@ class MemmapStore(TaskStore):
         return hashlib.sha256(np.ascontiguousarray(self.mm[self._rows(c)]).tobytes()).hexdigest()
 
     def _journal_file(self, c: int) -> Path:
-        return self.path / "journal" / f"chunk-{c:08d}.bak"
+        return self.path / "journal" / f"chunk-{c:08d}.g{self.generation}.bak"
+
+    @staticmethod
+    def _journal_entry(f: Path) -> tuple[int, int | None]:
+        """(chunk, generation) of a journal file; files of older versions carry no generation (None)."""
+        parts = f.name.removesuffix(".bak").split(".")
+        return int(parts[0].split("-")[1]), int(parts[1][1:]) if len(parts) > 1 else None
 
     def _save_undo(self, chunks: np.ndarray) -> None:
         for c in chunks.tolist():
@@ -233,10 +242,18 @@ class MemmapStore(TaskStore):
             atomic_write(self._journal_file(c), np.ascontiguousarray(self.mm[self._rows(c)]).tobytes())
             self._journaled.add(c)
 
+    def _clear_journal(self) -> None:
+        """Drop the undo data once the new index is in place (the commit is complete)."""
+        for f in (self.path / "journal").glob("chunk-*.bak"):
+            f.unlink()
+        self._journaled.clear()
+
     def _rollback(self) -> None:
         files = sorted((self.path / "journal").glob("chunk-*.bak"))
         for f in files:
-            c = int(f.stem.split("-")[1])
+            c, generation = self._journal_entry(f)
+            if generation is not None and generation != self.generation:
+                continue  # undo data of a commit that completed (index replaced, journal not yet emptied)
             rows = self._rows(c)
             self.mm[rows] = np.frombuffer(f.read_bytes(), dtype=np.float32).reshape(-1, self.width)
         if files:
@@ -284,9 +301,7 @@ class MemmapStore(TaskStore):
         if meta is not None:
             self.meta = dict(meta)
         self._write_index()
-        for c in sorted(self._journaled):
-            self._journal_file(c).unlink()
-        self._journaled.clear()
+        self._clear_journal()
 
     # ----- two-phase commit (several stores that must commit together, e.g. the shards of the ranks) -------
     def prepare(self, meta: dict[str, Any] | None = None) -> None:
@@ -310,9 +325,7 @@ class MemmapStore(TaskStore):
         index = json.loads((self.path / PENDING).read_text())
         os.replace(self.path / PENDING, self.path / "index.json")
         self.checksums, self.generation, self.meta = list(index["checksums"]), int(index["generation"]), index["meta"]
-        for c in sorted(self._journaled):
-            self._journal_file(c).unlink()
-        self._journaled.clear()
+        self._clear_journal()
 
 
 def pending_meta(path: str | Path) -> dict[str, Any] | None:

@@ -109,9 +109,11 @@ class LocalReducer(Reducer):
 class AllReduceReducer(Reducer):
     """Sum over the ranks of a torch.distributed process group with *one* all-reduce per call.
 
-    The tensors (flattened) and the scalars are packed into a single buffer of the tensors' dtype on their
-    device (so the scalars travel at that precision: float32 for float32 models), all-reduced with SUM, and
-    unpacked. Scalar names must be the same, in the same order, on every rank.
+    The tensors (flattened) and the scalars are packed into a single buffer of the tensors' dtype (so the
+    scalars travel at that precision: float32 for float32 models), all-reduced with SUM, and unpacked onto the
+    tensors' own devices. The buffer lives where the backend needs it: on the current CUDA device for nccl
+    (also when a caller passes CPU tensors or only scalars, as the finite-task path does), else on the
+    tensors' device. Scalar names must be the same, in the same order, on every rank.
     """
 
     def __init__(self, group: Any = None):
@@ -122,20 +124,23 @@ class AllReduceReducer(Reducer):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.calls = 0  # number of all-reduces issued (tests check: one per outer iteration)
+        self.nccl = _backend_of(group) == "nccl"
 
     def sum(self, tensors, scalars):
         tensors = list(tensors)
         keys = list(scalars)
         dtype = tensors[0].dtype if tensors else torch.float64
         device = tensors[0].device if tensors else torch.device("cpu")
-        parts = [t.detach().reshape(-1).to(dtype) for t in tensors]
+        if self.nccl:  # nccl reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        parts = [t.detach().reshape(-1).to(device, dtype) for t in tensors]
         parts.append(torch.tensor([float(scalars[k]) for k in keys], dtype=dtype, device=device))
         buf = torch.cat(parts)
         torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=self.group)
         self.calls += 1
         out, i = [], 0
         for t in tensors:
-            out.append(buf[i:i + t.numel()].view_as(t).to(t.dtype))
+            out.append(buf[i:i + t.numel()].view_as(t).to(t.device, t.dtype))
             i += t.numel()
         return out, {k: float(v) for k, v in zip(keys, buf[i:].tolist())}
 
@@ -143,7 +148,7 @@ class AllReduceReducer(Reducer):
         """Raise on every rank unless all ranks hold the same ``value`` (startup consistency check; also a
         synchronisation point, so no rank writes files before every rank has looked at them)."""
         t = torch.tensor([value, -value], dtype=torch.float64)
-        if _backend_of(self.group) == "nccl":
+        if self.nccl:
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         hi, lo = float(t[0]), -float(t[1])

@@ -99,7 +99,8 @@ def _lam(cfg: dict[str, Any]) -> Any:
 def build_finite(cfg: dict[str, Any], train: list[Task], classify: bool, store: Any = None) -> FiniteMMP:
     f, o = cfg["finite"], cfg["outer"]
     if cfg["precision"] != "fp32":
-        raise ConfigError(f"precision = {cfg['precision']!r}: finite_mmp runs compute in float32 only.")
+        raise ConfigError(f"precision = {cfg['precision']!r}: finite_mmp has no reduced-precision path (its "
+                          f"linear and MLP models compute in float64); remove the precision setting.")
     n = len(train)
     batch = None if f["sample"] == "all" else o["meta_batch"]
     sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])

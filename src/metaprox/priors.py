@@ -29,7 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Tree", "Graph"]
+__all__ = ["Tree", "Graph", "springs_in_series"]
+
+
+def springs_in_series(*lams: float) -> float:
+    """The pull of quadratic springs λ_1, …, λ_k in series: min over the k − 1 intermediate points of
+    Σ_i (λ_i/2)(x_i − x_{i−1})² is (λ_eff/2)(x_k − x_0)² with 1/λ_eff = Σ_i 1/λ_i (0 if any λ_i is 0, a free
+    link; λ_i = ∞ is a rigid one). This is how a new task under a node nobody has seen is pulled toward the
+    nearest known center, with the unknown centers integrated out."""
+    if any(lam == 0 for lam in lams):
+        return 0.0
+    return 1.0 / sum(1.0 / lam for lam in lams)
 
 
 class Tree:

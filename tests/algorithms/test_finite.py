@@ -1,5 +1,7 @@
 """FiniteMMP against closed forms: the regularized multi-task optimum (Evgeniou & Pontil 2004) of linear
-least-squares tasks — flat with per-task λ_t, a two-level tree, a graph — and the shared/private limits."""
+least-squares tasks — flat with per-task λ_t, a two-level tree, a graph — and the shared/private limits; task
+weights honoured by minibatch center gradients whatever the sampler; penalties other than squared ℓ2 refused where
+only squared ℓ2 is right; a new task adapted from its tree node or, under an unknown node, with the series pull."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 import metaprox
 from metaprox.algorithms.finite import FiniteMMP
-from metaprox.priors import Graph, Tree
+from metaprox.priors import Graph, Tree, springs_in_series
 from metaprox.prox import GroupL2, RobustL2
 from metaprox.tasks.taskset import TaskSampler, TaskSet, task_lam_factors
 
@@ -59,6 +61,11 @@ class Quadratic:
         for u, w_ in ((i, j), (j, i)):
             self.h[self.sl(u), self.sl(u)] += dg
             self.h[self.sl(u), self.sl(w_)] -= dg
+
+    def anchor(self, i, k_entries, target):
+        """+ Σ_entries k/2 (x_i − target)² toward a fixed point."""
+        self.h[self.sl(i), self.sl(i)] += torch.diag(k_entries)
+        self.r[self.sl(i)] += k_entries * target
 
     def solve(self):
         return torch.linalg.solve(self.h, self.r).view(-1, self.p)
@@ -257,3 +264,133 @@ def test_tree_centers_survive_a_checkpoint(tmp_path):
     flat = FiniteMMP(model(), ts, lam=2.0, inner=metaprox.ExactLeastSquares())
     with pytest.raises(ValueError, match="Tree prior"):
         flat.load_state_dict(state)
+
+
+# ----- task weights with minibatches (the center gradient's estimator) -------------------------------------------
+def two_targets() -> TaskSet:
+    """Bias-only tasks (x = 0) with targets 0 and 10, weights 1 and 9: the center's bias minimising J is 9."""
+    return TaskSet([metaprox.Task(torch.zeros(1, 1, dtype=DT), torch.full((1, 1), y, dtype=DT)) for y in (0.0, 10.0)],
+                   weights=[1.0, 9.0])
+
+
+@pytest.mark.parametrize("sampler", [None,  # the full batch: the fixed point itself
+                                     TaskSampler(2, 4, replacement=True, seed=1),  # uniform i.i.d. (old: 8.1)
+                                     TaskSampler(2, 8, replacement=True, probs=[1, 9], seed=1),  # ∝ w (old: 9.87)
+                                     TaskSampler(2, 1, seed=1)],  # shuffled epochs of batch 1 (old: 5.0)
+                         ids=["full", "iid", "probs", "epochs"])
+def test_weighted_tasks_converge_to_the_weighted_optimum(sampler):
+    # λ = 2 and exact inner solves: the envelope gradient of task t is c − y_t, so E[c] at stationarity is the
+    # w-weighted mean of the targets, 9.0, exactly when the batch estimate of ∇(J/W) is unbiased
+    fm = FiniteMMP(torch.nn.Linear(1, 1).to(DT), two_targets(), lam=2.0, inner=metaprox.ExactLeastSquares(),
+                   sampler=sampler, outer_lr=0.1)
+    bias = []
+    for _ in range(400):
+        fm.step(monitor=False)
+        bias.append(float(fm.fmodel.params()[1].detach()))
+    assert abs(np.mean(bias[100:]) - 9.0) < 0.25  # iterate average; sampling noise ~0.1, epochs' O(η) bias 0.07
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_estimator_weights_are_the_old_ratio_where_it_was_right(dtype):
+    # full batch (any weights) and unit weights (any batch): bitwise today's w_t / Σ_batch w_t
+    tasks = list(tasks_of_sizes(sizes=(4,) * 7).tasks)
+    for weights, batches in (([0.3, 1.7, 2.0, 0.1, 5.0, 1.1, 0.9], [np.arange(7)]),
+                             (None, [np.arange(7), np.array([3]), np.array([6, 0, 2]), np.array([1, 1, 4, 5])])):
+        fm = FiniteMMP(model().to(dtype), TaskSet(tasks, weights=weights), lam=1.0)
+        for idx in batches:
+            wt = fm.tasks.weights[idx].to(dtype)
+            assert torch.equal(fm._estimator_weights(idx, drawn=True), wt / wt.sum())
+
+
+def test_estimator_weights_with_probabilities():
+    # i.i.d. draws with probabilities p: â_t = (w_t/W)/(B·p_t); explicit indices count as a uniform draw
+    ts = TaskSet(list(tasks_of_sizes(sizes=(4,) * 3).tasks), weights=[1.0, 2.0, 5.0])
+    fm = FiniteMMP(model(), ts, sampler=TaskSampler(3, 2, replacement=True, probs=[2, 1, 1]))
+    idx = np.array([0, 2])
+    want = torch.tensor([(1 / 8) / (2 * 0.5), (5 / 8) / (2 * 0.25)], dtype=DT)
+    assert torch.allclose(fm._estimator_weights(idx, drawn=True), want, rtol=1e-12)
+    assert torch.allclose(fm._estimator_weights(idx, drawn=False), torch.tensor([1 / 8, 5 / 8], dtype=DT) * 3 / 2,
+                          rtol=1e-12)
+
+
+# ----- penalties that only squared ℓ2 makes right ------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"center_update": "exact"}, "center_update='exact'"),
+    ({"center_update": "exact", "prior": Tree({"r": None, "a": "r"}, ["a", "a", "r"], [1.0])}, "Tree prior"),
+    ({"graph": Graph(3, [(0, 1, 1.0)])}, "graph coupling"),
+])
+def test_robust_penalty_is_refused_where_only_squared_l2_is_right(kwargs, needle):
+    ts = tasks_of_sizes(sizes=(5, 5, 5))
+    robust = RobustL2(1.0, ["weight", "bias"])
+    with pytest.raises(ValueError, match=needle) as err:
+        FiniteMMP(model(), ts, lam=robust, **kwargs)
+    assert "squared-ℓ2" in str(err.value) and "RobustL2" in str(err.value)
+    FiniteMMP(model(), ts, lam=robust)  # the gradient center update stays available
+
+
+# ----- adapting a new task from the tree --------------------------------------------------------------------------
+def new_task_optimum(task, center, lam, node_lam=None):
+    """argmin_v L(v) + Σ λ/2 (v − center)²; with an unknown node u in between, the v of argmin over (v, u) of
+    L(v) + Σ λ/2 (v − u)² + λ_node/2 ‖u − center‖²."""
+    q = Quadratic(1 if node_lam is None else 2, len(lam))
+    q.data(0, 1.0, *quad(task))
+    if node_lam is None:
+        q.anchor(0, lam, center)
+    else:
+        q.couple(0, 1, 1.0, lam)
+        q.anchor(1, torch.full_like(lam, node_lam), center)
+    return q.solve()[0]
+
+
+def flat_params(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([params["weight"].flatten(), params["bias"].flatten()])
+
+
+@pytest.fixture(scope="module")
+def trained_tree():
+    ts = tasks_of_sizes(sizes=(8,) * 6)
+    tree = Tree({"root": None, "a": "root", "b": "root", "a1": "a"}, ["a", "a", "b", "b", "a1", "root"], [0.8, 1.5])
+    fm = FiniteMMP(model(), ts, lam={"weight": 2.0, "bias": 0.5}, inner=metaprox.ExactLeastSquares(),
+                   center_update="exact", prior=tree)
+    run(fm, 5)
+    new = tasks_of_sizes(sizes=(10,), seed=7)[0]
+    return fm, metaprox.Task(new.x, new.y + 2.0)
+
+
+def test_adapt_from_a_known_node_and_under_an_unknown_one(trained_tree):
+    fm, task = trained_tree
+    lam = torch.tensor([2.0, 2.0, 2.0, 0.5], dtype=DT)
+    theta = {n: fm.theta[fm.prior.index[n]] for n in fm.prior.nodes}
+    assert (theta["a"] - theta["root"]).abs().max() > 0.1  # the nodes moved apart: the cases differ
+    assert torch.allclose(flat_params(fm.adapt(task, "a")), new_task_optimum(task, theta["a"], lam),
+                          atol=1e-10, rtol=0)
+    # an unknown node under the root (node None or a name the tree lacks): joint minimiser over v and its center
+    want = new_task_optimum(task, theta["root"], lam, node_lam=0.8)
+    assert torch.allclose(flat_params(fm.adapt(task)), want, atol=1e-10, rtol=0)
+    assert torch.allclose(flat_params(fm.adapt(task, "never-seen")), want, atol=1e-10, rtol=0)
+    assert torch.equal(theta["root"], fm.w_row())
+    # an unknown node under "a" (depth 2): from θ_a with λ_level2 in series
+    want = new_task_optimum(task, theta["a"], lam, node_lam=1.5)
+    assert torch.allclose(flat_params(fm.adapt(task, parent="a")), want, atol=1e-10, rtol=0)
+
+
+def test_adapt_errors_and_the_flat_case(trained_tree):
+    fm, task = trained_tree
+    with pytest.raises(ValueError, match="depth 3"):
+        fm.adapt(task, parent="a1")  # lam_levels has no λ for a third level
+    with pytest.raises(ValueError, match="not a node"):
+        fm.adapt(task, parent="zz")
+    with pytest.raises(ValueError, match="only for a new node"):
+        fm.adapt(task, "a1", parent="a")
+    flat_fm = FiniteMMP(model(), TaskSet([task]), lam=1.0, inner=metaprox.ExactLeastSquares())
+    with pytest.raises(ValueError, match="needs a Tree prior"):
+        flat_fm.adapt(task, "a")
+    # without a prior: ridge toward w with λ (the inherited behaviour)
+    want = new_task_optimum(task, flat_fm.w_row(), torch.ones(4, dtype=DT))
+    assert torch.allclose(flat_params(flat_fm.adapt(task)), want, atol=1e-10, rtol=0)
+
+
+def test_springs_in_series():
+    assert springs_in_series(2.0, 2.0) == 1.0
+    assert springs_in_series(3.0) == 3.0 and springs_in_series(0.0, 5.0) == 0.0
+    assert springs_in_series(float("inf"), 4.0) == 4.0

@@ -15,11 +15,29 @@ the task's tree node θ_node(t) (:class:`~metaprox.priors.Tree`), and graph neig
    from there (warm start, ``ProxProblem.init``) with the learner's inner solver — for a graph this is one
    Jacobi sweep with the neighbours fixed;
 3. write the solutions back to the store;
-4. update the center: ``"gradient"`` — the envelope gradient Σ_t â_t ∂_c D_t(v_t, c) (Lemma 1, â normalised
-   over the batch) into ``.grad`` of the model parameters and a ``torch.optim`` step (the paper's rule); or
+4. update the center: ``"gradient"`` — the envelope gradient Σ_batch â_t ∂_c D_t(v_t, c) (Lemma 1) into
+   ``.grad`` of the model parameters and a ``torch.optim`` step (the paper's rule); or
    ``"exact"`` — the minimiser of J over the centers with all v_t fixed (λ-weighted means; for a tree, one
-   block-coordinate sweep over the nodes). Both are descent steps on J, so J decreases to the joint optimum;
+   block-coordinate sweep over the nodes). Both are descent steps on J (minibatch gradients: in expectation),
+   so J decreases to the joint optimum;
    or ``"fixed"`` — the center stays where it is (a given prior: with w = 0 every task is independent ridge).
+
+Task weights in a minibatch: â_t = (w_t/W)/(B·p_t) (W = Σ_all w_t, B the batch length, p_t the per-draw
+probability of task t: the sampler's ``probs`` for i.i.d. draws with probabilities, else 1/n — uniform i.i.d.,
+shuffled epochs, explicit indices). Σ_batch â_t g_t is then an unbiased estimate of ∇(J/W), so the minibatch
+iteration has J's minimiser as its fixed point in expectation (a decaying step or iterate averaging removes the
+noise). The full batch gives â_t = w_t/W and unit weights â_t = 1/B, as before. (Normalising by the batch's own
+weight sum, as earlier versions did, is a ratio estimator: with batches of 1 the weights vanish, with ``probs`` ∝ w
+they count twice.)
+
+Refused at construction (``ValueError``): ``center_update="exact"``, a :class:`~metaprox.priors.Tree` and a
+:class:`~metaprox.priors.Graph` with a penalty other than squared ℓ2 (e.g. :class:`~metaprox.prox.RobustL2`) —
+the exact center is a λ-weighted mean and the graph folds neighbours into one squared-ℓ2 center, so with another
+penalty neither is a step on the reported J; use ``center_update="gradient"`` with RobustL2.
+
+A new task (:meth:`FiniteMMP.adapt`): from its tree node's center with the task-level pull λ_g; under a node the
+tree lacks (``node=None``: a new child of the root, or of ``parent``) from the parent's center with the new
+node's center integrated out, 1/λ_eff = 1/λ_g + 1/λ_level (springs in series); without a tree from w with λ_g.
 
 Parameter groups (``lam`` as ``{glob: λ | "shared" | "private"}``, :class:`~metaprox.prox.GroupL2`):
 *shared* groups are tied to the center (the inner solver's gradient is masked there, so they never move) and
@@ -28,12 +46,15 @@ never averaged into w.
 
 On several torch.distributed ranks (``reducer.world_size > 1``) each rank owns a contiguous block of tasks and
 its store shard (:mod:`metaprox.sharded`) and solves only its tasks of every batch (:meth:`FiniteMMP._step_sharded`).
-Collectives per outer step: one all-reduce (the center gradient; exact center sums ride on it), plus one halo
-all-reduce of the batch's neighbour rows for a graph; :meth:`FiniteMMP.objective` is one all-reduce.
+Each rank sums â_t g_t over its own tasks of the batch (â_t from the global batch, so the sum over ranks needs
+no normalising). Collectives per outer step: one all-reduce (the center gradient; exact center sums ride on it),
+plus one halo all-reduce of the batch's neighbour rows for a graph; :meth:`FiniteMMP.objective` is one
+all-reduce.
 """
 
 from __future__ import annotations
 
+import glob
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -46,10 +67,11 @@ from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
 from metaprox.distributed import shard_bounds
 from metaprox.execution import Oracle
 from metaprox.losses import Loss, LossFn
-from metaprox.priors import Graph, Tree
-from metaprox.prox import GroupL2, Penalty, TaskScaled
+from metaprox.priors import Graph, Tree, springs_in_series
+from metaprox.prox import GroupL2, Penalty, SquaredL2, TaskScaled
 from metaprox.solvers import InnerSolver, ProxProblem
 from metaprox.store import MemoryStore, ParamLayout, ShardedStore, TaskStore
+from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_lam_factors
 
 __all__ = ["FiniteMMP", "CENTER_UPDATES"]
@@ -75,6 +97,25 @@ class _TiedOracle:
         return losses, g
 
 
+def _check_squared(prox: Penalty, center_update: str, prior: Tree | None, graph: Graph | None) -> None:
+    """Refuse what is only right for a squared-ℓ2 pull: exact centers (λ-weighted means), a Tree (its exact
+    sweep) and graph coupling (neighbours folded into one squared-ℓ2 center, squared edge terms in J). With
+    another penalty (e.g. RobustL2) these would not be steps on the reported J."""
+    if isinstance(getattr(prox, "base", prox), SquaredL2):
+        return
+    name = type(getattr(prox, "base", prox)).__name__
+    needs = ("needs a squared-ℓ2 penalty (lam a number or {glob: λ | 'shared' | 'private'}: SquaredL2/GroupL2), "
+             f"got {name}")
+    if prior is not None:
+        raise ValueError(f"a Tree prior (exact λ-weighted node means) {needs}; drop the prior to use {name}.")
+    if center_update == "exact":
+        raise ValueError(f"center_update='exact' (the λ-weighted mean of the task rows) {needs}; use "
+                         f"center_update='gradient' (or 'fixed') with {name}.")
+    if graph is not None:
+        raise ValueError(f"graph coupling (neighbours folded into one squared-ℓ2 center, squared edge terms in "
+                         f"the objective) {needs}; drop the graph to use {name}.")
+
+
 class FiniteMMP(MetaLearner):
     """Meta-MinibatchProx over a finite :class:`TaskSet` with persistent, warm-started per-task parameters.
 
@@ -88,8 +129,10 @@ class FiniteMMP(MetaLearner):
         store: per-task parameter store (default: a :class:`MemoryStore` in the model's dtype).
         center_update: ``"gradient"`` (envelope gradient + optimizer, the paper's rule), ``"exact"`` or
             ``"fixed"`` (no center update: each task is a prox/ridge problem toward the given w).
-        prior: a :class:`Tree` (needs ``center_update="exact"``). graph: a :class:`Graph` between tasks.
-        sampler: a :class:`TaskSampler` for :meth:`step` without indices (default: the full batch).
+        prior: a :class:`Tree` (needs ``center_update="exact"``). graph: a :class:`Graph` between tasks. Both,
+            and ``"exact"``, need a squared-ℓ2 penalty (``lam`` a number or mapping; not ``RobustL2``).
+        sampler: a :class:`TaskSampler` for :meth:`step` without indices (default: the full batch); its
+            ``probs`` enter the task weights â_t (see the module doc).
         Others as in :class:`metaprox.MetaMinibatchProx` (default schedule: constant).
 
     Example:
@@ -120,6 +163,7 @@ class FiniteMMP(MetaLearner):
                          seed, stationarity_warn_ratio)
         if center_update not in CENTER_UPDATES:
             raise ValueError(f"unknown center_update {center_update!r}; choose one of {CENTER_UPDATES}.")
+        _check_squared(self.prox, center_update, prior, graph)
         if prior is not None and center_update != "exact":
             raise ValueError("a Tree prior is updated by exact block-coordinate sweeps: use center_update='exact'.")
         self.tasks, self.center_update, self.prior, self.graph = tasks, center_update, prior, graph
@@ -176,24 +220,26 @@ class FiniteMMP(MetaLearner):
     def step(self, indices: Any = None, monitor: bool = True) -> dict[str, float]:  # type: ignore[override]
         """One outer iteration on tasks ``indices`` (default: the next batch of the sampler).
 
+        The center gradient is the unbiased estimate of ∇(J/W) of :meth:`_estimator_weights`; explicit
+        ``indices`` count as a uniform draw (each task in the batch with probability B/n).
+
         Under torch.distributed (``reducer.world_size > 1``, every rank passing the same global batch) each rank
         solves only the tasks of the batch it owns (:meth:`owned_range`) — see :meth:`_step_sharded`."""
         idx = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
         if self.reducer.world_size > 1:
-            return self._step_sharded(idx, monitor)
-        c, s, wt, v, data_grad, stat = self._solve_batch(idx, self.rows, monitor)
+            return self._step_sharded(idx, monitor, indices is None)
+        c, s, v, data_grad, stat = self._solve_batch(idx, self.rows, monitor)
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
         self.store.write(idx, v)
-        a = wt / wt.sum()
-        grad = self._center_gradient(v, c, s, a, data_grad)
+        grad = self._center_gradient(v, c, s, self._estimator_weights(idx, indices is None), data_grad)
         return self._finish_step(grad, len(idx), float(stat.mean()) if monitor else None)
 
     def _solve_batch(self, idx: np.ndarray, rows_of: Any, monitor: bool) -> tuple[torch.Tensor, ...]:
         """Solve tasks ``idx`` warm-started from the store (a graph: one Jacobi sweep with the neighbours' rows
-        from ``rows_of(ids)``): (centers c, pull factors s_t, weights w_t, rows v, data gradients, stationarity)."""
+        from ``rows_of(ids)``): (centers c, pull factors s_t, rows v, data gradients, stationarity)."""
         c = self.centers(idx)
         init, _ = self.store.read(idx, c)
         init[:, self.shared_entries] = c[:, self.shared_entries]
@@ -204,23 +250,43 @@ class FiniteMMP(MetaLearner):
             c_eff[:, self.shared_entries] = c[:, self.shared_entries]
         else:
             scale, c_eff = s, c
-        v, data_grad, stat = self._solve_rows(idx, scale, c_eff, init, monitor)
-        return c, s, wt, v, data_grad, stat
+        v, data_grad, stat = self._solve_rows(self.tasks.groups(idx), scale, c_eff, init, monitor)
+        return c, s, v, data_grad, stat
 
-    def _solve_rows(self, idx: np.ndarray, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
-                    monitor: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Solve the prox problems of tasks ``idx`` (warm-started at ``init``): rows v, data gradients on shared
-        entries (or None), inner stationarity per task."""
+    def _estimator_weights(self, idx: np.ndarray, drawn: bool) -> torch.Tensor:
+        """â_t = (w_t/W) / (B·p_t) of the batch ``idx`` (W = Σ_all w_t, p_t the per-draw probability of task t):
+        Σ_batch â_t g_t is an unbiased estimate of Σ_all (w_t/W) g_t = ∇(J/W), so its fixed point is J's
+        minimiser (normalising by the batch's own weight sum is not: a ratio estimator, biased unless the batch
+        is everything). p_t: the sampler's ``probs`` for i.i.d. draws with probabilities (``drawn``: ``idx``
+        came from the sampler); else 1/n — uniform i.i.d. draws, shuffled epochs and explicit batches, where
+        task t is in a batch of B with probability B/n."""
+        n, b = len(self.tasks), len(idx)
+        wt = self.tasks.weights[idx].to(self.dtype)
+        total = self.tasks.weights.to(self.dtype).sum()
+        probs = getattr(self.sampler, "probs", None) if drawn and getattr(self.sampler, "replacement", False) \
+            else None
+        if probs is None:  # the full batch gives w_t/W and unit weights 1/B, both bitwise as a batch-sum ratio
+            return wt / (total if b == n else total * b / n)
+        p = (probs / probs.sum())[idx].to(self.dtype)
+        return wt / (total * b * p)
+
+    def _solve_rows(self, groups: list, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
+                    monitor: bool, prox: Penalty | None = None, inner: InnerSolver | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Solve the prox problems of the rows of ``groups`` (``TaskSet.groups``: positions, x, y) warm-started
+        at ``init``, with penalty ``prox`` (default the learner's) scaled by ``scale`` and solver ``inner``: rows
+        v, data gradients on shared entries (or None), inner stationarity per task."""
+        prox, inner = prox or self.prox, inner or self.inner
         v = torch.empty_like(init)
         data_grad = torch.zeros_like(init) if self.any_shared else None
-        stat = torch.zeros(len(idx), dtype=torch.float64)
-        for pos, x, y in self.tasks.groups(idx):
+        stat = torch.zeros(len(init), dtype=torch.float64)
+        for pos, x, y in groups:
             p = torch.from_numpy(pos)
             oracle = self._oracle(x, y)
             solve_oracle = _TiedOracle(oracle, self.shared_groups) if self.any_shared else oracle
-            problem = ProxProblem(solve_oracle, TaskScaled(self.prox, scale[p]),  # type: ignore[arg-type]
+            problem = ProxProblem(solve_oracle, TaskScaled(prox, scale[p]),  # type: ignore[arg-type]
                                   self.layout.unflatten(c_eff[p]), self.layout.unflatten(init[p]))
-            res = self.inner.solve(problem, generator=self.generator, monitor=monitor)
+            res = inner.solve(problem, generator=self.generator, monitor=monitor)
             v[p] = self.layout.flatten(res.params).to(v.dtype)
             if data_grad is not None:
                 data_grad[p] = self.layout.flatten(oracle(res.params)[1]).to(v.dtype)
@@ -259,10 +325,11 @@ class FiniteMMP(MetaLearner):
             diag["inner_stationarity"] = stationarity
         return diag
 
-    def _step_sharded(self, idx: np.ndarray, monitor: bool) -> dict[str, float]:
+    def _step_sharded(self, idx: np.ndarray, monitor: bool, drawn: bool) -> dict[str, float]:
         """One outer step on one rank: solve the owned tasks of the global batch ``idx``, then one all-reduce of
-        ``[Σ_local w_t ∂_c D_t | Σ_local w_t | non-finite flag | Σ_local stationarity]`` (for ``"exact"`` also the
-        center sums of :meth:`_exact_sums_local`); the owned rows are written only when no rank saw a non-finite
+        ``[Σ_local â_t ∂_c D_t | non-finite flag | Σ_local stationarity]`` (â_t of :meth:`_estimator_weights`
+        from the global batch, so the sum over ranks needs no normalising; for ``"exact"`` also the center sums
+        of :meth:`_exact_sums_local`); the owned rows are written only when no rank saw a non-finite
         solution, and every rank takes the same center step. A graph adds one all-reduce before the solves (the
         halo of the batch's neighbours, :meth:`_halo`): two collectives per step instead of one."""
         lo, hi = self._check_sharded()
@@ -271,21 +338,20 @@ class FiniteMMP(MetaLearner):
         if self.graph is not None:
             rows_of = self._halo(np.unique(self.graph.neighbours(idx)[1]))
         grad = torch.zeros_like(self.w_row())
-        wsum = bad = stat_sum = 0.0
+        bad = stat_sum = 0.0
         v = None
         if len(local):
-            c, s, wt, v, data_grad, stat = self._solve_batch(local, rows_of, monitor)
+            c, s, v, data_grad, stat = self._solve_batch(local, rows_of, monitor)
             bad = float(not bool(torch.isfinite(v).all()))
-            grad = self._center_gradient(v, c, s, wt, data_grad)  # unnormalised: Σ_local w_t g_t
-            wsum, stat_sum = float(wt.sum()), float(stat.sum())
+            a = self._estimator_weights(idx, drawn)[torch.from_numpy((idx >= lo) & (idx < hi))]
+            grad = self._center_gradient(v, c, s, a, data_grad)  # this rank's part of Σ_batch â_t g_t
+            stat_sum = float(stat.sum())
         exact = self._exact_sums_local(local, v) if self.center_update == "exact" else []
-        (grad, *exact), sums = self.reducer.sum([grad, *exact],
-                                               {"weight": wsum, "nonfinite": bad, "stationarity": stat_sum})
+        (grad, *exact), sums = self.reducer.sum([grad, *exact], {"nonfinite": bad, "stationarity": stat_sum})
         if sums["nonfinite"] > 0:
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
         if v is not None:
             self.store.write(local, v)
-        grad = grad / sums["weight"]
         return self._finish_step(grad, len(idx), sums["stationarity"] / len(idx) if monitor else None,
                                  exact or None)
 
@@ -460,6 +526,57 @@ class FiniteMMP(MetaLearner):
         """Model output of task ``i`` (its stored v_t) on inputs ``x``."""
         with torch.no_grad():
             return self.predict(self.task_params(i), x.to(self.device, self.dtype))
+
+    # ----- a new task, adapted from the prior ----------------------------------------------------------------
+    def adapt(self, task: Task, node: str | None = None, steps: int | None = None,  # type: ignore[override]
+              inner: InnerSolver | None = None, parent: str | None = None) -> dict[str, torch.Tensor]:
+        """Parameters of a new ``task`` (not one of the task set): its prox problem solved from the prior.
+
+        With a :class:`Tree` prior, a task of a known ``node`` is solved from θ_node with the task-level pull
+        λ_g (per group, as the penalty says; s = 1). ``node=None`` or a node the tree does not have stands for
+        a new node under ``parent`` (default: the root, w): the task is solved from θ_parent with the new
+        node's center integrated out — per entry 1/λ_eff = 1/λ_g + 1/λ_depth (:func:`springs_in_series`), so
+        v is exactly the minimiser over v and that center of J's two terms for the task (θ fixed). Without a
+        prior: from w with λ_g. Shared groups stay at w, private ones are free. ``steps``/``inner`` override the
+        inner solver."""
+        solver = inner if inner is not None else self.inner
+        if steps is not None:
+            solver = solver.with_steps(steps)
+        w, prox = self.w_row(), self.prox
+        if self.prior is None or self.theta is None:
+            if node is not None or parent is not None:
+                raise ValueError(f"adapt(node={node!r}, parent={parent!r}) needs a Tree prior, and this FiniteMMP "
+                                 f"has none: call adapt(task) (adapted from w).")
+            center = w
+        elif node is not None and node in self.prior.index:
+            if parent is not None:
+                raise ValueError(f"node {node!r} is in the tree (its parent is {self.prior.parent[node]!r}); "
+                                 f"parent= is only for a new node.")
+            center = self.theta[self.prior.index[node]]
+        else:
+            center, prox = self._new_node_prior(parent)
+        center = torch.where(self.shared_entries, w, center).unsqueeze(0)
+        x, y = task.x.unsqueeze(0), task.y.unsqueeze(0)
+        v = self._solve_rows([(np.arange(1), x, y)], torch.ones(1, dtype=self.dtype), center, center.clone(),
+                             False, prox, solver)[0]
+        return {n: t[0] for n, t in zip(self.names, self.layout.unflatten(v))}
+
+    def _new_node_prior(self, parent: str | None) -> tuple[torch.Tensor, Penalty]:
+        """(θ_parent, the marginal penalty) of a task under a new child of ``parent`` (default: the root)."""
+        tree, theta = self.prior, self.theta
+        assert tree is not None and theta is not None
+        up = tree.root if parent is None else parent
+        if up not in tree.index:
+            raise ValueError(f"parent {up!r} is not a node of the tree; give a known node (or None: the root).")
+        depth = tree.depth[up] + 1
+        if depth > len(tree.lam_levels):
+            raise ValueError(f"a new node under {up!r} sits at depth {depth}, but the tree's lam_levels has a λ for "
+                             f"depths 1..{len(tree.lam_levels)}: build the Tree with one λ per depth down to "
+                             f"{depth}, or adapt from a higher parent.")
+        level = tree.lam_levels[depth - 1]
+        lams = {glob.escape(n): "shared" if sh else springs_in_series(lam, level)
+                for n, lam, sh in zip(self.names, self.prox.lams, self.shared_groups)}
+        return theta[tree.index[up]], GroupL2(lams, self.names)
 
     def commit(self, extra: dict[str, Any] | None = None) -> None:
         """Make the store durable (a :class:`~metaprox.store.MemmapStore` records step and ``extra``)."""

@@ -119,6 +119,29 @@ def test_resume_equals_uninterrupted_and_metrics(data_dir, tmp_path):
         train(changed, tmp_path / "cut", resume=True)
 
 
+def test_crash_right_after_a_commit_loses_no_metrics(data_dir, tmp_path, monkeypatch):
+    """A death just after the checkpoint of step 8 is committed (before anything else is written): the resumed
+    run's metrics log still holds the row of step 6, logged between the checkpoints of steps 4 and 8."""
+    cfg = cfg_of(data_dir)
+    train(cfg, tmp_path / "whole")
+    save = sharded.save
+
+    def save_then_die(root, learner, *args):
+        save(root, learner, *args)
+        if learner.step_count == 8:
+            raise KeyboardInterrupt("killed right after the commit")
+
+    monkeypatch.setattr(sharded, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True)
+    rows = [json.loads(r)["step"] for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [3, 6, 9, 12]
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_config_errors(data_dir):
     with pytest.raises(ConfigError, match="go together"):
         cfg_of(data_dir, **{"task.family": "sine"})

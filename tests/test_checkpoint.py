@@ -35,6 +35,31 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, optimizer
     assert [r["step"] for r in read_metrics(tmp_path / "split")] == [r["step"] for r in read_metrics(tmp_path / "full")]
 
 
+def test_crash_right_after_a_commit_loses_no_metrics(tmp_path, monkeypatch):
+    """A death just after the checkpoint of step 20 is committed: the resumed run's metrics log still holds the
+    row of step 15, logged between the checkpoints of steps 10 and 20 (and the validation rows likewise)."""
+    import metaprox.train as train_module
+
+    cfg = _cfg()
+    cfg["log"]["eval_every"], cfg["log"]["eval_tasks"] = 5, 2
+    train(cfg, tmp_path / "full", evaluate=False)
+    save = train_module.save_checkpoint
+
+    def save_then_die(run_dir, state, extra):
+        save(run_dir, state, extra)
+        if state["step"] == 20:
+            raise KeyboardInterrupt("killed right after the commit")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "split", evaluate=False)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "split", resume=True, evaluate=False)
+    for name in ("metrics.jsonl", "val_curve.jsonl"):
+        steps = [r["step"] for r in read_metrics(tmp_path / "split", name)]
+        assert steps == [r["step"] for r in read_metrics(tmp_path / "full", name)], name
+
+
 def test_refuses_to_overwrite_and_to_resume_with_another_config(tmp_path):
     cfg = _cfg()
     train(cfg, tmp_path / "r", evaluate=False, stop_at=10)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import metaprox
 from _spawn_helpers import exit_without_teardown
 from _tiny_omniglot import make_omniglot
+from _torchrun_helpers import checkpoint_step, finish, kill_rank_after, torchrun_train
 from metaprox.distributed import LocalReducer, shard_bounds
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
@@ -42,30 +40,9 @@ OVERRIDES = [a for a in LONG[:-1] if a != "--set"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")}
-    env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               METAPROX_DIST_TIMEOUT="30", **extra)
-    return env
-
-
 def _torchrun(out: Path, *args: str, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
     """``torchrun --standalone`` of ``metaprox train`` on LONG (+ ``args``, e.g. SHORT or ``--resume``)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={restarts}", "--monitor-interval=0.1", "-m", "metaprox.cli", "train", CONFIG,
-           "--out", str(out), *LONG, *args]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 50) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-3000:]}")
-    return proc.returncode, out
+    return torchrun_train(CONFIG, out, *LONG, *args, nproc=nproc, restarts=restarts)
 
 
 def _params(run: Path) -> dict[str, torch.Tensor]:
@@ -85,52 +62,11 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in rows]
 
 
-def _checkpoint_step(run: Path) -> int:
-    try:
-        return int(json.loads((run / "checkpoint.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def _worker_pid(launcher: int, rank: int) -> int | None:
-    """The pid of the worker of ``rank`` among the descendants of the torchrun process ``launcher``."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    todo = list(children.get(launcher, []))
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"METAPROX_DIST_TIMEOUT=30" in env:
-            return pid
-    return None
-
-
-def _kill_rank_after(proc: subprocess.Popen, run: Path, rank: int, step: int, timeout: float = 40) -> None:
-    t0 = time.monotonic()
-    while _checkpoint_step(run) < step:
-        assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[0][-3000:]}"
-        assert time.monotonic() - t0 < timeout, "no checkpoint appeared"
-        time.sleep(0.02)
-    pid = _worker_pid(proc.pid, rank)
-    assert pid is not None, "worker process not found"
-    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """The reference: an uninterrupted 2-process run of LONG."""
     out = tmp_path_factory.mktemp("dist") / "uninterrupted"
-    rc, log = _finish(_torchrun(out))
+    rc, log = finish(_torchrun(out))
     assert rc == 0, log[-3000:]
     return out
 
@@ -302,7 +238,7 @@ def test_train_ranks_build_only_their_share(family, tmp_path):
 # ----- the CLI under torchrun ------------------------------------------------------------------------------------
 def test_cli_two_processes_equal_one_process(short_single, tmp_path):
     run = tmp_path / "two"
-    rc, log = _finish(_torchrun(run, *SHORT))
+    rc, log = finish(_torchrun(run, *SHORT))
     assert rc == 0, log[-3000:]
     assert log.count("MSE after 1 steps") == 1  # only rank 0 evaluates and prints
     assert _rel(_params(short_single), _params(run)) <= 1e-6
@@ -320,14 +256,14 @@ def test_cli_two_processes_equal_one_process(short_single, tmp_path):
 def test_killed_worker_fails_fast_and_resume_matches(uninterrupted, tmp_path):
     run = tmp_path / "killed"
     proc = _torchrun(run)
-    _kill_rank_after(proc, run, rank=1, step=20)
+    kill_rank_after(proc, run, rank=1, step=20)
     t_kill = time.monotonic()
-    rc, log = _finish(proc, timeout=40)
+    rc, log = finish(proc, timeout=40)
     assert rc != 0
     assert time.monotonic() - t_kill < 30, "the job did not fail fast"
-    stopped = _checkpoint_step(run)
+    stopped = checkpoint_step(run)
     assert 20 <= stopped < 150
-    rc, log = _finish(_torchrun(run, "--resume"))
+    rc, log = finish(_torchrun(run, "--resume"))
     assert rc == 0, log[-3000:]
     # same world size: bitwise equal to the uninterrupted run, metrics log included
     ref, got = _params(uninterrupted), _params(run)
@@ -341,7 +277,7 @@ def test_resume_with_another_world_size(short_single, tmp_path):
 
     run = tmp_path / "one-then-two"
     train(load_config(CONFIG, OVERRIDES + ["outer.steps=30"]), run, progress=False, stop_at=15)
-    rc, log = _finish(_torchrun(run, *SHORT, "--resume"))
+    rc, log = finish(_torchrun(run, *SHORT, "--resume"))
     assert rc == 0, log[-3000:]
     assert _rel(_params(run), _params(short_single)) <= 1e-6  # a different split: equal up to round-off
 
@@ -349,8 +285,8 @@ def test_resume_with_another_world_size(short_single, tmp_path):
 def test_elastic_restart_resumes_automatically(uninterrupted, tmp_path):
     run = tmp_path / "elastic"
     proc = _torchrun(run, "--auto-resume", restarts=1)
-    _kill_rank_after(proc, run, rank=1, step=20)
-    rc, log = _finish(proc)
+    kill_rank_after(proc, run, rank=1, step=20)
+    rc, log = finish(proc)
     assert rc == 0, log[-3000:]
     ref, got = _params(uninterrupted), _params(run)
     assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -1,12 +1,13 @@
 """``metaprox train`` with algorithm = "finite_mmp" on a multi-task fixture: a closed-form ground truth, the
-interrupted-and-resumed run equal to an uninterrupted one, config errors, and 2 torchrun ranks = 1 process."""
+interrupted-and-resumed run equal to an uninterrupted one, config errors, 2 torchrun ranks = 1 process, and
+failures under torchrun: a killed rank fails the job fast, ``--resume`` (or an elastic restart with
+``--auto-resume``) then equals an uninterrupted run, center and every per-task row of the store shards."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _torchrun_helpers import checkpoint_step, finish, kill_rank_after, torchrun_train
+from metaprox import sharded
 from metaprox.config import ConfigError, apply_overrides, resolve
+from metaprox.store import MemmapStore, pending_meta
 from metaprox.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS, PROFILES, D = 9, 20, 3
 
 
@@ -85,13 +88,16 @@ def test_independent_limit_is_per_task_least_squares(data_dir, tmp_path):
     assert saved["test"]["value"] == res["test"]["value"] and "RMSE" in (tmp_path / "run" / "eval.md").read_text()
 
 
-def _state(run: Path) -> dict[str, torch.Tensor]:
+def _state(run: Path, world: int = 1) -> dict[str, torch.Tensor]:
+    """The center of the last checkpoint and every row (and initialised flag) of every store shard."""
     meta = json.loads((run / "checkpoint.json").read_text())
     out = {k: v for k, v in load_file(run / meta["tensors"]).items() if k.startswith("params/")}
-    from metaprox.store import MemmapStore
-
-    store = MemmapStore.open(run / "store-rank0-of-1")
-    out["rows"] = store.read(np.arange(TASKS), torch.zeros(store.layout.numel, dtype=torch.float64))[0]
+    for r in range(world):
+        path = sharded.shard_path(run, r, world)
+        assert pending_meta(path) is None, f"{path}: a prepared commit was left behind"
+        store = MemmapStore.open(path)  # verifies the chunk checksums
+        rows, seen = store.read(np.arange(store.num_tasks), torch.zeros(store.layout.numel, dtype=torch.float64))
+        out[f"rows{r}"], out[f"seen{r}"] = rows, seen
     return out
 
 
@@ -113,6 +119,29 @@ def test_resume_equals_uninterrupted_and_metrics(data_dir, tmp_path):
         train(changed, tmp_path / "cut", resume=True)
 
 
+def test_crash_right_after_a_commit_loses_no_metrics(data_dir, tmp_path, monkeypatch):
+    """A death just after the checkpoint of step 8 is committed (before anything else is written): the resumed
+    run's metrics log still holds the row of step 6, logged between the checkpoints of steps 4 and 8."""
+    cfg = cfg_of(data_dir)
+    train(cfg, tmp_path / "whole")
+    save = sharded.save
+
+    def save_then_die(root, learner, *args):
+        save(root, learner, *args)
+        if learner.step_count == 8:
+            raise KeyboardInterrupt("killed right after the commit")
+
+    monkeypatch.setattr(sharded, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True)
+    rows = [json.loads(r)["step"] for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [3, 6, 9, 12]
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_config_errors(data_dir):
     with pytest.raises(ConfigError, match="go together"):
         cfg_of(data_dir, **{"task.family": "sine"})
@@ -124,24 +153,80 @@ def test_config_errors(data_dir):
         resolve(apply_overrides({}, ['prox.lam={weight = "private"}']))  # strings only for finite_mmp
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def torchrun_finite(data_dir: Path, out: Path, *args: str, restarts: int = 0, **extra: object) -> subprocess.Popen:
+    """2 torchrun ranks of ``metaprox train`` with the config of ``cfg_of(data_dir, **extra)``."""
+    base = out.parent / "base.json"  # everything else from the same overrides as cfg_of
+    base.write_text("{}")
+    sets = [a for o in overrides(data_dir, **extra) for a in ("--set", o)]
+    return torchrun_train(base, out, "--quiet", *sets, *args, restarts=restarts)
+
+
+distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+@distributed
 @pytest.mark.parametrize("center_update", ["gradient", "exact"])
 def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path, center_update):
     extra = {"finite.center_update": center_update}
     one = train(cfg_of(data_dir, **extra), tmp_path / "one")
-    base = tmp_path / "base.json"  # everything else from the same overrides as cfg_of
-    base.write_text("{}")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               METAPROX_DIST_TIMEOUT="30")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "metaprox.cli", "train", str(base), "--out", str(tmp_path / "two"), "--quiet"]
-    sets = [a for o in overrides(data_dir, **extra) for a in ("--set", o)]
-    proc = subprocess.run(cmd + sets, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rc, log = finish(torchrun_finite(data_dir, tmp_path / "two", **extra), timeout=120)
+    assert rc == 0, log[-3000:]
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert two["test"]["value"] == pytest.approx(one["test"]["value"], rel=1e-9)
     assert two["J"] == pytest.approx(one["J"], rel=1e-9)
     for r in range(2):
         assert (tmp_path / "two" / f"store-rank{r}-of-2" / "index.json").is_file()
+
+
+# ----- failures under torchrun: a few seconds of work, a checkpoint every 5 steps, rank 1 killed at ≥ KILL_AT ---
+LONG = {"outer.steps": 300, "log.every": 5, "log.checkpoint_every": 5}
+KILL_AT = 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    """The reference: an uninterrupted 2-rank run of LONG."""
+    out = tmp_path_factory.mktemp("finite-dist") / "uninterrupted"
+    rc, log = finish(torchrun_finite(data_dir, out, **LONG))
+    assert rc == 0, log[-3000:]
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(r).items() if k != "time"}
+            for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    """Same world size: bitwise the same center, per-task rows, metrics log and evaluation."""
+    a, b = _state(ref, world=2), _state(run, world=2)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert _metrics(run) == _metrics(ref)
+    assert json.loads((run / "eval.json").read_text()) == json.loads((ref / "eval.json").read_text())
+
+
+@distributed
+def test_killed_rank_fails_fast_and_resume_matches(data_dir, uninterrupted, tmp_path):
+    run = tmp_path / "killed"
+    proc = torchrun_finite(data_dir, run, **LONG)
+    kill_rank_after(proc, run, rank=1, step=KILL_AT)
+    t_kill = time.monotonic()
+    rc, log = finish(proc, timeout=40)
+    assert rc != 0
+    assert time.monotonic() - t_kill < 30, "the job did not fail fast"
+    stopped = checkpoint_step(run)
+    assert KILL_AT <= stopped < LONG["outer.steps"] and not (run / "eval.json").exists()
+    rc, log = finish(torchrun_finite(data_dir, run, "--resume", **LONG))
+    assert rc == 0, log[-3000:]
+    assert_same_run(run, uninterrupted)
+
+
+@distributed
+def test_elastic_restart_resumes_automatically(data_dir, uninterrupted, tmp_path):
+    run = tmp_path / "elastic"
+    proc = torchrun_finite(data_dir, run, "--auto-resume", restarts=1, **LONG)
+    kill_rank_after(proc, run, rank=1, step=KILL_AT)
+    rc, log = finish(proc)
+    assert rc == 0, log[-3000:]
+    assert_same_run(run, uninterrupted)

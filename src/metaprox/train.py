@@ -144,11 +144,14 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     def checkpoint() -> None:
         if not main:
             return
-        save_checkpoint(run_dir, learner.state_dict(),
-                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
+        # the logs first: a resume keeps their rows up to the checkpoint's step, so rows written ahead of a
+        # checkpoint that never commits are dropped, while rows written after the commit would be lost by a
+        # death in between
         write_metrics(run_dir, rows)
         if validate is not None:
             write_metrics(run_dir, val_rows, VAL_CURVE)
+        save_checkpoint(run_dir, learner.state_dict(),
+                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
 
     def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
         nonlocal t0

@@ -169,9 +169,12 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
     t0 = time.perf_counter()
 
     def checkpoint() -> None:
-        sharded.save(run_dir, learner)  # a collective: every rank commits its shard
+        # the metrics log first: a resume keeps its rows up to the checkpoint's step, so rows written ahead of a
+        # checkpoint that never commits are dropped, while rows written after the commit would be lost by a
+        # death in between
         if main:
             write_metrics(run_dir, rows)
+        sharded.save(run_dir, learner)  # a collective: every rank commits its shard
 
     bar = tqdm(total=total, initial=learner.step_count, disable=not show, desc=cfg["name"], unit="it")
     try:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from metaprox.algorithms.base import MetaLearner, NonFiniteError
-from metaprox.priors import Tree
+from metaprox.priors import Tree, springs_in_series
 from metaprox.prox import SquaredL2, TaskScaled, make_prox
 from metaprox.solvers import InnerSolver, ProxProblem
 from metaprox.tasks.task import Task
@@ -168,10 +168,8 @@ class HierarchicalMMP(MetaLearner):
         center = self.nodes[p[:k]] if k else self.center()
         if k == len(p):
             return center, 1.0
-        spring = self.lam_levels[k]  # the unknown levels' pulls combined in series, top down
-        for d in range(k + 1, len(p)):
-            spring = spring * self.lam_levels[d] / (spring + self.lam_levels[d])
-        return center, spring / (float(self.prox.uniform) + spring)  # type: ignore[arg-type]
+        lam = float(self.prox.uniform)  # type: ignore[arg-type]
+        return center, springs_in_series(lam, *self.lam_levels[k:len(p)]) / lam  # the unknown levels in series
 
     # ----- state: node centers travel with the checkpoint (as JSON-named buffers) ---------------------------
     def state_dict(self) -> dict[str, Any]:

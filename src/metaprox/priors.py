@@ -23,6 +23,7 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,10 +36,12 @@ __all__ = ["Tree", "Graph", "springs_in_series"]
 def springs_in_series(*lams: float) -> float:
     """The pull of quadratic springs λ_1, …, λ_k in series: min over the k − 1 intermediate points of
     Σ_i (λ_i/2)(x_i − x_{i−1})² is (λ_eff/2)(x_k − x_0)² with 1/λ_eff = Σ_i 1/λ_i (0 if any λ_i is 0, a free
-    link; λ_i = ∞ is a rigid one). This is how a new task under a node nobody has seen is pulled toward the
-    nearest known center, with the unknown centers integrated out."""
+    link; λ_i = ∞ is a rigid one, as long as one λ_i is finite). This is how a new task under a node nobody
+    has seen is pulled toward the nearest known center, with the unknown centers integrated out."""
     if any(lam == 0 for lam in lams):
         return 0.0
+    if not lams or all(math.isinf(lam) for lam in lams):
+        raise ValueError(f"springs_in_series{tuple(lams)}: need at least one finite λ (all rigid: the pull is ∞).")
     return 1.0 / sum(1.0 / lam for lam in lams)
 
 
@@ -87,6 +90,7 @@ class Tree:
         self.task_node = np.array([self.index[n] for n in task_node], dtype=np.int64)
         w = torch.ones(len(task_node), dtype=torch.float64) if weights is None else \
             torch.as_tensor(weights, dtype=torch.float64).flatten()
+        self.weights = w  # the node masses m_n below come from these: they must be the task set's weights
         self.mass = torch.zeros(len(self.nodes), dtype=torch.float64)
         for t, node in enumerate(task_node):
             m: str | None = node

@@ -362,12 +362,15 @@ def test_adapt_from_a_known_node_and_under_an_unknown_one(trained_tree):
     lam = torch.tensor([2.0, 2.0, 2.0, 0.5], dtype=DT)
     theta = {n: fm.theta[fm.prior.index[n]] for n in fm.prior.nodes}
     assert (theta["a"] - theta["root"]).abs().max() > 0.1  # the nodes moved apart: the cases differ
-    assert torch.allclose(flat_params(fm.adapt(task, "a")), new_task_optimum(task, theta["a"], lam),
+    assert torch.allclose(flat_params(fm.adapt(task, node="a")), new_task_optimum(task, theta["a"], lam),
                           atol=1e-10, rtol=0)
-    # an unknown node under the root (node None or a name the tree lacks): joint minimiser over v and its center
+    # a new node under the root (node=None): joint minimiser over v and its center
     want = new_task_optimum(task, theta["root"], lam, node_lam=0.8)
     assert torch.allclose(flat_params(fm.adapt(task)), want, atol=1e-10, rtol=0)
-    assert torch.allclose(flat_params(fm.adapt(task, "never-seen")), want, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="not in the tree"):  # a typo must not adapt from the root silently
+        fm.adapt(task, node="never-seen")
+    with pytest.raises(ValueError, match="lam= overrides"):
+        fm.adapt(task, lam=0.5)
     assert torch.equal(theta["root"], fm.w_row())
     # an unknown node under "a" (depth 2): from θ_a with λ_level2 in series
     want = new_task_optimum(task, theta["a"], lam, node_lam=1.5)
@@ -381,16 +384,29 @@ def test_adapt_errors_and_the_flat_case(trained_tree):
     with pytest.raises(ValueError, match="not a node"):
         fm.adapt(task, parent="zz")
     with pytest.raises(ValueError, match="only for a new node"):
-        fm.adapt(task, "a1", parent="a")
+        fm.adapt(task, node="a1", parent="a")
     flat_fm = FiniteMMP(model(), TaskSet([task]), lam=1.0, inner=metaprox.ExactLeastSquares())
     with pytest.raises(ValueError, match="needs a Tree prior"):
-        flat_fm.adapt(task, "a")
+        flat_fm.adapt(task, node="a")
     # without a prior: ridge toward w with λ (the inherited behaviour)
     want = new_task_optimum(task, flat_fm.w_row(), torch.ones(4, dtype=DT))
     assert torch.allclose(flat_params(flat_fm.adapt(task)), want, atol=1e-10, rtol=0)
+    want = new_task_optimum(task, flat_fm.w_row(), torch.full((4,), 0.3, dtype=DT))  # lam= as MetaLearner.adapt
+    assert torch.allclose(flat_params(flat_fm.adapt(task, lam=0.3)), want, atol=1e-10, rtol=0)
 
 
 def test_springs_in_series():
     assert springs_in_series(2.0, 2.0) == 1.0
     assert springs_in_series(3.0) == 3.0 and springs_in_series(0.0, 5.0) == 0.0
     assert springs_in_series(float("inf"), 4.0) == 4.0
+
+
+def test_tree_weights_must_be_the_task_sets():
+    ts = TaskSet(list(tasks_of_sizes(sizes=(4, 4)).tasks), weights=[1.0, 3.0])
+    tree = Tree({"root": None, "a": "root"}, ["a", "a"], [1.0])  # default weights 1: node masses would be wrong
+    with pytest.raises(ValueError, match="weights=tasks.weights"):
+        FiniteMMP(model(), ts, center_update="exact", prior=tree)
+    FiniteMMP(model(), ts, center_update="exact", prior=Tree({"root": None, "a": "root"}, ["a", "a"], [1.0],
+                                                             weights=ts.weights))
+    with pytest.raises(ValueError, match="finite λ"):
+        springs_in_series(float("inf"))

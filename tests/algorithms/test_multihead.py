@@ -189,3 +189,21 @@ def test_encoders_of_different_input_widths_and_errors():
         SharedTrunk(trunk, {"a": nn.Linear(4, 1)}, encoders={"z": nn.Linear(1, 5)})
     with pytest.raises(TypeError):
         MultiHeadMMP(trunk)  # type: ignore[arg-type]
+
+
+def test_finite_multihead_weighted_tasks_reach_the_weighted_optimum():
+    """Task weights with minibatches of 1 (shuffled epochs): the trunk bias averages to the w-weighted optimum 9
+    (a batch-sum normaliser, as before, makes every batch of one task weigh the same and gives 5)."""
+    from metaprox.tasks.taskset import TaskSampler
+
+    ts = TaskSet([Task(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), y, dtype=torch.float64))
+                  for y in (0.0, 10.0)], weights=[1.0, 9.0])
+    torch.manual_seed(0)
+    model = SharedTrunk(torch.nn.Linear(1, 1).to(torch.float64), {"k": torch.nn.Identity()})
+    fm = FiniteMultiHeadMMP(model, ts, ["k", "k"], loss="mse", lam=2.0, inner=SGD(lr=0.2, steps=60),
+                            sampler=TaskSampler(2, 1, seed=1), outer_lr=0.1)
+    bias = []
+    for _ in range(400):
+        fm.step(monitor=False)
+        bias.append(float(model.trunk.bias.detach()))
+    assert abs(float(np.mean(bias[100:])) - 9.0) < 0.25

@@ -55,3 +55,8 @@ def test_task_lam_factors():
     assert task_lam_factors(sizes, [1, 2, 3]).tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError):
         task_lam_factors(sizes, "bigger")
+
+
+def test_sampler_refuses_probabilities_for_the_full_batch():
+    with pytest.raises(ValueError, match="need a batch_size"):
+        TaskSampler(3, None, replacement=True, probs=[1, 1, 2])

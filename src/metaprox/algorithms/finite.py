@@ -172,6 +172,9 @@ class FiniteMMP(MetaLearner):
             size = None if obj is None else (len(obj.task_node) if isinstance(obj, Tree) else obj.n)
             if size is not None and size != n:
                 raise ValueError(f"the {what} describes {size} tasks, the task set has {n}.")
+        if prior is not None and not torch.allclose(prior.weights, tasks.weights.to(torch.float64)):
+            raise ValueError("the Tree's task weights differ from the task set's (its node masses m_n come from "
+                             "them): build it as Tree(parent, task_node, lam_levels, weights=tasks.weights).")
         params = self.fmodel.params()
         self.dtype, self.device = params[0].dtype, params[0].device
         self.layout = ParamLayout.of(self.names, params)
@@ -254,21 +257,11 @@ class FiniteMMP(MetaLearner):
         return c, s, v, data_grad, stat
 
     def _estimator_weights(self, idx: np.ndarray, drawn: bool) -> torch.Tensor:
-        """â_t = (w_t/W) / (B·p_t) of the batch ``idx`` (W = Σ_all w_t, p_t the per-draw probability of task t):
-        Σ_batch â_t g_t is an unbiased estimate of Σ_all (w_t/W) g_t = ∇(J/W), so its fixed point is J's
-        minimiser (normalising by the batch's own weight sum is not: a ratio estimator, biased unless the batch
-        is everything). p_t: the sampler's ``probs`` for i.i.d. draws with probabilities (``drawn``: ``idx``
-        came from the sampler); else 1/n — uniform i.i.d. draws, shuffled epochs and explicit batches, where
-        task t is in a batch of B with probability B/n."""
-        n, b = len(self.tasks), len(idx)
-        wt = self.tasks.weights[idx].to(self.dtype)
-        total = self.tasks.weights.to(self.dtype).sum()
-        probs = getattr(self.sampler, "probs", None) if drawn and getattr(self.sampler, "replacement", False) \
-            else None
-        if probs is None:  # the full batch gives w_t/W and unit weights 1/B, both bitwise as a batch-sum ratio
-            return wt / (total if b == n else total * b / n)
-        p = (probs / probs.sum())[idx].to(self.dtype)
-        return wt / (total * b * p)
+        """â_t of the batch ``idx`` (:meth:`TaskSampler.estimator_weights`: unbiased for ∇(J/W))."""
+        weights = self.tasks.weights.to(self.dtype)
+        if isinstance(self.sampler, TaskSampler):
+            return self.sampler.estimator_weights(weights, idx, drawn)
+        return TaskSampler(len(self.tasks)).estimator_weights(weights, idx, drawn=False)  # a custom sampler: 1/n
 
     def _solve_rows(self, groups: list, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
                     monitor: bool, prox: Penalty | None = None, inner: InnerSolver | None = None
@@ -528,17 +521,19 @@ class FiniteMMP(MetaLearner):
             return self.predict(self.task_params(i), x.to(self.device, self.dtype))
 
     # ----- a new task, adapted from the prior ----------------------------------------------------------------
-    def adapt(self, task: Task, node: str | None = None, steps: int | None = None,  # type: ignore[override]
-              inner: InnerSolver | None = None, parent: str | None = None) -> dict[str, torch.Tensor]:
+    def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,  # type: ignore[override]
+              inner: InnerSolver | None = None, *, node: str | None = None,
+              parent: str | None = None) -> dict[str, torch.Tensor]:
         """Parameters of a new ``task`` (not one of the task set): its prox problem solved from the prior.
 
         With a :class:`Tree` prior, a task of a known ``node`` is solved from θ_node with the task-level pull
-        λ_g (per group, as the penalty says; s = 1). ``node=None`` or a node the tree does not have stands for
-        a new node under ``parent`` (default: the root, w): the task is solved from θ_parent with the new
-        node's center integrated out — per entry 1/λ_eff = 1/λ_g + 1/λ_depth (:func:`springs_in_series`), so
-        v is exactly the minimiser over v and that center of J's two terms for the task (θ fixed). Without a
-        prior: from w with λ_g. Shared groups stay at w, private ones are free. ``steps``/``inner`` override the
-        inner solver."""
+        λ_g (per group, as the penalty says; s = 1). ``node=None`` stands for a new node under ``parent``
+        (default: the root, w): the task is solved from θ_parent with the new node's center integrated out —
+        per entry 1/λ_eff = 1/λ_g + 1/λ_depth (:func:`springs_in_series`), so v is exactly the minimiser over v
+        and that center of J's two terms for the task (θ fixed). A ``node`` the tree does not have is an error
+        (a typo must not silently adapt from the root). Without a prior: from w with λ_g, or with ``lam`` for
+        every non-shared group. Shared groups stay at w, private ones are free. ``steps``/``inner`` override the
+        inner solver; ``node``/``parent`` are keyword-only, the positional order is :meth:`MetaLearner.adapt`'s."""
         solver = inner if inner is not None else self.inner
         if steps is not None:
             solver = solver.with_steps(steps)
@@ -548,10 +543,20 @@ class FiniteMMP(MetaLearner):
                 raise ValueError(f"adapt(node={node!r}, parent={parent!r}) needs a Tree prior, and this FiniteMMP "
                                  f"has none: call adapt(task) (adapted from w).")
             center = w
-        elif node is not None and node in self.prior.index:
+            if lam is not None:
+                prox = GroupL2({glob.escape(n): "shared" if sh else float(lam)
+                                for n, sh in zip(self.names, self.shared_groups)}, self.names)
+        elif lam is not None:
+            raise ValueError("lam= overrides the pull of a flat prior; with a Tree prior the pulls come from the "
+                             "penalty and the tree's lam_levels (build the learner with the λ you want).")
+        elif node is not None:
+            if node not in self.prior.index:
+                raise ValueError(f"node {node!r} is not in the tree (nodes: {self.prior.nodes[:8]}"
+                                 f"{' …' if len(self.prior.nodes) > 8 else ''}); for a task of a new group pass "
+                                 f"node=None and parent=<its parent> (default: the root).")
             if parent is not None:
                 raise ValueError(f"node {node!r} is in the tree (its parent is {self.prior.parent[node]!r}); "
-                                 f"parent= is only for a new node.")
+                                 f"parent= is only for a new node (node=None).")
             center = self.theta[self.prior.index[node]]
         else:
             center, prox = self._new_node_prior(parent)

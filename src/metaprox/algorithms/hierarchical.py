@@ -254,7 +254,9 @@ class HierarchicalMMP(MetaLearner):
     def adapt(self, task: Task, group=None, steps: int | None = None,  # type: ignore[override]
               inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
         """Parameters for ``task``: solved from the deepest known node on its path with the marginal pull of the
-        levels below it (:meth:`prior`); ``group=None`` or an unknown group → from the root."""
+        levels below it (:meth:`prior`): a group whose path nobody has seen yet → from its deepest seen
+        ancestor (the root if none); ``group=None`` → from the root with every level integrated out. With a
+        ``tree``, a name that is not one of its nodes is an error."""
         solver = inner or self.inner
         if steps is not None:
             solver = solver.with_steps(steps)

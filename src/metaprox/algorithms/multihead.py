@@ -11,7 +11,8 @@ The trunk part is pulled toward the center w (the trunk module's parameters) —
 ``"shared"`` (λ = ∞, joint training: kept at w by the solver, meta-gradient = the data gradient) or
 ``"private"``; heads and encoders are private (never averaged into w; with μ > 0 they are ridge-regularised
 toward their fixed start ``private⁰``). The meta-gradient of w is the usual envelope gradient (Lemma 1)
-``Σ_t â_t λ(w − trunk_t*)`` (â normalised over the whole meta-batch), whatever the head shapes: the head shape
+``Σ_t â_t λ(w − trunk_t*)`` (infinite setting: â normalised over the whole meta-batch; finite setting: the
+unbiased minibatch weights of :meth:`TaskSampler.estimator_weights`), whatever the head shapes: the head shape
 only changes the inner problem. Tasks are grouped by (kind, data shape) and each group is solved batched by the
 ordinary inner solvers on the kind's ``encoder → trunk → head`` member model.
 
@@ -298,7 +299,8 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         idx = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
-        wt = self.tasks.weights[idx]
+        # unbiased for the weighted joint objective (a batch-sum ratio is biased with minibatches)
+        wt = self.sampler.estimator_weights(self.tasks.weights.to(torch.float64), idx, drawn=indices is None)
         total = [torch.zeros_like(p) for p in self.center()]
         stat, n = 0.0, 0
         for kd, kpos in self._by_kind(idx).items():
@@ -321,7 +323,7 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
             if not bool(torch.isfinite(solved).all()):
                 raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}.")
             store.write(self.row[kidx], solved)
-        diag = self._outer(total, float(wt.sum()))
+        diag = self._outer(total, 1.0)
         diag["tasks"] = float(len(idx))
         if monitor and n:
             diag["inner_stationarity"] = stat / n

@@ -120,6 +120,10 @@ class TaskSampler:
             raise ValueError("batch_size must be ≥ 1 or None (full batch).")
         if probs is not None and not replacement:
             raise ValueError("sampling probabilities need replacement=True.")
+        if probs is not None and batch_size is None:
+            raise ValueError("sampling probabilities need a batch_size (batch_size=None is the full batch, every "
+                             "task once, which ignores them); for weighted tasks without sampling give the "
+                             "TaskSet weights instead.")
         self.batch_size = None if batch_size is None else \
             (int(batch_size) if replacement else min(int(batch_size), self.n))
         self.replacement = replacement
@@ -140,6 +144,21 @@ class TaskSampler:
         out = self._perm[self._at:self._at + self.batch_size]
         self._at += len(out)
         return out.numpy()
+
+    def estimator_weights(self, weights: torch.Tensor, idx: np.ndarray, drawn: bool = True) -> torch.Tensor:
+        """â_t = (w_t/W) / (B·p_t) for the batch ``idx`` (W = Σ_all w_t, B = len(idx), p_t the per-draw
+        probability of task t): Σ_batch â_t g_t is an unbiased estimate of Σ_all (w_t/W) g_t, so a meta-gradient
+        built from it has the weighted joint objective's minimiser as its fixed point. (Normalising by the batch's
+        own weight sum is a ratio estimator, biased unless the batch is everything.) p_t = ``probs`` for i.i.d.
+        draws with probabilities (``drawn``: ``idx`` came from this sampler); else 1/n — uniform i.i.d. draws,
+        shuffled epochs and explicit batches, where task t is in a batch of B with probability B/n. The full
+        batch gives w_t/W and unit weights 1/B, both bitwise as the batch-sum ratio."""
+        n, b = self.n, len(idx)
+        wt, total = weights[idx], weights.sum()
+        if self.probs is None or not drawn:
+            return wt / (total if b == n else total * b / n)
+        p = (self.probs / self.probs.sum())[idx].to(weights.dtype)
+        return wt / (total * b * p)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (generator, current epoch's permutation and position), for exact resumes."""

@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--bucket", type=int, default=None,
                     help="round training rows per task down to a multiple of this (default: 16 for landmine, "
                          "1 otherwise); the dropped rows are not used at all")
+    ap.add_argument("--lams", type=float, nargs="+", default=None,
+                    help="λ grid for every method (default: the dataset's grid below)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -154,6 +156,7 @@ def main() -> None:
         data, grid = load_computer_survey(args.data), [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
     else:
         data, grid = load_parkinsons(args.data, target=args.target), [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+    grid = args.lams or grid
     args.bucket = args.bucket or (16 if classify else 1)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()

@@ -7,7 +7,11 @@ All four methods are the same FiniteMMP machinery with a linear model (logistic 
 - ``mmp``         per-task weights pulled toward a learned center with one λ, per-task bias private
                   (partial sharing; like-for-like with ``independent``, whose bias is free too);
 - ``mmp_size``    the same with size-scaled pull λ_t = λ·n̄/n_t (more data → weaker pull);
-- ``mmp_all``     weights *and* bias pulled toward the learned center (the plain paper penalty).
+- ``mmp_all``     weights *and* bias pulled toward the learned center (the plain paper penalty);
+- ``mmp_tree``    landmine only (``--methods``): ``mmp`` with a two-level prior root → {foliated fields 1–15,
+                  bare-earth/desert fields 16–29} → fields (the two terrain types of Xue et al. 2007): each
+                  field's weights are pulled toward its terrain's center with λ, each terrain center toward the
+                  root with λ_group; (λ, λ_group) chosen jointly on the same validation rows (``--group-lams``).
 
 λ of every method is chosen per split on the *training* rows only (a random 25 % of each task's training rows
 held out, grid below), then the model is refit on all training rows. Splits: landmine and Parkinson's — a
@@ -36,15 +40,18 @@ import metaprox
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.data.multitask import load_computer_survey, load_landmine, load_parkinsons, split_per_task
 from metaprox.metrics import auc
+from metaprox.priors import Tree
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSet
 
-METHODS = ("pooled", "independent", "mmp", "mmp_size", "mmp_all")
+METHODS = ("pooled", "independent", "mmp", "mmp_size", "mmp_all", "mmp_tree")
+LANDMINE_TERRAIN = ["foliated"] * 15 + ["bare"] * 14  # fields 1–15 highly foliated, 16–29 bare earth/desert
 DT = torch.float64
 
 
-def fit(method: str, tasks: list[Task], lam: float, classify: bool) -> list[dict[str, torch.Tensor]]:
-    """Per-task parameters after fitting ``method`` with pull/ridge ``lam``."""
+def fit(method: str, tasks: list[Task], lam: float, classify: bool,
+        group_lam: float | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per-task parameters after fitting ``method`` with pull/ridge ``lam`` (``mmp_tree``: and ``group_lam``)."""
     d = tasks[0].x.shape[1]
     torch.manual_seed(0)
     model = torch.nn.Linear(d, 2 if classify else 1).to(DT)
@@ -65,8 +72,13 @@ def fit(method: str, tasks: list[Task], lam: float, classify: bool) -> list[dict
     else:
         inner = metaprox.ExactLeastSquares()
         outer = 1 if not coupled else 150
+    prior = None
+    if method == "mmp_tree":
+        if len(tasks) != len(LANDMINE_TERRAIN):
+            raise ValueError("mmp_tree knows the terrain groups of landmine's 29 fields only.")
+        prior = Tree({"root": None, "foliated": "root", "bare": "root"}, LANDMINE_TERRAIN, [group_lam])
     fm = FiniteMMP(model, ts, loss, lam=lam_spec, task_lam="size" if method == "mmp_size" else "constant",
-                   inner=inner, center_update="exact" if coupled else "fixed")
+                   inner=inner, center_update="exact" if coupled else "fixed", prior=prior)
     prev = None
     for _ in range(outer):
         fm.step(monitor=False)
@@ -111,7 +123,8 @@ def bucket(mask: np.ndarray, task: np.ndarray, q: int, rng: np.random.Generator)
 
 
 def run_split(data, train: np.ndarray, test: np.ndarray, rng: np.random.Generator, classify: bool,
-              grid: list[float], q: int = 1) -> dict[str, dict[str, float]]:
+              grid: list[float], q: int = 1, methods: tuple[str, ...] = METHODS,
+              group_grid: tuple[float, ...] = ()) -> dict[str, dict[str, float]]:
     mean, std = data.x[train].mean(0), data.x[train].std(0) + 1e-12
     sub = np.zeros(len(data.y), dtype=bool)
     tr_idx = np.flatnonzero(train)
@@ -122,14 +135,17 @@ def run_split(data, train: np.ndarray, test: np.ndarray, rng: np.random.Generato
     train_tasks, test_tasks = make_tasks(data, train, mean, std, classify), make_tasks(data, test, mean, std, classify)
     better = (lambda a, b: a > b) if classify else (lambda a, b: a < b)
     out = {}
-    for method in METHODS:
+    for method in methods:
         best_lam, best = None, None
-        for lam in grid:
-            s = score(fit(method, fit_tasks, lam, classify), val_tasks, classify)
+        for lam in [(a, g) for a in grid for g in group_grid] if method == "mmp_tree" else [(a, None) for a in grid]:
+            s = score(fit(method, fit_tasks, lam[0], classify, lam[1]), val_tasks, classify)
             if best is None or better(s, best):
                 best_lam, best = lam, s
-        out[method] = {"lam": best_lam, "val": best,
-                       "test": score(fit(method, train_tasks, best_lam, classify), test_tasks, classify)}
+        out[method] = {"lam": best_lam[0], "val": best,
+                       "test": score(fit(method, train_tasks, best_lam[0], classify, best_lam[1]), test_tasks,
+                                     classify)}
+        if method == "mmp_tree":
+            out[method]["group_lam"] = best_lam[1]
     return out
 
 
@@ -146,6 +162,9 @@ def main() -> None:
                          "1 otherwise); the dropped rows are not used at all")
     ap.add_argument("--lams", type=float, nargs="+", default=None,
                     help="λ grid for every method (default: the dataset's grid below)")
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "mmp_tree"], choices=METHODS)
+    ap.add_argument("--group-lams", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                    help="λ_group grid of mmp_tree (terrain center → root)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -166,15 +185,20 @@ def main() -> None:
             train = data.extra["profile"] <= 16
         else:
             train = split_per_task(data.task, args.train_frac, rng)
-        results.append(run_split(data, train, ~train, rng, classify, grid, args.bucket))
+        results.append(run_split(data, train, ~train, rng, classify, grid, args.bucket, tuple(args.methods),
+                                 tuple(args.group_lams)))
         print(f"split {k}: " + ", ".join(f"{m} {r['test']:.4f} (λ={r['lam']:g})" for m, r in results[-1].items()),
               flush=True)
     summary = {}
-    for m in METHODS:
+    for m in args.methods:
         vals = np.array([r[m]["test"] for r in results])
         ci = 1.96 * vals.std(ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
         summary[m] = {"mean": float(vals.mean()), "ci95": float(ci),
                       "lams": [r[m]["lam"] for r in results]}
+    if "mmp_tree" in args.methods and "mmp" in args.methods:  # same splits: a paired difference
+        diff = np.array([r["mmp_tree"]["test"] - r["mmp"]["test"] for r in results])
+        summary["mmp_tree - mmp (paired)"] = {"mean": float(diff.mean()), "lams": [],
+                                              "ci95": float(1.96 * diff.std(ddof=1) / math.sqrt(len(diff)))}
     metric = "mean per-task AUC" if classify else "RMSE"
     print(f"\n{args.dataset}: {metric} over {args.splits} splits (95% CI), {time.time() - t0:.0f}s")
     for m, s in summary.items():

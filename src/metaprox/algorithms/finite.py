@@ -72,7 +72,7 @@ from metaprox.prox import GroupL2, Penalty, SquaredL2, TaskScaled
 from metaprox.solvers import InnerSolver, ProxProblem
 from metaprox.store import MemoryStore, ParamLayout, ShardedStore, TaskStore
 from metaprox.tasks.task import Task
-from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, task_lam_factors
+from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, estimator_weights, task_lam_factors
 
 __all__ = ["FiniteMMP", "CENTER_UPDATES"]
 
@@ -257,11 +257,8 @@ class FiniteMMP(MetaLearner):
         return c, s, v, data_grad, stat
 
     def _estimator_weights(self, idx: np.ndarray, drawn: bool) -> torch.Tensor:
-        """â_t of the batch ``idx`` (:meth:`TaskSampler.estimator_weights`: unbiased for ∇(J/W))."""
-        weights = self.tasks.weights.to(self.dtype)
-        if isinstance(self.sampler, TaskSampler):
-            return self.sampler.estimator_weights(weights, idx, drawn)
-        return TaskSampler(len(self.tasks)).estimator_weights(weights, idx, drawn=False)  # a custom sampler: 1/n
+        """â_t of the batch ``idx`` (:func:`~metaprox.tasks.taskset.estimator_weights`: unbiased for ∇(J/W))."""
+        return estimator_weights(self.tasks.weights.to(self.dtype), idx, self.sampler, drawn)
 
     def _solve_rows(self, groups: list, scale: torch.Tensor, c_eff: torch.Tensor, init: torch.Tensor,
                     monitor: bool, prox: Penalty | None = None, inner: InnerSolver | None = None

@@ -12,9 +12,9 @@ The trunk part is pulled toward the center w (the trunk module's parameters) —
 ``"private"``; heads and encoders are private (never averaged into w; with μ > 0 they are ridge-regularised
 toward their fixed start ``private⁰``). The meta-gradient of w is the usual envelope gradient (Lemma 1)
 ``Σ_t â_t λ(w − trunk_t*)`` (infinite setting: â normalised over the whole meta-batch; finite setting: the
-unbiased minibatch weights of :meth:`TaskSampler.estimator_weights`), whatever the head shapes: the head shape
-only changes the inner problem. Tasks are grouped by (kind, data shape) and each group is solved batched by the
-ordinary inner solvers on the kind's ``encoder → trunk → head`` member model.
+unbiased minibatch weights of :func:`~metaprox.tasks.taskset.estimator_weights`), whatever the head shapes:
+the head shape only changes the inner problem. Tasks are grouped by (kind, data shape) and each group is solved
+batched by the ordinary inner solvers on the kind's ``encoder → trunk → head`` member model.
 
 Two settings:
 
@@ -55,7 +55,7 @@ from metaprox.prox import GroupL2, TaskScaled
 from metaprox.solvers import InnerResult, InnerSolver, ProxProblem
 from metaprox.store import MemoryStore, ParamLayout, TaskStore
 from metaprox.tasks.task import Task
-from metaprox.tasks.taskset import TaskSampler, TaskSet, task_lam_factors
+from metaprox.tasks.taskset import TaskSampler, TaskSet, estimator_weights, task_lam_factors
 
 __all__ = ["MultiHeadMMP", "FiniteMultiHeadMMP", "HEAD_INITS"]
 
@@ -300,7 +300,7 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
         # unbiased for the weighted joint objective (a batch-sum ratio is biased with minibatches)
-        wt = self.sampler.estimator_weights(self.tasks.weights.to(torch.float64), idx, drawn=indices is None)
+        wt = estimator_weights(self.tasks.weights.to(torch.float64), idx, self.sampler, drawn=indices is None)
         total = [torch.zeros_like(p) for p in self.center()]
         stat, n = 0.0, 0
         for kd, kpos in self._by_kind(idx).items():

@@ -21,7 +21,7 @@ import torch
 from metaprox.checkpoint import decode_rng, encode_rng
 from metaprox.tasks.task import Task
 
-__all__ = ["TaskSet", "GeneratedTaskSet", "TaskSampler", "task_lam_factors"]
+__all__ = ["TaskSet", "GeneratedTaskSet", "TaskSampler", "task_lam_factors", "estimator_weights"]
 
 Group = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
@@ -145,21 +145,6 @@ class TaskSampler:
         self._at += len(out)
         return out.numpy()
 
-    def estimator_weights(self, weights: torch.Tensor, idx: np.ndarray, drawn: bool = True) -> torch.Tensor:
-        """â_t = (w_t/W) / (B·p_t) for the batch ``idx`` (W = Σ_all w_t, B = len(idx), p_t the per-draw
-        probability of task t): Σ_batch â_t g_t is an unbiased estimate of Σ_all (w_t/W) g_t, so a meta-gradient
-        built from it has the weighted joint objective's minimiser as its fixed point. (Normalising by the batch's
-        own weight sum is a ratio estimator, biased unless the batch is everything.) p_t = ``probs`` for i.i.d.
-        draws with probabilities (``drawn``: ``idx`` came from this sampler); else 1/n — uniform i.i.d. draws,
-        shuffled epochs and explicit batches, where task t is in a batch of B with probability B/n. The full
-        batch gives w_t/W and unit weights 1/B, both bitwise as the batch-sum ratio."""
-        n, b = self.n, len(idx)
-        wt, total = weights[idx], weights.sum()
-        if self.probs is None or not drawn:
-            return wt / (total if b == n else total * b / n)
-        p = (self.probs / self.probs.sum())[idx].to(weights.dtype)
-        return wt / (total * b * p)
-
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (generator, current epoch's permutation and position), for exact resumes."""
         return {"generator": encode_rng(self.generator.get_state()), "at": self._at,
@@ -169,6 +154,24 @@ class TaskSampler:
         self.generator.set_state(decode_rng(state["generator"]))
         self._at = int(state["at"])
         self._perm = None if state["perm"] is None else torch.tensor(state["perm"], dtype=torch.int64)
+
+
+def estimator_weights(weights: torch.Tensor, idx: np.ndarray, sampler: Any = None,
+                      drawn: bool = True) -> torch.Tensor:
+    """â_t = (w_t/W) / (B·p_t) for the batch ``idx`` (W = Σ_all w_t, B = len(idx), p_t the per-draw probability
+    of task t): Σ_batch â_t g_t is an unbiased estimate of Σ_all (w_t/W) g_t, so a meta-gradient built from it has
+    the weighted joint objective's minimiser as its fixed point. (Normalising by the batch's own weight sum is a
+    ratio estimator, biased unless the batch is everything.) p_t = the ``sampler``'s ``probs`` for i.i.d. draws
+    with probabilities (``drawn``: ``idx`` came from that sampler); else 1/n — uniform i.i.d. draws, shuffled
+    epochs, explicit batches and samplers without ``probs``, where task t is in a batch of B with probability
+    B/n. The full batch gives w_t/W and unit weights 1/B, both bitwise as the batch-sum ratio."""
+    n, b = len(weights), len(idx)
+    wt, total = weights[idx], weights.sum()
+    probs = getattr(sampler, "probs", None) if drawn else None
+    if probs is None:
+        return wt / (total if b == n else total * b / n)
+    p = (probs / probs.sum())[idx].to(weights.dtype)
+    return wt / (total * b * p)
 
 
 def task_lam_factors(sizes: Any, how: str | Sequence[float] | torch.Tensor = "constant",

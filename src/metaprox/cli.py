@@ -18,7 +18,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaprox.checkpoint import CheckpointError
 from metaprox.config import ConfigError
 
 __all__ = ["main", "build_parser"]
@@ -70,13 +69,15 @@ def _eval(args: argparse.Namespace) -> int:
     from metaprox.config import apply_overrides, resolve
     from metaprox.evaluate import _table, evaluate_run
     from metaprox.rundir import load_learner
+    from metaprox.runlock import run_lock
 
     learner, cfg, _ = load_learner(args.run_dir)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
     cfg = resolve(apply_overrides(cfg, args.overrides))
-    result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)
+    with run_lock(args.run_dir, enabled=not args.no_write):  # no eval files written into a run still training
+        result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -122,17 +123,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 *(f"--set '{o}'" for o in args.overrides)])
             run_compare(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True), command=command)
             print(f"report: {args.out}/README.md")
-    except (ConfigError, CheckpointError, ValueError, TypeError, KeyError) as e:
-        print(f"metaprox: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from metaprox.train import TrainingDiverged
-
-        if isinstance(e, TrainingDiverged):
-            print(f"metaprox: {e}", file=sys.stderr)
-            return 3
-        raise
+    except Exception as e:  # the one error path: metaprox.errors says which are the user's and the exit codes
+        return _report(e)
     return 0
+
+
+def _report(e: Exception) -> int:
+    from metaprox.errors import EXIT_DIVERGED, EXIT_USER, user_error_message
+    from metaprox.train import TrainingDiverged
+
+    if isinstance(e, TrainingDiverged):
+        print(f"metaprox: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    message = user_error_message(e)
+    if message is None:
+        raise e  # a bug: keep its traceback
+    print(f"metaprox: error: {message}", file=sys.stderr)
+    return EXIT_USER
 
 
 def run() -> None:

@@ -121,6 +121,9 @@ def _check_types(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str =
             if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
                     and not value.is_integer() and key not in ("lr", "lam", "momentum", "beta1"):
                 raise ConfigError(f"config key {path!r} must be an integer, got {value!r}.")
+        elif key == "tensorboard":
+            if value not in (True, False, "auto", "true", "false", "off"):
+                raise ConfigError(f"config key {path!r} must be true, false or 'auto', got {value!r}.")
         elif isinstance(default, str):
             if not isinstance(value, str):
                 raise ConfigError(f"config key {path!r} must be a string, got {value!r}.")

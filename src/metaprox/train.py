@@ -32,6 +32,7 @@ from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
+from metaprox.runlock import run_lock
 
 __all__ = ["train", "TrainingDiverged", "VAL_CURVE"]
 
@@ -84,7 +85,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
     ``max_seconds`` does the same once this session has trained for that long (wall clock), e.g. to fit a
     fixed time budget.
     """
-    with process_group(cfg["device"]) as reducer:
+    with process_group(cfg["device"]) as reducer, run_lock(out_dir, enabled=reducer.rank == 0):
         if cfg["algorithm"] == "finite_mmp":
             from metaprox.train_finite import train_finite
 

@@ -45,9 +45,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a full disk: say which file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -117,8 +119,8 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     run_dir = Path(run_dir)
     meta_path = run_dir / "checkpoint.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"no checkpoint in {str(run_dir)!r} (checkpoint.json missing); "
-                              f"train first, or drop --resume to start a new run.")
+        raise CheckpointError(f"no checkpoint in {str(run_dir)!r} (checkpoint.json missing): the run has not saved "
+                              f"one yet (`metaprox train` saves one every log.checkpoint_every steps and at its end).")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -70,12 +70,14 @@ def _eval(args: argparse.Namespace) -> int:
     from metaprox.evaluate import _table, evaluate_run
     from metaprox.rundir import load_learner
     from metaprox.runlock import run_lock
+    from metaprox.validate import validate_eval
 
     learner, cfg, _ = load_learner(args.run_dir)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
     cfg = resolve(apply_overrides(cfg, args.overrides))
+    validate_eval(cfg, args.split)
     with run_lock(args.run_dir, enabled=not args.no_write):  # no eval files written into a run still training
         result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)
     if args.json:

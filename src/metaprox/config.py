@@ -215,11 +215,17 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
                 import yaml
             except ImportError as e:
                 raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML.") from e
-            raw = yaml.safe_load(text) or {}
+            try:
+                raw = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from e
         elif path.suffix == ".json":
             raw = json.loads(text)
         else:
             raise ConfigError(f"config {str(path)!r}: use a .toml, .yaml or .json file.")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"config {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {str(path)!r} must hold a table of keys (like configs/sine.toml) at its top "
+                          f"level, not a {type(raw).__name__}.")
     return resolve(apply_overrides(raw, overrides))

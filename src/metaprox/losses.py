@@ -17,9 +17,18 @@ def _mse_batched(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred - y).square().flatten(1).mean(1)
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    try:
+        return F.cross_entropy(logits, labels.long(), reduction=reduction)
+    except IndexError as e:  # torch's "Target 3 is out of bounds."
+        raise ValueError(f"loss 'cross_entropy': a class label is out of range for the model's {logits.shape[-1]} "
+                         f"outputs ({e}); labels must be 0..{logits.shape[-1] - 1} (relabel the classes, or give "
+                         f"the model one output per class).") from None
+
+
 def _ce_batched(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     b = pred.shape[0]
-    per = F.cross_entropy(pred.flatten(0, 1), y.flatten(0, 1).long(), reduction="none")
+    per = _cross_entropy(pred.flatten(0, 1), y.flatten(0, 1), "none")
     return per.view(b, -1).mean(1)
 
 
@@ -28,7 +37,7 @@ def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _ce(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred, y.long())
+    return _cross_entropy(pred, y, "mean")
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,16 @@ class Loss:
 
     def check_shapes(self, pred: torch.Tensor, y: torch.Tensor) -> None:
         """Catch silent broadcasting (e.g. pred (n, 1) against y (n,)), the classic regression bug."""
+        if self.name == "mse" and not y.is_floating_point():
+            raise ValueError(f"loss 'mse' needs floating-point targets, got {y.dtype} (class labels?); use "
+                             f"loss='cross_entropy' for classification, or y.float() for regression.")
         if self.name == "mse" and pred.shape != y.shape:
+            per_example = pred[0].numel() if pred.dim() else 1, y[0].numel() if y.dim() else 1
+            fix = ("reshape y to the output's shape, e.g. y.view(-1, 1)" if per_example[0] == per_example[1] else
+                   "check the model's output size and the input shape (a Linear layer maps only the last axis of "
+                   "x, so x of shape (n, a, b) gives outputs (n, a, out): flatten x to (n, features))")
             raise ValueError(f"loss 'mse': model output has shape {tuple(pred.shape)} but targets have shape "
-                             f"{tuple(y.shape)}; they must match (reshape y, e.g. y.view(-1, 1)).")
+                             f"{tuple(y.shape)}; they must match: {fix}.")
         if self.name == "cross_entropy":
             if y.is_floating_point():
                 raise ValueError(f"loss 'cross_entropy' needs integer class labels, got targets of dtype {y.dtype}.")

@@ -75,6 +75,8 @@ class InnerSolver:
     steps: int
 
     def with_steps(self, steps: int) -> InnerSolver:
+        if isinstance(steps, bool) or not float(steps).is_integer():  # 2.5 must not quietly become 2
+            raise ValueError(f"steps = {steps!r}: the number of inner steps must be a whole number ≥ 0.")
         return replace(self, steps=int(steps))  # type: ignore[type-var]
 
     def solve(self, problem: ProxProblem, *, generator: torch.Generator | None = None, monitor: bool = True,
@@ -88,8 +90,8 @@ class InnerSolver:
         return InnerResult(v, loss, stat)
 
     def _check(self) -> None:
-        if int(self.steps) < 0:
-            raise ValueError(f"{type(self).__name__}.steps = {self.steps}: must be ≥ 0.")
+        if isinstance(self.steps, bool) or not float(self.steps).is_integer() or int(self.steps) < 0:
+            raise ValueError(f"{type(self).__name__}.steps = {self.steps!r}: must be a whole number ≥ 0.")
         lr = getattr(self, "lr", 1.0)
         if not lr > 0:
             raise ValueError(f"{type(self).__name__}.lr = {lr}: the inner learning rate must be > 0.")

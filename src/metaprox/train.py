@@ -31,8 +31,10 @@ from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_ch
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation
+from metaprox.nonfinite import diverged_message, first_nonfinite
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 from metaprox.runlock import run_lock
+from metaprox.validate import validate_run
 
 __all__ = ["train", "TrainingDiverged", "VAL_CURVE"]
 
@@ -85,6 +87,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
     ``max_seconds`` does the same once this session has trained for that long (wall clock), e.g. to fit a
     fixed time budget.
     """
+    validate_run(cfg, out_dir, evaluate=evaluate)  # every problem of the config, data and --out, before any work
     with process_group(cfg["device"]) as reducer, run_lock(out_dir, enabled=reducer.rank == 0):
         if cfg["algorithm"] == "finite_mmp":
             from metaprox.train_finite import train_finite
@@ -184,8 +187,14 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
             except NonFiniteError as e:  # raised on every rank alike (the meta-gradient is all-reduced)
                 if main:
                     write_metrics(run_dir, rows)
-                raise TrainingDiverged(f"training stopped at step {s}: {e} The last good checkpoint in "
-                                       f"{str(run_dir)!r} is kept.") from e
+                raise TrainingDiverged(diverged_message(s, str(e).rstrip("."), run_dir)) from e
+            bad = first_nonfinite(zip(learner.names, learner.fmodel.params()))  # same on every rank
+            if bad is not None:  # caught before any checkpoint holds it: the last one written is finite
+                if main:
+                    write_metrics(run_dir, rows)
+                raise TrainingDiverged(diverged_message(
+                    s, f"parameter {bad} is not finite after outer step {s + 1} (outer.lr = {cfg['outer']['lr']:g} "
+                       f"too large?)", run_dir))
             if monitor:
                 row = {**diag, "step": learner.step_count, "time": elapsed0 + time.perf_counter() - t0}
                 rows.append(row)

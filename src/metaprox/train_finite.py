@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from metaprox import sharded
+from metaprox.algorithms.base import NonFiniteError
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.build import _optimizer_factory, build_inner
 from metaprox.checkpoint import CheckpointError, atomic_write
@@ -131,6 +132,24 @@ def evaluate_finite(learner: FiniteMMP, test: list[Task], classify: bool) -> dic
     return {"metric": "rmse", "value": (tot["sq"] / max(tot["rows"], 1.0)) ** 0.5, "rows": int(tot["rows"])}
 
 
+def _guarded_step(learner: FiniteMMP, monitor: bool, run_dir: Path) -> dict[str, float]:
+    """``learner.step``, stopped with :class:`~metaprox.train.TrainingDiverged` at a NaN/inf (the same on every
+    rank: the center is all-reduced), before any checkpoint can hold it."""
+    from metaprox.nonfinite import diverged_message, first_nonfinite
+    from metaprox.train import TrainingDiverged
+
+    s = learner.step_count
+    try:
+        diag = learner.step(monitor=monitor)
+    except NonFiniteError as e:
+        raise TrainingDiverged(diverged_message(s, str(e).rstrip("."), run_dir)) from e
+    bad = first_nonfinite(zip(learner.names, learner.fmodel.params()))
+    if bad is not None:
+        raise TrainingDiverged(diverged_message(s, f"center parameter {bad} is not finite after outer step "
+                                                   f"{s + 1} (outer.lr too large?)", run_dir))
+    return diag
+
+
 def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: bool | None, evaluate: bool,
                  stop_at: int | None, reducer: Reducer) -> dict[str, Any]:
     from tqdm import tqdm
@@ -180,7 +199,7 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
     try:
         while learner.step_count < end:
             monitor = (learner.step_count + 1) % log["every"] == 0 or learner.step_count + 1 == total
-            diag = learner.step(monitor=monitor)
+            diag = _guarded_step(learner, monitor, run_dir)
             if monitor:
                 rows.append({**diag, "step": learner.step_count, "J": learner.objective(),
                              "time": time.perf_counter() - t0})

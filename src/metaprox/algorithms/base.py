@@ -137,6 +137,10 @@ class MetaLearner:
             if not outer_lr > 0:
                 raise ValueError(f"outer_lr = {outer_lr}: must be > 0.")
             return torch.optim.SGD(params, lr=outer_lr)
+        if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):  # a class, e.g. torch.optim.SGD:
+            if not outer_lr > 0:                                  # built with outer_lr, not its own default lr
+                raise ValueError(f"outer_lr = {outer_lr}: must be > 0.")
+            return spec(params, lr=outer_lr)
         opt = spec if isinstance(spec, torch.optim.Optimizer) else spec(params)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError("meta_optimizer must be a torch.optim.Optimizer or a callable params -> Optimizer.")
@@ -223,6 +227,8 @@ class MetaLearner:
         if isinstance(tasks, Task):
             tasks = [tasks]
         total = tasks.total if isinstance(tasks, TaskShare) else len(tasks)
+        if total == 0:
+            raise ValueError("step() got no tasks: pass a non-empty minibatch of metaprox.Task objects.")
         a = _check_weights(weights if weights is not None else [1.0] * total, total)
         part = self.reducer.part(total)  # this process's share of the minibatch (all of it, usually)
         share = self._share(tasks, part)

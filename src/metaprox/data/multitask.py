@@ -125,13 +125,25 @@ def load_parkinsons(path: str | os.PathLike | None = None, target: str = "total_
     if not file.is_file():
         raise DatasetLayoutError(f"{str(file)!r} not found.")
     with open(file, newline="") as f:
-        rows = list(csv.reader(f))
-    head, body = rows[0], rows[1:]
+        rows = [r for r in csv.reader(f) if r]
     features = features or PARKINSONS_VOICE
+    if not rows:
+        raise DatasetLayoutError(f"{file} is empty: it needs a header row (subject#, {target}, the voice measures) "
+                                 f"and one row per recording.")
+    head, body = rows[0], rows[1:]
     for col in ["subject#", target, *features]:
         if col not in head:
             raise DatasetLayoutError(f"{file}: column {col!r} missing (have {head}).")
-    arr = np.array(body, dtype=np.float64)
+    if not body:
+        raise DatasetLayoutError(f"{file} has a header but no data rows.")
+    arr = np.empty((len(body), len(head)))
+    for n, row in enumerate(body, 2):  # line numbers as an editor shows them (the header is line 1)
+        try:
+            if len(row) != len(head):
+                raise ValueError(f"{len(row)} fields, the header has {len(head)}")
+            arr[n - 2] = [float(v) for v in row]
+        except ValueError as e:
+            raise DatasetLayoutError(f"{file}, row {n}: {e} (every field must be a number).") from None
     col = {name: i for i, name in enumerate(head)}
     subj = arr[:, col["subject#"]].astype(np.int64)
     _, task = np.unique(subj, return_inverse=True)

@@ -1,0 +1,211 @@
+"""Check a whole run config before any work — every key training *and* evaluation use, the data files, the output
+directory and the device — and report every problem at once (one :class:`~metaprox.config.ConfigError`).
+
+:func:`metaprox.config.resolve` checks each key's type; this checks what the values mean together (a range of two
+numbers, an MLP whose input width is the data's, a learning rate that is a finite number) and what exists outside
+the config (folders, split lists, a writable ``--out``, a CUDA device), so that a run never fails after hours of
+training on something it could have said at the start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaprox.config import ConfigError
+
+__all__ = ["config_problems", "validate_run", "validate_eval"]
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(out: list[str], key: str, v: Any, *, optional: bool = False, hint: str = "") -> None:
+    if optional and v is None:
+        return
+    if not _is_number(v) or not math.isfinite(v) or v <= 0 or abs(v) > _F32_MAX:
+        out.append(f"{key} = {v!r}: must be a finite number > 0{hint or '.'}")
+
+
+def _at_least(out: list[str], key: str, v: Any, low: int, hint: str = "") -> None:
+    if not _is_number(v) or v < low:
+        out.append(f"{key} = {v!r}: must be an integer ≥ {low}{hint or '.'}")
+
+
+def _range(out: list[str], key: str, v: Any, strict: bool) -> None:
+    ok = isinstance(v, list) and len(v) == 2 and all(_is_number(x) and math.isfinite(x) for x in v)
+    if not ok or (v[0] >= v[1] if strict else v[0] > v[1]):
+        out.append(f"{key} = {v!r}: must be [low, high] with low {'<' if strict else '≤'} high "
+                   f"(two finite numbers).")
+
+
+def _training(cfg: dict[str, Any], out: list[str]) -> None:
+    log, outer, inner, task = cfg["log"], cfg["outer"], cfg["inner"], cfg["task"]
+    _at_least(out, "log.every", log["every"], 1, " (log every N outer steps).")
+    _at_least(out, "log.checkpoint_every", log["checkpoint_every"], 1,
+              " (checkpoint every N outer steps; the last step is always checkpointed).")
+    if log["tensorboard"] in (True, "true"):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            out.append("log.tensorboard = true but tensorboard is not installed: pip install 'metaprox[tensorboard]' "
+                       "(or set log.tensorboard = 'auto').")
+    _positive(out, "outer.lr", outer["lr"], hint=" (at most 3.4e38, the float32 maximum).")
+    if inner["solver"] != "exact_least_squares":
+        _positive(out, "inner.lr", inner["lr"])
+        if inner["steps"] == 0 and cfg["algorithm"] in ("mmp", "reptile"):
+            out.append(f"inner.steps = 0: {cfg['algorithm']} would leave every task's solution at the prior, so its "
+                       f"meta-gradient is 0 and nothing is learned; use ≥ 1 (the paper's sine runs use 15).")
+    _at_least(out, "inner.batch_size", inner["batch_size"], 0, " (0: full batch).")
+    for key in ("momentum", "beta1"):
+        if not (_is_number(inner[key]) and 0 <= inner[key] < 1):
+            out.append(f"inner.{key} = {inner[key]!r}: must be in [0, 1).")
+    if cfg["algorithm"] == "finite_mmp":
+        return
+    if task["family"] == "sine":
+        _range(out, "task.amp_range", task["amp_range"], strict=False)
+        _range(out, "task.phase_range", task["phase_range"], strict=False)
+        _range(out, "task.x_range", task["x_range"], strict=True)
+        _at_least(out, "task.train_points", task["train_points"], 1)
+        _at_least(out, "task.query_points", task["query_points"], 0)
+    model = cfg["model"]
+    if model["kind"] == "mlp":
+        sizes = model["sizes"]
+        if len(sizes) < 2 or not all(_is_number(s) and s == int(s) and s >= 1 for s in sizes):
+            out.append(f"model.sizes = {sizes!r}: must list ≥ 2 layer widths ≥ 1 (input, hidden..., output).")
+        elif task["family"] == "sine" and (sizes[0] != 1 or sizes[-1] != 1):
+            out.append(f"model.sizes = {sizes!r}: sine tasks map 1 input to 1 output, so the first and last widths "
+                       f"must be 1 (e.g. [1, 40, 40, 1]).")
+
+
+def _evaluation(cfg: dict[str, Any], out: list[str]) -> None:
+    e = cfg["eval"]
+    _at_least(out, "eval.tasks", e["tasks"], 1, " (test tasks per setting).")
+    if cfg["task"]["family"] == "sine":
+        _at_least(out, "eval.points", e["points"], 1, " (query points per test task).")
+        if not e["shots"] or not all(_is_number(s) and s == int(s) and s >= 1 for s in e["shots"]):
+            out.append(f"eval.shots = {e['shots']!r}: must be a non-empty list of support sizes ≥ 1.")
+    _positive(out, "eval.lam", e["lam"], optional=True, hint=", or unset for the training λ.")
+    _positive(out, "eval.lr", e["lr"], optional=True, hint=", or unset for the training inner lr.")
+    _at_least(out, "eval.batch_size", e["batch_size"], 0, " (0: full batch).")
+
+
+def _device(cfg: dict[str, Any], out: list[str]) -> None:
+    name = cfg["device"]
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        out.append(f"device = {name!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'.")
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            out.append(f"device = {name!r} but this torch ({torch.__version__}) sees no CUDA device; use 'cpu' "
+                       f"(or install a CUDA build of torch on a machine with a GPU).")
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            out.append(f"device = {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        out.append(f"device = {name!r} but MPS is not available here; use 'cpu'.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        out.append(f"device = {name!r}: metaprox runs on 'cpu', 'cuda' or 'mps'.")
+
+
+_MULTITASK_FILES = {"landmine": "landmine.npz", "computer_survey": "computer_survey.npz",
+                    "parkinsons": "parkinsons_updrs.csv"}
+
+
+def _data_root(cfg: dict[str, Any], sub: str) -> Path | None:
+    path = cfg["task"]["data_path"]
+    if path:
+        return Path(path)
+    env = os.environ.get("METAPROX_DATA")
+    return Path(env) / sub if env else None
+
+
+def _data(cfg: dict[str, Any], splits: list[str], out: list[str]) -> None:
+    """The files a run will read: the data folder, and for Omniglot/miniImageNet each split's list or arrays."""
+    t = cfg["task"]
+    if t["family"] not in ("fewshot", "multitask"):
+        return
+    sub = "multitask" if t["family"] == "multitask" else t["dataset"]
+    root = _data_root(cfg, sub)
+    if root is None:
+        out.append(f"task.data_path is not set and $METAPROX_DATA is empty: say where the {sub} data lie "
+                   f"(e.g. --set task.data_path=\"../shared/data/{sub}\").")
+        return
+    if not root.exists():
+        out.append(f"task.data_path: {str(root)!r} does not exist; point task.data_path (or $METAPROX_DATA) at "
+                   f"the {sub} data.")
+        return
+    needed: list[tuple[Path, ...]] = []  # each entry: any one of these files will do
+    if t["family"] == "multitask" and t["dataset"] in _MULTITASK_FILES:
+        needed.append((root / _MULTITASK_FILES[t["dataset"]],))
+    elif t["dataset"] == "omniglot" and root.is_dir():
+        needed.append((root / "omniglot28.npz", root / "images_background"))
+        if t["split"] == "vinyals":
+            needed += [(root / f"{s}.txt",) for s in splits]
+    elif t["dataset"] == "miniimagenet" and root.is_dir():
+        needed += [(root / f"{s}.npz", root / f"{s}.csv") for s in splits]
+    for options in needed:
+        if not any(p.exists() for p in options):
+            names = " or ".join(repr(str(p)) for p in options)
+            out.append(f"data file {names} is missing (task.data_path = {str(root)!r}); the run reads it.")
+        elif not any(os.access(p, os.R_OK) for p in options if p.exists()):
+            out.append(f"data file {str(options[0])!r} is not readable; fix its permissions.")
+
+
+def _out_dir(run_dir: Path, out: list[str]) -> None:
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            out.append(f"--out {str(run_dir)!r} is a file, not a run directory; choose another --out.")
+        elif not os.access(run_dir, os.W_OK | os.X_OK):
+            out.append(f"--out {str(run_dir)!r} is not writable; choose a writable --out (or fix its permissions).")
+        return
+    parent = run_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        out.append(f"--out {str(run_dir)!r} cannot be created: {str(parent)!r} is a file.")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        out.append(f"--out {str(run_dir)!r} cannot be created: {str(parent)!r} is not writable; choose a "
+                   f"writable --out.")
+
+
+def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, evaluate: bool = True) -> list[str]:
+    """Every problem of a resolved training config (empty if none); ``evaluate``: the test split is read too."""
+    out: list[str] = []
+    _training(cfg, out)
+    _evaluation(cfg, out)
+    _device(cfg, out)
+    splits = ["train"] + (["val"] if cfg["log"]["eval_every"] else []) + (["test"] if evaluate else [])
+    _data(cfg, splits, out)
+    if run_dir is not None:
+        _out_dir(Path(run_dir), out)
+    return out
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def validate_run(cfg: dict[str, Any], run_dir: str | Path | None = None, *, evaluate: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem of a training run's config, data and ``run_dir``."""
+    _raise(config_problems(cfg, run_dir, evaluate=evaluate))
+
+
+def validate_eval(cfg: dict[str, Any], split: str) -> None:
+    """The same for ``metaprox eval``: the evaluation keys, the device and the ``split``'s data."""
+    out: list[str] = []
+    _evaluation(cfg, out)
+    _device(cfg, out)
+    _data(cfg, [split], out)
+    _raise(out)

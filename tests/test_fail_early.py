@@ -236,3 +236,25 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_pa
     assert "training stopped at step" in err and "No checkpoint had been written yet" in err, err
     assert "last good checkpoint" not in err
     assert not (run / "checkpoint.json").exists()
+
+
+# ----- optional extras ---------------------------------------------------------------------------------------------
+
+def test_yaml_configs_read_like_toml(tmp_path):
+    pytest.importorskip("yaml")
+    from metaprox.config import load_config
+
+    (tmp_path / "c.yaml").write_text("outer:\n  steps: 7\n  lr: 0.5\nlog:\n  tensorboard: false\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg["outer"]["steps"], cfg["outer"]["lr"], cfg["log"]["tensorboard"]) == (7, 0.5, False)
+
+
+def test_tensorboard_true_without_tensorboard_is_refused_up_front(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    _fails(capsys, ["train", SINE, "--out", str(tmp_path / "r"), *TINY, "--set", "log.tensorboard=true"],
+           "log.tensorboard = true", "metaprox[tensorboard]")
+    assert not (tmp_path / "r").exists()

@@ -1,6 +1,6 @@
 """The ``metaprox`` command: ``train``, ``eval``, ``bench`` and ``plot``.
 
-    metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume] [--no-eval]
+    metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume | --resume-from STEP] [--no-eval]
     torchrun --nproc-per-node N -m metaprox.cli train ...    (task-parallel over N processes; docs/distributed.md)
     metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
     metaprox bench NAME [--json] [--device cuda]
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--auto-resume", action="store_true",
                    help="continue from the last checkpoint in --out if there is one, else start (use with "
                         "torchrun --max-restarts, whose restarted workers rerun the same command)")
+    t.add_argument("--resume-from", type=int, metavar="STEP",
+                   help="continue the run in --out from its kept checkpoint of STEP (checkpoint.json lists them)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--no-eval", action="store_true",
                    help="skip the final test evaluation (when tuning: evaluate with `metaprox eval DIR --split val`)")
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
-                           progress=not args.quiet, evaluate=not args.no_eval)
+                           progress=not args.quiet, evaluate=not args.no_eval, resume_from=args.resume_from)
             if result and "sets" in result:  # rank 0 only under torchrun
                 print(_table(result), end="")
                 print(f"run directory: {args.out} (plots in {args.out}/plots)")

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from metaprox.checkpoint import remove_leftovers
 from metaprox.errors import UserError
 
-__all__ = ["LOCK_NAME", "RunDirectoryBusy", "RunLock", "run_lock", "remove_stale_temporaries"]
+__all__ = ["LOCK_NAME", "RunDirectoryBusy", "RunLock", "run_lock"]
 
 LOCK_NAME = ".metaprox.lock"
 
@@ -41,15 +42,6 @@ def _holder(fd: int) -> str:
     host = f" on {info['host']}" if info.get("host") and info["host"] != socket.gethostname() else ""
     cmd = f" ({info['command']})" if info.get("command") else ""
     return f"process {info['pid']}{host}{cmd}"
-
-
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporaries (``.NAME.*.tmp``, of :func:`metaprox.checkpoint.atomic_write`) that a killed writer
-    left in ``run_dir``; only the lock holder may call this (nobody else is writing)."""
-    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 class RunLock:
@@ -84,7 +76,7 @@ class RunLock:
                 "command": " ".join(["metaprox", *sys.argv[1:]])[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        remove_stale_temporaries(self.run_dir)
+        remove_leftovers(self.run_dir)  # what a killed writer left: temporaries, uncommitted tensors files
 
     def release(self) -> None:
         """Unlock; a directory this lock created and nothing else wrote into is removed again."""

@@ -77,7 +77,8 @@ class _TensorBoard:
 
 
 def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, progress: bool | None = None,
-          evaluate: bool = True, stop_at: int | None = None, max_seconds: float | None = None) -> dict[str, Any]:
+          evaluate: bool = True, stop_at: int | None = None, max_seconds: float | None = None,
+          resume_from: int | None = None) -> dict[str, Any]:
     """Run (or resume) meta-training; returns the final evaluation (or {} if ``evaluate`` is False, and on
     ranks other than 0).
 
@@ -85,7 +86,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
     checkpoint, else start). ``stop_at`` ends the session after that many outer iterations (with a
     checkpoint), as an interruption would; a later ``resume=True`` call continues to ``outer.steps``.
     ``max_seconds`` does the same once this session has trained for that long (wall clock), e.g. to fit a
-    fixed time budget.
+    fixed time budget. ``resume_from``: continue from the kept checkpoint of that step instead of the last one
+    (``--resume-from``; implies ``resume``).
     """
     validate_run(cfg, out_dir, evaluate=evaluate)  # every problem of the config, data and --out, before any work
     with process_group(cfg["device"]) as reducer, run_lock(out_dir, enabled=reducer.rank == 0):
@@ -94,12 +96,16 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
 
             if max_seconds is not None:
                 raise ConfigError("a wall-clock budget (max_seconds) is not supported for finite_mmp runs.")
+            if resume_from is not None:  # its task stores hold the last checkpoint's step only
+                raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
             return train_finite(cfg, Path(out_dir), resume, progress, evaluate, stop_at, reducer)
-        return _train(cfg, Path(out_dir), resume, progress, evaluate, stop_at, max_seconds, reducer)
+        return _train(cfg, Path(out_dir), resume or resume_from is not None, progress, evaluate, stop_at, max_seconds,
+                      reducer, resume_from)
 
 
 def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: bool | None, evaluate: bool,
-           stop_at: int | None, max_seconds: float | None, reducer: Reducer) -> dict[str, Any]:
+           stop_at: int | None, max_seconds: float | None, reducer: Reducer,
+           resume_from: int | None = None) -> dict[str, Any]:
     main = reducer.rank == 0  # only rank 0 writes files (no barrier: every rank holds the same state)
     if max_seconds is not None and reducer.world_size > 1:
         raise ConfigError("a wall-clock budget (max_seconds) would stop ranks at different steps; use "
@@ -124,7 +130,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     rows: list[dict[str, Any]] = []
     elapsed0 = 0.0
     if resume and has_ckpt:
-        state, meta = load_checkpoint(run_dir)
+        state, meta = load_checkpoint(run_dir, resume_from)
         learner.load_state_dict(state)
         sampler.set_state(decode_rng(meta["sampler"]))
         elapsed0 = float(meta.get("elapsed", 0.0))

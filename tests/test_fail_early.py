@@ -258,3 +258,13 @@ def test_tensorboard_true_without_tensorboard_is_refused_up_front(tmp_path, caps
     _fails(capsys, ["train", SINE, "--out", str(tmp_path / "r"), *TINY, "--set", "log.tensorboard=true"],
            "log.tensorboard = true", "metaprox[tensorboard]")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_prior_whose_predictions_overflow_is_not_reported_as_a_result(tmp_path, capsys):
+    # outer.lr = 1e9 for 3 steps: the parameters stay finite (huge), the test loss at 0 steps is inf
+    run = tmp_path / "run"
+    assert main(["train", SINE, "--out", str(run), *TINY, "--set", "outer.steps=3", "--set", "outer.lr=1e9",
+                 "--set", "log.every=1"]) == 3  # was exit 0 with an `inf ± nan` table
+    err = capsys.readouterr().err
+    assert "the test loss of the learned prior (after 0 steps) is inf" in err and "outer.lr = 1e+09" in err, err
+    assert "last good checkpoint (step 3" in err

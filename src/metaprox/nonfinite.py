@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["first_nonfinite", "diverged_message"]
+__all__ = ["first_nonfinite", "diverged_message", "nonfinite_evaluation"]
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -38,3 +38,14 @@ def diverged_message(step: int, what: str, run_dir: Path) -> str:
         tail = (f"The last good checkpoint (step {kept}, all tensors finite) in {where!r} is kept; rerun into a new "
                 f"--out with a lower outer.lr / inner.lr or λ (or resume it to reproduce).")
     return f"training stopped at step {step}: {what}. {tail}"
+
+
+def nonfinite_evaluation(result: dict) -> str | None:
+    """What is not finite in an evaluation result (``evaluate_run``) before any adaptation step — the learned
+    prior itself: finite but huge parameters (an outer step far too large) whose predictions overflow — or None."""
+    first = str(result["steps"][0])
+    for name, rows in result["sets"].items():
+        value = rows[first]["loss"]
+        if value != value or value in (float("inf"), float("-inf")):
+            return f"the test loss of the learned prior (after {first} steps) is {value} on {name!r}"
+    return None

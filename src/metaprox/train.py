@@ -31,7 +31,7 @@ from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_ch
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation
-from metaprox.nonfinite import diverged_message, first_nonfinite
+from metaprox.nonfinite import diverged_message, first_nonfinite, nonfinite_evaluation
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 from metaprox.runlock import run_lock
 from metaprox.validate import validate_run
@@ -220,5 +220,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     from metaprox.plots import plot_run
 
     result = evaluate_run(run_dir, learner=learner, cfg=cfg)
+    bad = nonfinite_evaluation(result)
+    if bad is not None:  # parameters finite but so large that the prior's predictions overflow
+        raise TrainingDiverged(diverged_message(learner.step_count, f"{bad} (outer.lr = {cfg['outer']['lr']:g} too "
+                                                                   f"large?); eval.json records it", run_dir))
     plot_run(run_dir, learner=learner, cfg=cfg)
     return result

@@ -28,6 +28,6 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if got != expected.lower():
         raise ChecksumError(
             f"{Path(path)}: sha256 is {got}, expected {expected}. The file is corrupt or a "
-            f"different version; delete it and fetch it again (or pass verify=False "
-            f"if you know it is right)."
+            f"different version; replace it with the published file (for a download: delete it and "
+            f"download it again), or pass verify=False if you know it is right."
         )

@@ -21,17 +21,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from metaprox.distributed import LocalReducer, Reducer
-from metaprox.execution import Execution, FunctionalModel, Oracle
+from metaprox.execution import Execution, FunctionalModel
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import SquaredL2, make_prox
-from metaprox.solvers import SGD, AdamMoments, InnerResult, InnerSolver, ProxProblem
+from metaprox.solve import INNER_DATA, SolvedGroup, solve_groups, stacked
+from metaprox.solvers import SGD, AdamMoments, InnerSolver
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
 
@@ -39,7 +39,6 @@ __all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWar
 
 Tensors = list[torch.Tensor]
 OptimizerSpec = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
-INNER_DATA = ("support", "support+query")
 
 
 class NonFiniteError(FloatingPointError):
@@ -48,15 +47,6 @@ class NonFiniteError(FloatingPointError):
 
 class InexactInnerSolveWarning(RuntimeWarning):
     """Inner stationarity is far above the meta-gradient norm: the inner problems are not being solved."""
-
-
-@dataclass
-class SolvedGroup:
-    """Tasks ``indices`` (into the minibatch) solved together, with their oracle and inner result."""
-
-    indices: list[int]
-    oracle: Oracle
-    result: InnerResult
 
 
 def _check_weights(weights: Any, n: int) -> torch.Tensor:
@@ -81,6 +71,8 @@ class MetaLearner:
 
     #: the rule's meta-gradient uses ``Task.x_query``/``y_query`` (checked before any work is done)
     needs_query: bool = False
+    #: the rule's name in :mod:`metaprox.composition` (which combinations it supports)
+    rule_name: str | None = None
 
     def __init__(self, model: nn.Module, loss: str | LossFn | Loss = "mse",
                  lam: float | Mapping[str, float] | SquaredL2 | None = 1.0, inner: InnerSolver | None = None,
@@ -129,6 +121,8 @@ class MetaLearner:
         self.reducer: Reducer = LocalReducer()
         #: running moments of a moment-carrying inner solver (``Adam(carry_moments=True)``); None until set
         self.inner_moments: AdamMoments | None = None
+        #: a prior with several centers (:class:`~metaprox.algorithms.hierarchical.TreePrior`); None: w only
+        self.hierarchy: Any = None
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
@@ -157,15 +151,14 @@ class MetaLearner:
         return [p.detach() for p in self.fmodel.params()]
 
     def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
-              prox: SquaredL2 | None = None, monitor: bool = True, query: bool = False,
-              data: str = "support") -> list[SolvedGroup]:
-        """Solve every task's prox problem (batched by shape); returns the groups with their results.
-
-        ``data`` is ``"support"`` or ``"support+query"`` (each task's support and query examples,
-        concatenated).
-        """
-        if data not in INNER_DATA:
-            raise ValueError(f"unknown inner data {data!r}; choose one of {INNER_DATA}.")
+              prox: SquaredL2 | None = None, monitor: bool = True, data: str = "support",
+              scale: torch.Tensor | None = None, on_group: Any = None) -> list[SolvedGroup]:
+        """Solve every task's prox problem (batched by shape, :func:`metaprox.solve.solve_groups`); returns the
+        groups with their results. ``center``: one center for all tasks (default w) or a
+        :class:`~metaprox.solve.PerTask` stack; ``scale``: per-task pull factors; ``data``: ``"support"`` or
+        ``"support+query"`` (each task's support and query examples, concatenated). The minibatch's pre-drawn
+        inner-minibatch keys are used when this is the training solve of :meth:`step`; the carried Adam moments
+        (``Adam(carry_moments=True)``) whenever the solver carries them — in training and at test time alike."""
         if isinstance(tasks, Task):
             tasks = [tasks]
         if len(tasks) == 0:
@@ -175,28 +168,18 @@ class MetaLearner:
                 raise TypeError(f"tasks must be metaprox.Task objects, got {type(t).__name__}.")
         c = self.center() if center is None else center
         solver, penalty = inner or self.inner, prox or self.prox
-        out = []
-        for idx in self.execution.groups(tasks):
-            group = [tasks[i] for i in idx]
-            x, y = self.execution.stack(group)
-            if data == "support+query":
-                xq, yq = self.execution.stack(group, query=True)
-                x, y = torch.cat([x, xq], 1), torch.cat([y, yq], 1)
-            oracle = self.execution.oracle(x, y)
-            if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
-                with torch.no_grad():
-                    self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
-                self._shapes_checked = True
-            keys = self._step_keys
-            if keys is not None and (keys.shape[0] != len(tasks) or solver is not self.inner):
-                keys = None  # not this step's minibatch: draw from the generator instead
-            if keys is not None:
-                keys = keys[idx, :, : x.shape[1]]
-            moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
-            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys, moments=moments),
-                                  generator=self.generator, monitor=monitor)
-            out.append(SolvedGroup(idx, oracle, result))
-        return out
+        if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
+            x, y = self.execution.stack(tasks[:1])
+            with torch.no_grad():
+                self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
+            self._shapes_checked = True
+        keys = self._step_keys
+        if keys is not None and (keys.shape[0] != len(tasks) or solver is not self.inner):
+            keys = None  # not this step's minibatch: draw from the generator instead
+        moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
+        return solve_groups(self.execution, stacked(self.execution, tasks, data), solver, penalty, c,
+                            scale=scale, shared=getattr(penalty, "shared", None), keys=keys, moments=moments,
+                            generator=self.generator, monitor=monitor, on_group=on_group)
 
     # ----- the outer step ---------------------------------------------------------------------------
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
@@ -206,19 +189,21 @@ class MetaLearner:
         up. Defined by each rule."""
         raise NotImplementedError
 
-    def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
+    def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
                                 monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
-        """Steps 1–2 of an outer iteration: the inner solves at center ``w``, then :meth:`meta_gradient`."""
-        solved = self.solve(tasks, center=w, monitor=monitor, data=self.inner_data)
+        """Steps 1–2 of an outer iteration: the inner solves at ``center`` (w, or a :class:`PerTask` stack of the
+        tasks' centers), then :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw)."""
+        solved = self.solve(tasks, center=center, monitor=monitor, data=self.inner_data)
         return solved, self.meta_gradient(tasks, solved, weights)
 
     def step(self, tasks: Sequence[Task] | TaskShare, weights: Sequence[float] | torch.Tensor | None = None,
-             monitor: bool = True) -> dict[str, float]:
+             monitor: bool = True, where: Sequence[Any] | None = None) -> dict[str, float]:
         """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``).
 
         ``tasks`` is the whole minibatch, or only this process's share of it (a :class:`TaskShare` of the part
         ``reducer.part(B)``: what a task family builds under torchrun). ``weights`` always refer to the whole
-        minibatch of ``B`` tasks.
+        minibatch of ``B`` tasks, and so does ``where`` (each task's place in a prior with several centers,
+        e.g. its group in a tree: :attr:`hierarchy`).
         """
         if isinstance(tasks, Task):
             tasks = [tasks]
@@ -231,46 +216,63 @@ class MetaLearner:
             why = "its meta-gradient is a query loss" if self.needs_query else "inner_data='support+query'"
             raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
                              f"y_query)) because {why}, but {lacking} of {total} tasks have none.")
+        tree = self.hierarchy
+        if tree is not None:
+            tree.begin(where, total)  # every rank: the same nodes, in the same order
         w = self.center()
         local, a_local = share.tasks, a[part]
+        center = w if tree is None else tree.centers(part)
         keys = self._draw_minibatch_keys(share)
         self._step_keys = None if keys is None else keys[part]
         try:
             if local:
-                solved, grads = self.solve_and_meta_gradient(local, w, a_local, monitor)
+                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor)
             else:
                 solved, grads = [], [torch.zeros_like(t) for t in w]
+            if tree is not None:  # Σ a_t g_t per center (each node's tasks), in the tree's order of this step
+                grads = tree.split(self, local, solved, a_local, part, grads)
         finally:
             self._step_keys = None
-        sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
+        sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved) if monitor else {})}
         carry = bool(getattr(self.inner, "carry_moments", False))
+        n_grads = len(grads)
         if carry:
             grads = grads + self._moment_sums(solved, w)  # all-reduced with the meta-gradient (one call)
             sums["moment_tasks"] = float(len(local))
         grads, sums = self.reducer.sum(grads, sums)
         if carry:
-            grads, m_sum, s_sum = grads[:len(w)], grads[len(w):2 * len(w)], grads[2 * len(w):]
+            grads, m_sum, s_sum = grads[:n_grads], grads[n_grads:n_grads + len(w)], grads[n_grads + len(w):]
             n = sums["moment_tasks"]
             t = (0 if self.inner_moments is None else self.inner_moments.t) + int(self.inner.steps)
             self.inner_moments = AdamMoments(torch._foreach_div(m_sum, n), torch._foreach_div(s_sum, n), t)
-        diag = self.apply_meta_gradient(torch._foreach_div(grads, sums["weight"]))
+        grads = torch._foreach_div(grads, sums["weight"])
+        also = None
+        if tree is not None:  # the chain rule to w and the nodes, plus the tree's own pulls
+            grads, also = tree.outer(grads, a / a.sum())
+        diag = self.apply_meta_gradient(grads, also=also)
         if monitor:
             diag.update(self.monitors(sums))
         return diag
 
-    def apply_meta_gradient(self, grads: Tensors) -> dict[str, float]:
-        """The outer step: check the meta-gradient, schedule the lr, write ``.grad``, step the optimizer."""
+    def apply_meta_gradient(self, grads: Tensors, *, step_w: bool = True,
+                            also: Callable[[float], None] | None = None) -> dict[str, float]:
+        """THE outer step of every learner: check the meta-gradient, schedule the lr, write ``.grad``, step the
+        optimizer (unless ``step_w`` is False: a fixed center), then ``also(lr factor)`` — the prior's
+        parameters outside the optimizer (tree nodes, exact center updates) — and count the step."""
         gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "
                                  f"parameters were not updated. Lower the learning rates or λ.")
         factor = self.lr_factor(self.step_count)
-        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
-        for p, g in zip(self.fmodel.params(), grads):
-            p.grad = g.to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if step_w:
+            for p, g in zip(self.fmodel.params(), grads, strict=True):
+                p.grad = g.to(p.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if also is not None:
+            also(factor)
         self.step_count += 1
         return {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm}
 
@@ -313,16 +315,17 @@ class MetaLearner:
         n_max = share.max_examples(with_query=self.inner_data == "support+query")
         return torch.rand(share.total, steps, n_max, generator=self.generator)
 
-    def monitor_sums(self, solved: list[SolvedGroup], w: Tensors) -> dict[str, float]:
-        """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count)."""
+    def monitor_sums(self, solved: list[SolvedGroup]) -> dict[str, float]:
+        """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count), each task
+        measured against the center and penalty it was solved with."""
         stat = tgrad = sq = phi = loss = 0.0
         for s in solved:
-            r = s.result
-            assert r.loss is not None and r.stationarity is not None
+            r, c, pen = s.result, s.center, s.penalty
+            assert r.loss is not None and r.stationarity is not None and c is not None and pen is not None
             stat += float(r.stationarity.sum())
-            tgrad += float(sum(g.square().flatten(1).sum(1) for g in self.prox.grad_c(r.params, w)).sqrt().sum())
-            sq += float(self.prox.sqdist(r.params, w).sum())
-            phi += float((r.loss + self.prox.value(r.params, w)).sum())
+            tgrad += float(sum(g.square().flatten(1).sum(1) for g in pen.grad_c(r.params, c)).sqrt().sum())
+            sq += float(pen.sqdist(r.params, c).sum())
+            phi += float((r.loss + pen.value(r.params, c)).sum())
             loss += float(r.loss.sum())
         return {"tasks": float(sum(len(s.indices) for s in solved)), "inner_stationarity": stat,
                 "task_grad_norm": tgrad, "sigma2": sq, "phi": phi, "inner_loss": loss}
@@ -349,18 +352,41 @@ class MetaLearner:
         return out
 
     # ----- using the prior ----------------------------------------------------------------------------
+    def test_prior(self, tasks: Sequence[Task], lam: float | None = None,
+                   where: Any = None) -> tuple[Tensors, SquaredL2, torch.Tensor | None]:
+        """(center, penalty, per-task pull factors or None) of new ``tasks`` at test time: w and the training
+        penalty (``lam``: another λ for every group). Priors with more than one center (a tree) override this;
+        ``where`` says where each task sits in them (e.g. its group)."""
+        if self.hierarchy is not None:
+            return self.hierarchy.test_prior(tasks, lam, where)
+        if where is not None:
+            raise ValueError(f"{type(self).__name__} has one center, w: adapt a task without a group/node.")
+        return self.center(), self.prox if lam is None else make_prox(lam, self.names), None
+
+    def adapt_tasks(self, tasks: Sequence[Task], steps: int | None = None, lam: float | None = None,
+                    inner: InnerSolver | None = None, where: Any = None, on_group: Any = None) -> list[SolvedGroup]:
+        """THE test-time path: solve new ``tasks`` (support sets) from the prior, exactly as in training —
+        same solve loop, the prior's center and pull (:meth:`test_prior`), carried Adam moments read (never
+        updated). :meth:`adapt`, :func:`metaprox.evaluate.adaptation_curve` (hence ``metaprox eval`` and
+        periodic validation) all call it. ``steps``/``inner`` override the solver, ``lam`` the pull."""
+        solver = inner or self.inner
+        if steps is not None:
+            solver = solver.with_steps(steps)
+        center, prox, scale = self.test_prior(tasks, lam, where)
+        return self.solve(tasks, center=center, inner=solver, prox=prox, monitor=False, scale=scale,
+                          on_group=on_group)
+
     def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
               inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
         """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters.
 
         ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ).
         """
-        solver = inner or self.inner
-        if steps is not None:
-            solver = solver.with_steps(steps)
-        prox = self.prox if lam is None else make_prox(lam, self.names)
-        (group,) = self.solve([task], inner=solver, prox=prox, monitor=False)
-        return {n: t[0] for n, t in zip(self.names, group.result.params)}
+        return self._first(self.adapt_tasks([task], steps, lam, inner))
+
+    def _first(self, solved: list[SolvedGroup]) -> dict[str, torch.Tensor]:
+        """The parameters of the one task of ``solved``, by name."""
+        return {n: t[0] for n, t in zip(self.names, solved[0].result.params, strict=True)}
 
     def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Model output on ``x`` with the given parameters (e.g. from :meth:`adapt`)."""
@@ -379,6 +405,8 @@ class MetaLearner:
             mo = self.inner_moments
             state["inner_moments"] = {"t": mo.t, "m": {n: t.clone() for n, t in zip(self.names, mo.m)},
                                       "s": {n: t.clone() for n, t in zip(self.names, mo.s)}}
+        if self.hierarchy is not None:
+            state["buffers"] = self.hierarchy.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -398,3 +426,5 @@ class MetaLearner:
         mo = state.get("inner_moments")
         self.inner_moments = None if mo is None else AdamMoments(
             [mo["m"][n].clone() for n in self.names], [mo["s"][n].clone() for n in self.names], int(mo["t"]))
+        if self.hierarchy is not None:
+            self.hierarchy.load_state_dict(state.get("buffers") or {})

@@ -35,7 +35,7 @@ from metaprox.solvers import SGD, AdamMoments, InnerSolver
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
 
-__all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
+__all__ = ["MetaLearner", "SolvedGroup", "check_weights", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
 
 Tensors = list[torch.Tensor]
 OptimizerSpec = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
@@ -49,7 +49,8 @@ class InexactInnerSolveWarning(RuntimeWarning):
     """Inner stationarity is far above the meta-gradient norm: the inner problems are not being solved."""
 
 
-def _check_weights(weights: Any, n: int) -> torch.Tensor:
+def check_weights(weights: Any, n: int) -> torch.Tensor:
+    """``weights`` as float64 ``(n,)``: finite, ≥ 0, not all zero (else ``ValueError``)."""
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
     if w.numel() != n:
         raise ValueError(f"got {w.numel()} task weights for {n} tasks.")
@@ -208,7 +209,7 @@ class MetaLearner:
         if isinstance(tasks, Task):
             tasks = [tasks]
         total = tasks.total if isinstance(tasks, TaskShare) else len(tasks)
-        a = _check_weights(weights if weights is not None else [1.0] * total, total)
+        a = check_weights(weights if weights is not None else [1.0] * total, total)
         part = self.reducer.part(total)  # this process's share of the minibatch (all of it, usually)
         share = self._share(tasks, part)
         lacking = share.lacking_query

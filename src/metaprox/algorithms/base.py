@@ -124,6 +124,8 @@ class MetaLearner:
         self.inner_moments: AdamMoments | None = None
         #: a prior with several centers (:class:`~metaprox.algorithms.hierarchical.TreePrior`); None: w only
         self.hierarchy: Any = None
+        #: a finite task set's memory (:class:`~metaprox.memory.TaskMemory`); None: the infinite task stream
+        self.memory: Any = None
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
@@ -153,7 +155,8 @@ class MetaLearner:
 
     def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
               prox: SquaredL2 | None = None, monitor: bool = True, data: str = "support",
-              scale: torch.Tensor | None = None, on_group: Any = None) -> list[SolvedGroup]:
+              scale: torch.Tensor | None = None, on_group: Any = None,
+              init: Tensors | None = None) -> list[SolvedGroup]:
         """Solve every task's prox problem (batched by shape, :func:`metaprox.solve.solve_groups`); returns the
         groups with their results. ``center``: one center for all tasks (default w) or a
         :class:`~metaprox.solve.PerTask` stack; ``scale``: per-task pull factors; ``data``: ``"support"`` or
@@ -179,7 +182,7 @@ class MetaLearner:
             keys = None  # not this step's minibatch: draw from the generator instead
         moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
         return solve_groups(self.execution, stacked(self.execution, tasks, data), solver, penalty, c,
-                            scale=scale, shared=getattr(penalty, "shared", None), keys=keys, moments=moments,
+                            init=init, scale=scale, shared=getattr(penalty, "shared", None), keys=keys, moments=moments,
                             generator=self.generator, monitor=monitor, on_group=on_group)
 
     # ----- the outer step ---------------------------------------------------------------------------
@@ -191,21 +194,30 @@ class MetaLearner:
         raise NotImplementedError
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
-                                monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
+                                monitor: bool, init: Tensors | None = None,
+                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
         """Steps 1–2 of an outer iteration: the inner solves at ``center`` (w, or a :class:`PerTask` stack of the
-        tasks' centers), then :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw)."""
-        solved = self.solve(tasks, center=center, monitor=monitor, data=self.inner_data)
+        tasks' centers; warm-started at ``init``, per-task pulls ``scale``: a task memory's), then
+        :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw)."""
+        solved = self.solve(tasks, center=center, monitor=monitor, data=self.inner_data, init=init, scale=scale)
         return solved, self.meta_gradient(tasks, solved, weights)
 
-    def step(self, tasks: Sequence[Task] | TaskShare, weights: Sequence[float] | torch.Tensor | None = None,
-             monitor: bool = True, where: Sequence[Any] | None = None) -> dict[str, float]:
+    def step(self, tasks: Sequence[Task] | TaskShare | Any = None,
+             weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True,
+             where: Sequence[Any] | None = None) -> dict[str, float]:
         """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``).
 
         ``tasks`` is the whole minibatch, or only this process's share of it (a :class:`TaskShare` of the part
         ``reducer.part(B)``: what a task family builds under torchrun). ``weights`` always refer to the whole
         minibatch of ``B`` tasks, and so does ``where`` (each task's place in a prior with several centers,
-        e.g. its group in a tree: :attr:`hierarchy`).
+        e.g. its group in a tree: :attr:`hierarchy`). With a task memory (:attr:`memory`, a finite task set)
+        ``tasks`` are task indices (None: the memory's sampler draws them) and the weights are its estimator's.
         """
+        memory, ids = self.memory, None
+        if memory is not None:
+            if weights is not None:
+                raise ValueError("with a task memory the task weights come from its TaskSet and sampler.")
+            ids, tasks, weights = memory.batch(tasks)
         if isinstance(tasks, Task):
             tasks = [tasks]
         total = tasks.total if isinstance(tasks, TaskShare) else len(tasks)
@@ -225,16 +237,21 @@ class MetaLearner:
         center = w if tree is None else tree.centers(part)
         keys = self._draw_minibatch_keys(share)
         self._step_keys = None if keys is None else keys[part]
+        init, scale = (None, None) if memory is None else memory.start(ids, center)
         try:
             if local:
-                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor)
+                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor, init, scale)
             else:
                 solved, grads = [], [torch.zeros_like(t) for t in w]
             if tree is not None:  # Σ a_t g_t per center (each node's tasks), in the tree's order of this step
                 grads = tree.split(self, local, solved, a_local, part, grads)
         finally:
             self._step_keys = None
-        sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved) if monitor else {})}
+        if memory is not None:
+            memory.write(ids, solved)
+        # â_t of a task memory are already the unbiased estimator's: no normalising by the batch
+        sums = {"weight": 1.0 if memory is not None else float(a_local.sum()),
+                **(self.monitor_sums(solved) if monitor else {})}
         carry = bool(getattr(self.inner, "carry_moments", False))
         n_grads = len(grads)
         if carry:

@@ -165,9 +165,11 @@ class MAML(MetaLearner):
     meta_gradient = FOMAML.meta_gradient
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
-                                monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
+                                monitor: bool, init: Tensors | None = None,
+                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
+        # MAML starts at the center by definition (a memory never warm-starts it; per-task pulls are refused)
         if self.first_order:
-            return super().solve_and_meta_gradient(tasks, center, weights, monitor)
+            return super().solve_and_meta_gradient(tasks, center, weights, monitor, init, scale)
         total = [torch.zeros_like(p) for p in center]
         solved = []
         for idx, xs, ys in stacked(self.execution, tasks):

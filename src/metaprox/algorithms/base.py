@@ -143,6 +143,11 @@ class MetaLearner:
                              "(build it with model.parameters()).")
         return opt
 
+    @property
+    def base_lrs(self) -> list[float]:
+        """The optimizer's learning rates before the schedule (per parameter group)."""
+        return list(self._base_lrs)
+
     def lr_factor(self, step: int) -> float:
         """Schedule factor for outer iteration ``step`` (0-based): the paper's η_s = α(1 − s/S), or 1."""
         if self.schedule == "constant":

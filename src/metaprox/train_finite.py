@@ -29,7 +29,7 @@ from torch import nn
 
 from metaprox import sharded
 from metaprox.algorithms.finite import FiniteMMP
-from metaprox.build import _optimizer_factory, build_inner
+from metaprox.build import _optimizer_factory, build_inner, build_prior
 from metaprox.checkpoint import CheckpointError, atomic_write
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer
@@ -106,7 +106,9 @@ def build_finite(cfg: dict[str, Any], train: list[Task], classify: bool, store: 
     sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = _model(cfg, train[0].x.shape[1], 2 if classify else 1)
-    return FiniteMMP(model, TaskSet(train), "cross_entropy" if classify else "mse", lam=_lam(cfg),
+    tasks = TaskSet(train)
+    return FiniteMMP(model, tasks, "cross_entropy" if classify else "mse", lam=_lam(cfg),
+                     **build_prior(cfg, len(tasks), tasks.weights),
                      task_lam=f["task_lam"], inner=build_inner(cfg), store=store, center_update=f["center_update"],
                      sampler=sampler, meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
                      schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])

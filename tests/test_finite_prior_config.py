@@ -99,3 +99,32 @@ def test_bad_priors_are_config_errors(data_dir, extra, match):
     with pytest.raises(ConfigError, match=match):
         cfg = _cfg(data_dir, **extra)
         build_prior(cfg, TASKS, torch.ones(TASKS, dtype=torch.float64))
+
+
+def test_reptile_on_the_finite_set_from_config_runs_and_resumes_bitwise(data_dir, tmp_path):
+    """``finite.rule = "reptile"``: Reptile with a TaskMemory over the same store shards and checkpoints."""
+    cfg = resolve(apply_overrides({}, overrides(data_dir, **{"finite.rule": "reptile", "prox.lam": 0})))
+    full = train(cfg, tmp_path / "full")
+    assert full["J"] is None and full["test"]["metric"] == "rmse" and np.isfinite(full["test"]["value"])
+    train(cfg, tmp_path / "split", stop_at=5, evaluate=False)
+    again = train(cfg, tmp_path / "split", resume=True)
+    assert full["test"] == again["test"]
+    a, _ = load_checkpoint(tmp_path / "full")
+    b, _ = load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    # the same as Python: Reptile + TaskMemory, stepped as the run was
+    train_tasks, test_tasks, classify = finite_tasks(cfg)
+    learner = build_finite(cfg, train_tasks, classify)
+    for _ in range(cfg["outer"]["steps"]):
+        learner.step(monitor=False)
+    assert all(torch.equal(p.detach(), a["params"][n]) for n, p in zip(learner.names, learner.fmodel.params(),
+                                                                        strict=True))
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"finite.rule": "fomaml"}, "no query set"),
+    ({"finite.rule": "reptile", "finite.center_update": "exact"}, "TaskMemory"),
+])
+def test_finite_rules_refused_with_the_reason(data_dir, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        train(resolve(apply_overrides({}, overrides(data_dir, **extra))), tmp_path / "run")

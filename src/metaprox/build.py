@@ -23,7 +23,8 @@ from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
 
-__all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "FAMILIES", "ALGORITHMS"]
+__all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "rule_options", "FAMILIES",
+           "ALGORITHMS"]
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -118,8 +119,17 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
         model = build_model(cfg)
     model = model.to(cfg["device"])
     loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
-    algo, rule = cfg["algorithm"], cfg["rule"]
     lam = cfg["prox"]["lam"]
+    return ALGORITHMS[cfg["algorithm"]](
+        model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
+        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
+        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
+        seed=cfg["seed"], **rule_options(cfg, cfg["algorithm"]))
+
+
+def rule_options(cfg: dict[str, Any], algo: str) -> dict[str, Any]:
+    """The ``[rule]`` options that rule ``algo`` takes (inner_data, first_order, cg_steps)."""
+    rule = cfg["rule"]
     extra: dict[str, Any] = {}
     if algo in ("mmp", "reptile"):  # rules without a query-loss meta-gradient may solve on support ∪ query
         extra["inner_data"] = rule["inner_data"]
@@ -130,11 +140,7 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
         extra["first_order"] = rule["first_order"]
     if algo == "imaml":
         extra["cg_steps"] = int(rule["cg_steps"])
-    return ALGORITHMS[algo](
-        model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
-        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
-        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
-        seed=cfg["seed"], **extra)
+    return extra
 
 
 def build_family(cfg: dict[str, Any]) -> Any:

@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)
     "finite": {                    # algorithm = "finite_mmp" (metaprox.train_finite)
+        "rule": "mmp",             # the meta-gradient rule over the finite set: "mmp" (FiniteMMP) or another of
+                                   # metaprox.ALGORITHMS with a TaskMemory (flat prior, gradient center step)
         "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)
         "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed"
         "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
@@ -190,10 +192,15 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if pr["kind"] != "flat" and not finite:
         raise ConfigError(f"prior.kind = {pr['kind']!r} needs algorithm = 'finite_mmp' (a finite set of named "
                           f"tasks); the infinite-stream tree is metaprox.HierarchicalMMP (Python).")
+    if f["rule"] != "mmp" and (f["center_update"] != "gradient" or pr["kind"] != "flat"):
+        raise ConfigError(f"finite.rule = {f['rule']!r} runs with a TaskMemory: the flat prior and "
+                          f"finite.center_update = 'gradient' (exact, fixed, tree and graph centers are "
+                          f"FiniteMMP's, finite.rule = 'mmp'; see docs/composition.md).")
     if pr["kind"] == "tree" and f["center_update"] != "exact":
         raise ConfigError("prior.kind = 'tree' is updated by exact block-coordinate sweeps: set "
                           "finite.center_update = 'exact'.")
-    for key, allowed in (("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
+    for key, allowed in (("rule", ("mmp", "reptile", "fomaml", "maml", "imaml")),
+                         ("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
                          ("sample", ("without_replacement", "with_replacement", "all"))):
         if f[key] not in allowed:
             raise ConfigError(f"finite.{key} = {f[key]!r}: choose one of {allowed}.")

@@ -53,7 +53,8 @@ class TaskMemory:
             raise TypeError(f"TaskMemory needs a TaskSet (Task objects), got {type(tasks).__name__}; a "
                             f"GeneratedTaskSet runs through metaprox.algorithms.finite.FiniteMMP.")
         self.scale = task_lam_factors(tasks.sizes, task_lam, task_lam_power)
-        memory = "sharded" if isinstance(store, ShardedStore) else \
+        whole = isinstance(store, ShardedStore) and (store.lo, store.hi) == (0, len(tasks))  # one process's "shard"
+        memory = "sharded" if isinstance(store, ShardedStore) and not whole else \
             "memory" if store is None or isinstance(store, MemoryStore) else "memmap"
         refuse(learner, memory=memory, per_task=not bool((self.scale == 1).all()))
         if learner.hierarchy is not None:
@@ -76,6 +77,8 @@ class TaskMemory:
 
     def batch(self, indices: Any) -> tuple[np.ndarray, list[Task], torch.Tensor]:
         """(task ids, their tasks, estimator weights â_t) of the next step; ``indices`` None: the sampler's."""
+        if self.learner.reducer.world_size > 1:
+            raise ValueError("TaskMemory runs in one process; rank-sharded stores run through FiniteMMP.")
         ids = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(ids) == 0:
             raise ValueError("empty batch of tasks.")
@@ -108,6 +111,10 @@ class TaskMemory:
         """The stored v_t of task ``i`` (its center if never solved), by parameter name."""
         v, _ = self.store.get([i], self.learner.center())
         return {n: t[0] for n, t in zip(self.learner.names, v, strict=True)}
+
+    def owned_range(self) -> tuple[int, int]:
+        """The tasks this process holds: all of them (a task memory runs in one process)."""
+        return 0, len(self.tasks)
 
     def predict_task(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Model output of task ``i`` (its stored v_t) on inputs ``x``."""

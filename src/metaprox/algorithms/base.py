@@ -1,19 +1,29 @@
-"""`MetaLearner`: what every meta-gradient rule shares — meta-parameters, inner solves, the outer step.
+"""`MetaLearner`: what every meta-gradient rule shares — meta-parameters, inner solves, THE outer step.
 
-The meta-parameters ``w`` are the model's trainable parameters. One outer iteration (:meth:`MetaLearner.step`):
+The meta-parameters ``w`` are the model's trainable parameters (plus a prior's own: tree nodes). One outer
+iteration (:meth:`MetaLearner.step`), the same for every rule × prior × pull × memory (:mod:`metaprox.composition`):
 
-1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched) on the
-   data named by ``inner_data`` — the support set, or support ∪ query;
-2. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the *unnormalised* weighted
-   sum ``Σ_T a_T g_T`` of the per-task meta-gradients (linear in the weights). A rule that must differentiate
-   *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`, which does steps 1–2;
-3. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
+1. the centers: ``w`` for every task, or each task's node of a :attr:`hierarchy` (:class:`~metaprox.priors.TreePrior`);
+   with a :attr:`memory` (:class:`~metaprox.memory.TaskMemory`, a finite task set) the minibatch is a set of task
+   indices, its weights the unbiased estimator's, and the warm starts the stored ``v_t``;
+2. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, c_T)`` (batched, the one
+   solve loop :func:`metaprox.solve.solve_groups`) on the data named by ``inner_data`` — support, or support ∪
+   query;
+3. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the *unnormalised* weighted
+   sum ``Σ_T a_T g_T`` of the per-task meta-gradients w.r.t. the centers (linear in the weights; per node for a
+   tree). A rule that must differentiate *through* the solve (second-order MAML) overrides
+   :meth:`solve_and_meta_gradient`, which does steps 2–3;
+4. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
    (one process: the identity; under torchrun: one all-reduce, each rank having solved only its share
    ``reducer.part(B)`` of the minibatch — given the whole list, or only that share as a
    :class:`~metaprox.tasks.share.TaskShare` — see :mod:`metaprox.distributed`), and normalise:
    ``g = Σ a_T g_T / Σ a_T``;
-4. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
-5. return the diagnostics.
+5. :meth:`apply_meta_gradient` — the one place where the outer optimizer steps, for every learner (also
+   FiniteMMP's and the multi-head learners' own steps): ``.grad``, ``optimizer.step()`` (learning rate
+   scheduled), then the prior's own update (tree nodes; exact centers);
+6. return the diagnostics.
+
+Test time is :meth:`adapt_tasks` (the same solve, the prior's center and pull, carried moments read).
 """
 
 from __future__ import annotations

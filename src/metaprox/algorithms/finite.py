@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
+from metaprox.composition import refuse
 from metaprox.distributed import shard_bounds
 from metaprox.execution import Oracle
 from metaprox.losses import Loss, LossFn
@@ -132,6 +133,7 @@ class FiniteMMP(MetaLearner):
 
     supports_carried_moments = False  # its own step(): the running moments would never be updated
     supports_shared = True
+    rule_name = "mmp"
 
     def __init__(self, model: nn.Module, tasks: TaskSet | GeneratedTaskSet, loss: str | LossFn | Loss = "mse",
                  lam: float | str | Mapping[str, float | str] | Penalty = 1.0, task_lam: Any = "constant",
@@ -147,6 +149,9 @@ class FiniteMMP(MetaLearner):
         if center_update not in CENTER_UPDATES:
             raise ValueError(f"unknown center_update {center_update!r}; choose one of {CENTER_UPDATES}.")
         _check_squared(self.prox, center_update, prior, graph)
+        refuse(self, prior="tree" if prior is not None else "graph" if graph is not None else "flat",
+               memory="sharded" if isinstance(store, ShardedStore) else
+               "memory" if store is None or isinstance(store, MemoryStore) else "memmap")
         if prior is not None and center_update != "exact":
             raise ValueError("a Tree prior is updated by exact block-coordinate sweeps: use center_update='exact'.")
         self.tasks, self.center_update, self.prior, self.graph = tasks, center_update, prior, graph

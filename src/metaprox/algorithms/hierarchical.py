@@ -99,12 +99,12 @@ class HierarchicalMMP(MetaMinibatchProx):
         center, scale = self.tree_prior.prior(group)
         return center, float(self.prox.uniform) * scale  # type: ignore[arg-type]
 
-    def step(self, tasks: Sequence[Task], groups: Sequence[Any],  # type: ignore[override]
-             monitor: bool = True, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, float]:
-        """One outer step on ``tasks`` with their groups ``groups`` (paths or names, one per task)."""
-        if len(tasks) != len(groups) or not tasks:
-            raise ValueError("give one group per task (and at least one task).")
-        diag = super().step(tasks, weights, monitor, where=groups)
+    def step(self, tasks: Sequence[Task] | Any = None, groups: Sequence[Any] | None = None,  # type: ignore[override]
+             monitor: bool = True, weights: Sequence[float] | torch.Tensor | None = None,
+             where: Sequence[Any] | None = None) -> dict[str, float]:
+        """One outer step on ``tasks`` with their groups ``groups`` (paths or names, one per task of the whole
+        minibatch; ``where`` is the same, as :meth:`MetaLearner.step` calls it)."""
+        diag = super().step(tasks, weights, monitor, where=groups if where is None else where)
         diag["groups"] = float(len(self.nodes))
         return diag
 

@@ -22,6 +22,7 @@ from _spawn_helpers import exit_without_teardown
 from _tiny_omniglot import make_omniglot
 from _torchrun_helpers import checkpoint_step, finish, kill_rank_after, torchrun_train
 from metaprox.distributed import LocalReducer, shard_bounds
+from metaprox.priors import TreePrior
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 
@@ -123,11 +124,18 @@ def _learner(rule: str) -> metaprox.MetaLearner:
         return metaprox.FOMAML(model, "mse", inner=sgd, **kw)
     if rule == "reptile":
         return metaprox.Reptile(model, "mse", inner=sgd, **kw)
+    if rule == "mmp_tree":  # a tree prior: per-node meta-gradients in the one all-reduce, then the node steps
+        return metaprox.HierarchicalMMP(model, "mse", lam=0.5, lam_levels=[1.0, 2.0], inner=sgd, **kw)
+    if rule == "reptile_tree":
+        rep = metaprox.Reptile(model, "mse", inner=sgd, **kw)
+        TreePrior(rep, [1.0, 2.0])
+        return rep
     return metaprox.IMAML(model, "mse", lam=1.0, inner=sgd, cg_steps=3, **kw)
 
 
 CASES = [("mmp", 5), ("mmp", 1), ("mmp_minibatch", 5), ("mmp_carry", 5), ("maml", 5), ("fomaml", 4), ("reptile", 5),
-         ("imaml", 3)]
+         ("imaml", 3), ("mmp_tree", 5), ("reptile_tree", 4)]
+GROUPS = [("a", "x"), ("b",), ("a", "y"), ("a", "x"), ("b", "z")]  # tree paths of a minibatch's tasks
 ITERS = 3
 
 
@@ -145,7 +153,8 @@ def _run_case(rule: str, batch: int, reducer, shared: bool = False) -> tuple[dic
         else:
             tasks = fam.sample(batch, 10, gen, num_query=10)
         weights = torch.arange(1.0, batch + 1)  # unequal task weights (of the whole minibatch)
-        diag = learner.step(tasks, weights=weights, monitor=True)
+        where = GROUPS[:batch] if rule.endswith("_tree") else None
+        diag = learner.step(tasks, weights=weights, monitor=True, where=where)
     return {n: p.detach().clone() for n, p in zip(learner.names, learner.fmodel.params())}, diag
 
 

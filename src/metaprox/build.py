@@ -23,7 +23,8 @@ from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
 
-__all__ = ["build_model", "build_inner", "build_learner", "build_family", "FAMILIES", "ALGORITHMS"]
+__all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "rule_options", "FAMILIES",
+           "ALGORITHMS"]
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -118,8 +119,17 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
         model = build_model(cfg)
     model = model.to(cfg["device"])
     loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
-    algo, rule = cfg["algorithm"], cfg["rule"]
     lam = cfg["prox"]["lam"]
+    return ALGORITHMS[cfg["algorithm"]](
+        model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
+        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
+        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
+        seed=cfg["seed"], **rule_options(cfg, cfg["algorithm"]))
+
+
+def rule_options(cfg: dict[str, Any], algo: str) -> dict[str, Any]:
+    """The ``[rule]`` options that rule ``algo`` takes (inner_data, first_order, cg_steps)."""
+    rule = cfg["rule"]
     extra: dict[str, Any] = {}
     if algo in ("mmp", "reptile"):  # rules without a query-loss meta-gradient may solve on support ∪ query
         extra["inner_data"] = rule["inner_data"]
@@ -130,11 +140,7 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
         extra["first_order"] = rule["first_order"]
     if algo == "imaml":
         extra["cg_steps"] = int(rule["cg_steps"])
-    return ALGORITHMS[algo](
-        model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
-        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
-        schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
-        seed=cfg["seed"], **extra)
+    return extra
 
 
 def build_family(cfg: dict[str, Any]) -> Any:
@@ -142,3 +148,62 @@ def build_family(cfg: dict[str, Any]) -> Any:
     if fam not in FAMILIES:
         raise ConfigError(f"unknown task.family {fam!r}; available: {sorted(FAMILIES)}.")
     return FAMILIES[fam](cfg)
+
+
+def _csv_rows(path: str, what: str) -> list[dict[str, str]]:
+    import csv
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} = {path!r}: no such file.")
+    with open(file, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def build_prior(cfg: dict[str, Any], num_tasks: int, weights: torch.Tensor) -> dict[str, Any]:
+    """``{"prior": Tree | None, "graph": Graph | None}`` of ``cfg["prior"]`` for a finite set of ``num_tasks``
+    tasks with weights w_t (the tree's node masses come from them)."""
+    from metaprox.priors import Graph, Tree
+
+    pr = cfg["prior"]
+    if pr["kind"] == "tree":
+        nodes = [str(n) for n in pr["task_nodes"]]
+        if pr["nodes_csv"] is not None:
+            if nodes:
+                raise ConfigError("give prior.task_nodes or prior.nodes_csv, not both.")
+            rows = _csv_rows(pr["nodes_csv"], "prior.nodes_csv")
+            if rows and pr["nodes_column"] not in rows[0]:
+                raise ConfigError(f"prior.nodes_csv {pr['nodes_csv']!r} has no column {pr['nodes_column']!r} "
+                                  f"(columns: {list(rows[0])}); set prior.nodes_column.")
+            nodes = [r[pr["nodes_column"]] for r in rows]
+        if len(nodes) != num_tasks:
+            raise ConfigError(f"prior.kind = 'tree' needs one node per task: got {len(nodes)} nodes for "
+                              f"{num_tasks} tasks.")
+        parent: dict[str, str | None] = {"root": None}
+        for n in nodes:  # "a/b" is node "a/b" under "a" under the root
+            parts = n.split("/")
+            for d in range(len(parts)):
+                parent.setdefault("/".join(parts[:d + 1]), "/".join(parts[:d]) or "root")
+        try:
+            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights), "graph": None}
+        except ValueError as e:
+            raise ConfigError(f"prior (tree): {e}") from e
+    if pr["kind"] == "graph":
+        edges = [tuple(e) for e in pr["edges"]]
+        if pr["edges_csv"] is not None:
+            if edges:
+                raise ConfigError("give prior.edges or prior.edges_csv, not both.")
+            try:
+                edges = [(int(r["t"]), int(r["s"]), float(r["weight"]))
+                         for r in _csv_rows(pr["edges_csv"], "prior.edges_csv")]
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"prior.edges_csv {pr['edges_csv']!r}: need integer columns t, s and a number "
+                                  f"column weight ({e}).") from e
+        if any(len(e) != 3 for e in edges):
+            raise ConfigError("prior.edges: each edge is [t, s, λ_ts].")
+        try:
+            return {"prior": None, "graph": Graph(num_tasks, edges)}
+        except ValueError as e:
+            raise ConfigError(f"prior (graph): {e}") from e
+    return {"prior": None, "graph": None}

@@ -67,9 +67,20 @@ DEFAULTS: dict[str, Any] = {
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)
     "finite": {                    # algorithm = "finite_mmp" (metaprox.train_finite)
+        "rule": "mmp",             # the meta-gradient rule over the finite set: "mmp" (FiniteMMP) or another of
+                                   # metaprox.ALGORITHMS with a TaskMemory (flat prior, gradient center step)
         "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)
         "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed"
         "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
+    },
+    "prior": {                     # who the center is (finite_mmp; docs/composition.md)
+        "kind": "flat",            # "flat" (w) | "tree" (task → node → … → root w) | "graph" (edges between tasks)
+        "task_nodes": [],          # tree: each task's node, in task order; "a/b" is node b under a under the root
+        "nodes_csv": None,         # tree: or a CSV file with a header, one row per task (in task order) …
+        "nodes_column": "node",    # … and the column holding the node
+        "lam_levels": [1.0],       # tree: pull of a node toward its parent, per depth 1, 2, …
+        "edges": [],               # graph: [[t, s, λ_ts], …] (task indices, each edge once)
+        "edges_csv": None,         # graph: or a CSV file with columns t, s, weight
     },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
         "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"
@@ -178,8 +189,21 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("algorithm = 'finite_mmp' and task.family = 'multitask' go together (a finite set of "
                           "known tasks with persistent parameters); got algorithm = "
                           f"{out['algorithm']!r}, task.family = {out['task']['family']!r}.")
-    f = out["finite"]
-    for key, allowed in (("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
+    f, pr = out["finite"], out["prior"]
+    if pr["kind"] not in ("flat", "tree", "graph"):
+        raise ConfigError(f"prior.kind = {pr['kind']!r}: choose 'flat', 'tree' or 'graph'.")
+    if pr["kind"] != "flat" and not finite:
+        raise ConfigError(f"prior.kind = {pr['kind']!r} needs algorithm = 'finite_mmp' (a finite set of named "
+                          f"tasks); the infinite-stream tree is metaprox.HierarchicalMMP (Python).")
+    if f["rule"] != "mmp" and (f["center_update"] != "gradient" or pr["kind"] != "flat"):
+        raise ConfigError(f"finite.rule = {f['rule']!r} runs with a TaskMemory: the flat prior and "
+                          f"finite.center_update = 'gradient' (exact, fixed, tree and graph centers are "
+                          f"FiniteMMP's, finite.rule = 'mmp'; see docs/composition.md).")
+    if pr["kind"] == "tree" and f["center_update"] != "exact":
+        raise ConfigError("prior.kind = 'tree' is updated by exact block-coordinate sweeps: set "
+                          "finite.center_update = 'exact'.")
+    for key, allowed in (("rule", ("mmp", "reptile", "fomaml", "maml", "imaml")),
+                         ("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
                          ("sample", ("without_replacement", "with_replacement", "all"))):
         if f[key] not in allowed:
             raise ConfigError(f"finite.{key} = {f[key]!r}: choose one of {allowed}.")

@@ -1,8 +1,10 @@
 """Test-time adaptation curves: adapt each test task from the learned prior, measure the query loss per step.
 
-For a test task the same prox problem is solved, centred at the learned ``w`` (test-time λ and solver may
-differ from training), and after 0, 1, …, k steps the query loss (and accuracy for classification) is
-recorded. Reports carry the mean, the 95% confidence interval (1.96·sd/√n) and the number of tasks.
+For a test task the same prox problem is solved as in training, by the same code path as
+:meth:`MetaLearner.adapt` (:meth:`MetaLearner.adapt_tasks`): centred at the learned prior, starting from the
+carried inner Adam moments when the solver carries them (test-time λ and solver may differ from training), and
+after 0, 1, …, k steps the query loss (and accuracy for classification) is recorded. Reports carry the mean,
+the 95% confidence interval (1.96·sd/√n) and the number of tasks.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from typing import Any
 import torch
 
 from metaprox.algorithms.base import MetaLearner
-from metaprox.prox import make_prox
-from metaprox.solvers import InnerSolver, ProxProblem
+from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
 __all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation"]
@@ -58,33 +59,32 @@ class AdaptationCurve:
 
 
 def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *, lam: float | None = None,
-                     inner: InnerSolver | None = None, record: Sequence[int] | None = None) -> AdaptationCurve:
+                     inner: InnerSolver | None = None, record: Sequence[int] | None = None,
+                     where: Any = None) -> AdaptationCurve:
     """Adapt every task (support set) for ``steps`` steps from the learned prior; query loss after each step.
 
-    ``record`` limits the evaluation to those step counts (others are NaN) — useful when predicting is costly.
-    A model that defines ``predict(x_support, x_query, params)`` (e.g. :class:`~metaprox.models.Conv4`, whose
-    BatchNorm test protocol needs the support set) is evaluated through it, one task at a time.
+    The tasks are solved by :meth:`MetaLearner.adapt_tasks` — the same path as :meth:`MetaLearner.adapt`
+    (carried Adam moments, a tree's nodes via ``where``), so step ``steps`` of the curve is what ``adapt``
+    returns. ``record`` limits the evaluation to those step counts (others are NaN) — useful when predicting
+    is costly. A model that defines ``predict(x_support, x_query, params)`` (e.g.
+    :class:`~metaprox.models.Conv4`, whose BatchNorm test protocol needs the support set) is evaluated through
+    it, one task at a time.
     """
     if any(not t.has_query for t in tasks):
         raise ValueError("adaptation_curve needs test tasks with a query set (Task(x, y, x_query, y_query)).")
-    solver = (inner or learner.inner).with_steps(steps)
-    prox = learner.prox if lam is None else make_prox(lam, learner.names)
     n = len(tasks)
     wanted = set(range(steps + 1)) if record is None else {int(k) for k in record}
     loss = torch.full((steps + 1, n), float("nan"), dtype=torch.float64)
     acc = torch.full((steps + 1, n), float("nan"), dtype=torch.float64) if learner.loss.name == "cross_entropy" \
         else None
-    center = learner.center()
     module = learner.fmodel.module
     own_predict = callable(getattr(module, "predict", None))
-    for idx in learner.execution.groups(tasks):
-        group = [tasks[i] for i in idx]
-        x, y = learner.execution.stack(group)
-        xq, yq = learner.execution.stack(group, query=True)
-        oracle = learner.execution.oracle(x, y)
-        cols = torch.tensor(idx)
 
-        def record_step(k: int, v: list[torch.Tensor], oracle=oracle, x=x, xq=xq, yq=yq, cols=cols) -> None:
+    def on_group(idx: Any, x: torch.Tensor, oracle: Any) -> Any:
+        xq, yq = learner.execution.stack([tasks[i] for i in idx], query=True)
+        cols = torch.as_tensor(idx)
+
+        def record_step(k: int, v: list[torch.Tensor]) -> None:
             if k not in wanted:
                 return
             with torch.no_grad():
@@ -96,9 +96,9 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
                 loss[k, cols] = learner.loss.batched(pred, yq).double().cpu()
                 if acc is not None:
                     acc[k, cols] = (pred.argmax(-1) == yq).double().flatten(1).mean(1).cpu()
+        return record_step
 
-        solver.solve(ProxProblem(oracle, prox, center), generator=learner.generator, monitor=False,
-                     callback=record_step)
+    learner.adapt_tasks(tasks, steps, lam, inner, where=where, on_group=on_group)
     return AdaptationCurve(loss, acc)
 
 

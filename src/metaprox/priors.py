@@ -14,6 +14,10 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
   the weighted mean of its tasks, children and parent). The root is the meta-parameter w. The tasks enter only
   through per-node sums Σ pull·v and Σ pull (:meth:`Tree.task_sums`), so the sweep can run from sums that
   torch.distributed ranks all-reduce (:meth:`Tree.update_nodes_from_sums`).
+- :class:`TreePrior` — a tree grown lazily (nodes named by paths) over the infinite task stream, attached to any
+  learner: each task is solved at its node's center, the rule's meta-gradient is taken per node, and the nodes
+  move by gradient steps inside the learner's one outer step (:class:`~metaprox.algorithms.HierarchicalMMP` is
+  MMP with it).
 - :class:`Graph` — weighted edges λ_ts between tasks, adding ``Σ_{edges} (λ_ts λ_g/2)‖v_t − v_s‖²`` to J. For
   task t with the others fixed, the inner problem is again a prox problem: center
   ``m_t = (s_t c_t + Σ_s (λ_ts/w_t) v_s) / (s_t + Σ_s λ_ts/w_t)`` and pull ``(s_t + Σ_s λ_ts/w_t)·λ_g``
@@ -23,14 +27,21 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Tree", "Graph", "springs_in_series"]
+from metaprox.solve import PerTask, SolvedGroup
+from metaprox.tasks.task import Task
+
+__all__ = ["Tree", "Graph", "TreePrior", "springs_in_series"]
+
+Tensors = list[torch.Tensor]
+Path = tuple[Hashable, ...]
 
 
 def springs_in_series(*lams: float) -> float:
@@ -214,3 +225,207 @@ class Graph:
             src, dst = np.searchsorted(tasks, src), np.searchsorted(tasks, dst)
         d = rows[torch.from_numpy(src)] - rows[torch.from_numpy(dst)]
         return 0.5 * float((torch.from_numpy(w).to(rows.dtype) * (d.square() * lam_entries).sum(1)).sum())
+
+
+class TreePrior:
+    """A tree of centers grown lazily (root w = the learner's parameters), attached to ``learner``.
+
+    Args:
+        learner: the learner whose rule, pull and outer step it uses (``learner.hierarchy`` is set to it).
+        lam_levels: pull toward the parent for nodes at depth 1, 2, … (one number > 0 per depth).
+        group_lr: step size of the node centers: one number for every depth or one per depth (default: the
+            optimizer's base learning rate).
+        tree: optional ``{node: parent}`` map (one root, parent ``None``) or a :class:`metaprox.priors.Tree`,
+            so that a task's group may be given as a node name; without it a group is a path.
+    """
+
+    def __init__(self, learner: Any, lam_levels: Sequence[float],
+                 group_lr: float | Sequence[float] | None = None,
+                 tree: Mapping[str, str | None] | Tree | None = None):
+        from metaprox.composition import refuse
+
+        refuse(learner, prior="tree")
+        self.learner = learner
+        self.lam_levels = tuple(float(v) for v in lam_levels)
+        if not self.lam_levels or not all(v > 0 for v in self.lam_levels):  # also rejects NaN
+            raise ValueError(f"lam_levels = {list(lam_levels)}: need one λ > 0 per depth below the root.")
+        self.group_lrs = self._level_lrs(group_lr)
+        self.tree_paths = self._tree_paths(tree)
+        #: node centers by path (the root, path (), is the model's parameters and not stored here)
+        self.nodes: dict[Path, Tensors] = {}
+        self._paths: list[Path] = []
+        self._order: list[Path] = []
+        learner.hierarchy = self
+
+    # ----- the tree ------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Number of levels below the root."""
+        return len(self.lam_levels)
+
+    def _level_lrs(self, group_lr: float | Sequence[float] | None) -> tuple[float | None, ...]:
+        if group_lr is None or isinstance(group_lr, (int, float)):
+            lrs = (group_lr,) * self.depth
+        else:
+            lrs = tuple(float(v) for v in group_lr)
+            if len(lrs) != self.depth:
+                raise ValueError(f"group_lr has {len(lrs)} step sizes for {self.depth} levels; give one number "
+                                 f"or one per depth.")
+        if any(v is not None and not v > 0 for v in lrs):
+            raise ValueError(f"group_lr = {group_lr}: step sizes must be > 0.")
+        return lrs
+
+    def _tree_paths(self, tree: Mapping[str, str | None] | Tree | None) -> dict[str, Path] | None:
+        if tree is None:
+            return None
+        t = tree if isinstance(tree, Tree) else Tree(tree, [], self.lam_levels)  # validates root and cycles
+        if max(t.depth.values()) > self.depth:
+            raise ValueError(f"the tree is {max(t.depth.values())} levels deep but lam_levels has {self.depth}.")
+        paths = {}
+        for n in t.nodes:
+            p, m = [], n
+            while t.parent[m] is not None:
+                p.append(m)
+                m = t.parent[m]
+            paths[n] = tuple(reversed(p))
+        return paths
+
+    def path(self, group: Any, unknown_ok: bool = False) -> Path:
+        """The node path of ``group``: a path (tuple/list of names), a node name of the tree, or one name (a
+        path of length one). With ``unknown_ok`` (adaptation), ``None`` stands for an unknown level and
+        ``group=None`` for a task of unknown nodes at every level."""
+        if group is None:
+            if unknown_ok:
+                return (None,) * self.depth
+            raise ValueError("every task of a training step needs its group (a path or a node name), got None.")
+        if isinstance(group, (tuple, list)):
+            p = tuple(group)
+        elif self.tree_paths is not None:
+            if group not in self.tree_paths:
+                raise ValueError(f"group {group!r} is not a node of the tree; give a path (a tuple of names from "
+                                 f"the root's child down) for a node outside the tree.")
+            p = self.tree_paths[group]
+        else:
+            p = (group,)
+        if len(p) > self.depth:
+            raise ValueError(f"group path {p} is {len(p)} levels deep but lam_levels has {self.depth}.")
+        if not unknown_ok and None in p:
+            raise ValueError(f"group path {p} has an unknown (None) level; training tasks need every level named.")
+        return p
+
+    def node_center(self, path: Path) -> Tensors:
+        """Center of the node at ``path`` (the root's for ``()``); a new node starts at its parent's center."""
+        if not path:
+            return self.learner.center()
+        if path not in self.nodes:
+            self.nodes[path] = [t.detach().clone() for t in self.node_center(path[:-1])]
+        return self.nodes[path]
+
+    def prior(self, group: Any = None) -> tuple[Tensors, float]:
+        """(center, λ_eff/λ) a new task of ``group`` is adapted with: the deepest known node on its path and the
+        marginal pull of the levels below it (1/λ_eff = 1/λ + Σ 1/λ_d over the unknown levels)."""
+        p = self.path(group, unknown_ok=True)
+        k = 0
+        while k < len(p) and p[k] is not None and p[: k + 1] in self.nodes:
+            k += 1
+        center = self.nodes[p[:k]] if k else self.learner.center()
+        lam = self.learner.prox.uniform
+        if k == len(p) or not lam:
+            return center, 1.0
+        return center, springs_in_series(lam, *self.lam_levels[k:len(p)]) / lam  # the unknown levels in series
+
+    # ----- one outer step (called by MetaLearner.step) ----------------------------------------------------
+    def begin(self, where: Sequence[Any] | None, total: int) -> None:
+        """The paths of the whole minibatch; creates their nodes (first-seen order, the same on every rank)."""
+        if where is None or len(where) != total or not total:
+            raise ValueError("give one group per task (and at least one task).")
+        self._paths = [self.path(g) for g in where]
+        order: dict[Path, None] = {(): None}
+        for p in self._paths:
+            for d in range(1, len(p) + 1):
+                order[p[:d]] = None
+                self.node_center(p[:d])
+        self._order = list(order)
+
+    def centers(self, part: slice) -> PerTask:
+        """The node center of every task of this process's share (leading task axis)."""
+        cs = [self.node_center(p) for p in self._paths[part]]
+        return PerTask(torch.stack(ts) for ts in zip(*cs, strict=True))
+
+    def split(self, learner: Any, tasks: Sequence[Task], solved: list[SolvedGroup], weights: torch.Tensor,
+              part: slice, grads: Tensors) -> Tensors:
+        """Σ_{t at n} a_t g_t for every node n of the step (the rule's meta-gradient is linear in the weights),
+        concatenated in the step's node order — one list for the reducer."""
+        local = self._paths[part]
+        out: Tensors = []
+        for n in self._order:
+            mask = weights * torch.tensor([p == n for p in local], dtype=weights.dtype)
+            if bool((mask > 0).any()):
+                out += learner.meta_gradient(tasks, solved, mask)
+            else:
+                out += [torch.zeros_like(g) for g in grads]
+        return out
+
+    def outer(self, grads: Tensors, weights: torch.Tensor) -> tuple[Tensors, Any]:
+        """The chain rule: (root gradient for the optimizer, the node update). ``grads`` are the reduced,
+        normalised per-node sums of :meth:`split`; each node's pull toward its parent acts on both ends with
+        mass â_n = Σ_{t below n} â_t."""
+        k = len(grads) // len(self._order)
+        by = {n: grads[i * k:(i + 1) * k] for i, n in enumerate(self._order)}
+        for n in self._order[1:]:
+            mass = float(sum(float(a) for p, a in zip(self._paths, weights, strict=True) if p[:len(n)] == n))
+            pull = mass * self.lam_levels[len(n) - 1]
+            th, tp = self.nodes[n], self.node_center(n[:-1])
+            torch._foreach_add_(by[n], torch._foreach_mul(torch._foreach_sub(th, tp), pull))
+            torch._foreach_add_(by[n[:-1]], torch._foreach_mul(torch._foreach_sub(tp, th), pull))
+        if not all(bool(torch.isfinite(t).all()) for g in by.values() for t in g):
+            from metaprox.algorithms.base import NonFiniteError
+
+            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.learner.step_count}.")
+        base_lr = self.learner.base_lrs[0]
+
+        def update_nodes(factor: float) -> None:
+            for n in self._order[1:]:
+                lr = self.group_lrs[len(n) - 1]
+                torch._foreach_add_(self.nodes[n], by[n], alpha=-(base_lr if lr is None else lr) * factor)
+        return by[()], update_nodes
+
+    # ----- test time ----------------------------------------------------------------------------------------
+    def test_prior(self, tasks: Sequence[Task], lam: float | None,
+                   where: Any) -> tuple[PerTask, Any, torch.Tensor]:
+        """Each new task's center and pull factor (:meth:`prior`); ``where``: one group per task, one group for
+        all, or None (unknown at every level)."""
+        if lam is not None:
+            raise ValueError("lam= overrides the pull of a flat prior; with a tree the pulls are the learner's "
+                             "λ and lam_levels (build the learner with the λ you want).")
+        groups = list(where) if isinstance(where, list) else [where] * len(tasks)
+        if len(groups) != len(tasks):
+            raise ValueError(f"got {len(groups)} groups for {len(tasks)} tasks.")
+        found = [self.prior(g) for g in groups]
+        center = PerTask(torch.stack(ts) for ts in zip(*[c for c, _ in found], strict=True))
+        return center, self.learner.prox, torch.tensor([f for _, f in found], dtype=torch.float64)
+
+    # ----- state: node centers travel with the checkpoint (as JSON-named buffers) ---------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        names, buffers = self.learner.names, {}
+        for path, center in self.nodes.items():  # insertion order kept: it fixes the order of the root's sum
+            for name, t in zip(names, center, strict=True):
+                try:
+                    key = json.dumps({"node": list(path), "param": name})
+                except TypeError as e:
+                    raise TypeError(f"node path {path} cannot be saved: checkpoints name nodes by JSON values "
+                                    f"(str, int, float, bool); use such group names.") from e
+                buffers[key] = t.clone()
+        return buffers
+
+    def load_state_dict(self, buffers: Mapping[str, torch.Tensor]) -> None:
+        names = self.learner.names
+        nodes: dict[Path, dict[str, torch.Tensor]] = {}
+        for key, t in buffers.items():
+            entry = json.loads(key)
+            nodes.setdefault(tuple(entry["node"]), {})[entry["param"]] = t
+        for path, center in nodes.items():
+            if len(path) > self.depth or set(center) != set(names):
+                raise ValueError(f"node {path} in the state does not fit this learner ({self.depth} levels, "
+                                 f"parameters {names}); load it into a learner built the same way.")
+        self.nodes = {path: [center[n].clone() for n in names] for path, center in nodes.items()}

@@ -135,17 +135,18 @@ def save(root: str | Path, learner: Any, extra: dict[str, Any] | None = None) ->
     """Checkpoint a sharded :class:`~metaprox.algorithms.finite.FiniteMMP` (a collective: every rank calls it):
     the shards and the meta state commit together (two-phase commit, see the module doc)."""
     root, reducer = Path(root), learner.reducer
-    store = learner.store
+    keeper = _keeper(learner)
+    store = keeper.store
     if not isinstance(store, ShardedStore) or not isinstance(store.base, MemmapStore):
         raise TypeError("save() needs the learner's store from open_shard().")
-    step, n = learner.step_count, len(learner.tasks)
+    step, n = learner.step_count, len(keeper.tasks)
     shard_meta = {"step": step, "rank": reducer.rank, "world": reducer.world_size, "lo": store.lo,
                   "hi": store.hi, "num_tasks": n}
     store.base.prepare(shard_meta)
     _barrier(reducer, step, "the checkpoint step")  # every shard is prepared
     if reducer.rank == 0:
         finite = {"world": reducer.world_size, "num_tasks": n}
-        sampler = learner.sampler.state_dict() if hasattr(learner.sampler, "state_dict") else None
+        sampler = keeper.sampler.state_dict() if hasattr(keeper.sampler, "state_dict") else None
         save_checkpoint(root, learner.state_dict(), {"finite": finite, "sampler": sampler, **(extra or {})})
     _barrier(reducer, step, "the checkpoint step (committed)")  # checkpoint.json names this step
     store.base.finalize()
@@ -158,6 +159,13 @@ def load(root: str | Path, learner: Any) -> dict[str, Any]:
     if "finite" not in meta:
         raise CheckpointError(f"{Path(root) / 'checkpoint.json'} is not a sharded finite-task checkpoint.")
     learner.load_state_dict(state)
-    if meta.get("sampler") is not None and hasattr(learner.sampler, "load_state_dict"):
-        learner.sampler.load_state_dict(meta["sampler"])
+    sampler = _keeper(learner).sampler
+    if meta.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(meta["sampler"])
     return meta
+
+
+def _keeper(learner: Any) -> Any:
+    """What holds the tasks, store and sampler: the learner's task memory (any rule), or FiniteMMP itself."""
+    memory = getattr(learner, "memory", None)
+    return learner if memory is None else memory

@@ -28,12 +28,14 @@ import torch
 from torch import nn
 
 from metaprox import sharded
+from metaprox.algorithms import ALGORITHMS
 from metaprox.algorithms.base import NonFiniteError
 from metaprox.algorithms.finite import FiniteMMP
-from metaprox.build import _optimizer_factory, build_inner
+from metaprox.build import _optimizer_factory, build_inner, build_prior, rule_options
 from metaprox.checkpoint import CheckpointError, atomic_write
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer
+from metaprox.memory import TaskMemory
 from metaprox.metrics import auc
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 from metaprox.tasks.task import Task
@@ -97,7 +99,8 @@ def _lam(cfg: dict[str, Any]) -> Any:
     return dict(lam) if isinstance(lam, dict) else float(lam)
 
 
-def build_finite(cfg: dict[str, Any], train: list[Task], classify: bool, store: Any = None) -> FiniteMMP:
+def build_finite(cfg: dict[str, Any], train: list[Task], classify: bool, store: Any = None) -> Any:
+    """FiniteMMP (``finite.rule = "mmp"``), or the rule's learner with a :class:`~metaprox.memory.TaskMemory`."""
     f, o = cfg["finite"], cfg["outer"]
     if cfg["precision"] != "fp32":
         raise ConfigError(f"precision = {cfg['precision']!r}: finite_mmp has no reduced-precision path (its "
@@ -107,18 +110,32 @@ def build_finite(cfg: dict[str, Any], train: list[Task], classify: bool, store: 
     sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = _model(cfg, train[0].x.shape[1], 2 if classify else 1)
-    return FiniteMMP(model, TaskSet(train), "cross_entropy" if classify else "mse", lam=_lam(cfg),
+    tasks = TaskSet(train)
+    if f["rule"] != "mmp":
+        lam = cfg["prox"]["lam"]
+        learner = ALGORITHMS[f["rule"]](
+            model, "cross_entropy" if classify else "mse", lam=None if lam == 0 else _lam(cfg), inner=build_inner(cfg),
+            meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"], schedule=o["schedule"],
+            execution=cfg["execution"], seed=cfg["seed"], **rule_options(cfg, f["rule"]))
+        try:
+            TaskMemory(learner, tasks, store=store, sampler=sampler, task_lam=f["task_lam"])
+        except ValueError as e:
+            raise ConfigError(f"finite.rule = {f['rule']!r}: {e}") from e
+        return learner
+    return FiniteMMP(model, tasks, "cross_entropy" if classify else "mse", lam=_lam(cfg),
+                     **build_prior(cfg, len(tasks), tasks.weights),
                      task_lam=f["task_lam"], inner=build_inner(cfg), store=store, center_update=f["center_update"],
                      sampler=sampler, meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
                      schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])
 
 
-def evaluate_finite(learner: FiniteMMP, test: list[Task], classify: bool) -> dict[str, Any]:
+def evaluate_finite(learner: Any, test: list[Task], classify: bool) -> dict[str, Any]:
     """Each task's v_t on its test rows, summed over the ranks (each rank scores the tasks it owns)."""
-    lo, hi = learner.owned_range()
+    keeper = learner if learner.memory is None else learner.memory  # FiniteMMP, or a rule's TaskMemory
+    lo, hi = keeper.owned_range()
     sq, rows, auc_sum, auc_n = 0.0, 0.0, 0.0, 0.0
     for i in range(lo, hi):
-        out = learner.predict_task(i, test[i].x)
+        out = keeper.predict_task(i, test[i].x)
         if classify:
             a = auc((out[:, 1] - out[:, 0]).numpy(), test[i].y.numpy())
             if a == a:  # NaN when a task's test rows hold one class only
@@ -132,7 +149,7 @@ def evaluate_finite(learner: FiniteMMP, test: list[Task], classify: bool) -> dic
     return {"metric": "rmse", "value": (tot["sq"] / max(tot["rows"], 1.0)) ** 0.5, "rows": int(tot["rows"])}
 
 
-def _guarded_step(learner: FiniteMMP, monitor: bool, run_dir: Path) -> dict[str, float]:
+def _guarded_step(learner: Any, monitor: bool, run_dir: Path) -> dict[str, float]:
     """``learner.step``, stopped with :class:`~metaprox.train.TrainingDiverged` at a NaN/inf (the same on every
     rank: the center is all-reduced), before any checkpoint can hold it."""
     from metaprox.nonfinite import diverged_message, first_nonfinite
@@ -148,6 +165,11 @@ def _guarded_step(learner: FiniteMMP, monitor: bool, run_dir: Path) -> dict[str,
         raise TrainingDiverged(diverged_message(s, f"center parameter {bad} is not finite after outer step "
                                                    f"{s + 1} (outer.lr too large?)", run_dir))
     return diag
+
+
+def _objective(learner: Any) -> dict[str, float]:
+    """``{"J": the joint objective}`` where the learner has one (MMP's finite objective; other rules: none)."""
+    return {"J": learner.objective()} if hasattr(learner, "objective") else {}
 
 
 def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: bool | None, evaluate: bool,
@@ -201,7 +223,7 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
             monitor = (learner.step_count + 1) % log["every"] == 0 or learner.step_count + 1 == total
             diag = _guarded_step(learner, monitor, run_dir)
             if monitor:
-                rows.append({**diag, "step": learner.step_count, "J": learner.objective(),
+                rows.append({**diag, "step": learner.step_count, **_objective(learner),
                              "time": time.perf_counter() - t0})
             if learner.step_count % log["checkpoint_every"] == 0 or learner.step_count == end:
                 checkpoint()
@@ -211,12 +233,13 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
     if not evaluate or learner.step_count < total:
         return {}
     result = {"step": learner.step_count, "dataset": cfg["task"]["dataset"], "tasks": len(train),
-              "J": learner.objective(), "test": evaluate_finite(learner, test, classify)}
+              "J": _objective(learner).get("J"), "test": evaluate_finite(learner, test, classify)}
     if main:
         atomic_write(run_dir / "eval.json", json.dumps(result, indent=1).encode())
         t = result["test"]
         atomic_write(run_dir / "eval.md", (
             f"| dataset | tasks | step | joint objective J | test {t['metric'].upper()} |\n|---|---|---|---|---|\n"
-            f"| {result['dataset']} | {result['tasks']} | {result['step']} | {result['J']:.6g} | "
+            f"| {result['dataset']} | {result['tasks']} | {result['step']} | "
+            f"{'–' if result['J'] is None else format(result['J'], '.6g')} | "
             f"{t['value']:.4f} |\n").encode())
     return result if main else {}

@@ -203,4 +203,9 @@ def test_two_levels_match_the_previous_implementation():
         hm.step(tasks[k % 3:], groups[k % 3:], monitor=False)
     got = torch.cat([flat(hm.center())] + [flat(hm.groups[g]) for g in "uvw"]
                     + [flat(hm.adapt(tasks[0], g)) for g in ("u", "unseen")])
-    assert torch.allclose(got, torch.tensor(PREVIOUS, dtype=DT), rtol=0, atol=1e-12)
+    want = torch.tensor(PREVIOUS, dtype=DT)
+    assert torch.allclose(got[:15], want[:15], rtol=0, atol=1e-12)
+    # the previous adapt() rounded the marginal pull factor λ_eff/λ to float32 (torch.tensor([scale])); it is
+    # float64 now (the closed form of test_adaptation_below_the_deepest_known_node_is_the_joint_minimiser holds
+    # at 1e-10 either way), so the unseen group's adaptation agrees to float32 precision
+    assert torch.allclose(got[15:], want[15:], rtol=0, atol=1e-7)

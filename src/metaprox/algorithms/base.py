@@ -1,19 +1,29 @@
-"""`MetaLearner`: what every meta-gradient rule shares — meta-parameters, inner solves, the outer step.
+"""`MetaLearner`: what every meta-gradient rule shares — meta-parameters, inner solves, THE outer step.
 
-The meta-parameters ``w`` are the model's trainable parameters. One outer iteration (:meth:`MetaLearner.step`):
+The meta-parameters ``w`` are the model's trainable parameters (plus a prior's own: tree nodes). One outer
+iteration (:meth:`MetaLearner.step`), the same for every rule × prior × pull × memory (:mod:`metaprox.composition`):
 
-1. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, w)`` (batched) on the
-   data named by ``inner_data`` — the support set, or support ∪ query;
-2. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the *unnormalised* weighted
-   sum ``Σ_T a_T g_T`` of the per-task meta-gradients (linear in the weights). A rule that must differentiate
-   *through* the solve (second-order MAML) overrides :meth:`solve_and_meta_gradient`, which does steps 1–2;
-3. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
+1. the centers: ``w`` for every task, or each task's node of a :attr:`hierarchy` (:class:`~metaprox.priors.TreePrior`);
+   with a :attr:`memory` (:class:`~metaprox.memory.TaskMemory`, a finite task set) the minibatch is a set of task
+   indices, its weights the unbiased estimator's, and the warm starts the stored ``v_t``;
+2. group the tasks by shape and solve each group's prox problems ``min_v L_T(v) + D(v, c_T)`` (batched, the one
+   solve loop :func:`metaprox.solve.solve_groups`) on the data named by ``inner_data`` — support, or support ∪
+   query;
+3. ask the rule (:meth:`meta_gradient`, the only thing most subclasses define) for the *unnormalised* weighted
+   sum ``Σ_T a_T g_T`` of the per-task meta-gradients w.r.t. the centers (linear in the weights; per node for a
+   tree). A rule that must differentiate *through* the solve (second-order MAML) overrides
+   :meth:`solve_and_meta_gradient`, which does steps 2–3;
+4. sum those partial sums, the weight sum and the monitor sums over processes with the :attr:`reducer`
    (one process: the identity; under torchrun: one all-reduce, each rank having solved only its share
    ``reducer.part(B)`` of the minibatch — given the whole list, or only that share as a
    :class:`~metaprox.tasks.share.TaskShare` — see :mod:`metaprox.distributed`), and normalise:
    ``g = Σ a_T g_T / Σ a_T``;
-4. write it into ``.grad`` and let the ``torch.optim`` optimizer step (learning rate scheduled);
-5. return the diagnostics.
+5. :meth:`apply_meta_gradient` — the one place where the outer optimizer steps, for every learner (also
+   FiniteMMP's and the multi-head learners' own steps): ``.grad``, ``optimizer.step()`` (learning rate
+   scheduled), then the prior's own update (tree nodes; exact centers);
+6. return the diagnostics.
+
+Test time is :meth:`adapt_tasks` (the same solve, the prior's center and pull, carried moments read).
 """
 
 from __future__ import annotations
@@ -21,25 +31,24 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from metaprox.distributed import LocalReducer, Reducer
-from metaprox.execution import Execution, FunctionalModel, Oracle
+from metaprox.execution import Execution, FunctionalModel
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import SquaredL2, make_prox
-from metaprox.solvers import SGD, AdamMoments, InnerResult, InnerSolver, ProxProblem
+from metaprox.solve import INNER_DATA, SolvedGroup, solve_groups, stacked
+from metaprox.solvers import SGD, AdamMoments, InnerSolver
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
 
-__all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
+__all__ = ["MetaLearner", "SolvedGroup", "check_weights", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
 
 Tensors = list[torch.Tensor]
 OptimizerSpec = torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None
-INNER_DATA = ("support", "support+query")
 
 
 class NonFiniteError(FloatingPointError):
@@ -50,16 +59,8 @@ class InexactInnerSolveWarning(RuntimeWarning):
     """Inner stationarity is far above the meta-gradient norm: the inner problems are not being solved."""
 
 
-@dataclass
-class SolvedGroup:
-    """Tasks ``indices`` (into the minibatch) solved together, with their oracle and inner result."""
-
-    indices: list[int]
-    oracle: Oracle
-    result: InnerResult
-
-
-def _check_weights(weights: Any, n: int) -> torch.Tensor:
+def check_weights(weights: Any, n: int) -> torch.Tensor:
+    """``weights`` as float64 ``(n,)``: finite, ≥ 0, not all zero (else ``ValueError``)."""
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
     if w.numel() != n:
         raise ValueError(f"got {w.numel()} task weights for {n} tasks.")
@@ -81,6 +82,8 @@ class MetaLearner:
 
     #: the rule's meta-gradient uses ``Task.x_query``/``y_query`` (checked before any work is done)
     needs_query: bool = False
+    #: the rule's name in :mod:`metaprox.composition` (which combinations it supports)
+    rule_name: str | None = None
 
     def __init__(self, model: nn.Module, loss: str | LossFn | Loss = "mse",
                  lam: float | Mapping[str, float] | SquaredL2 | None = 1.0, inner: InnerSolver | None = None,
@@ -129,6 +132,10 @@ class MetaLearner:
         self.reducer: Reducer = LocalReducer()
         #: running moments of a moment-carrying inner solver (``Adam(carry_moments=True)``); None until set
         self.inner_moments: AdamMoments | None = None
+        #: a prior with several centers (:class:`~metaprox.algorithms.hierarchical.TreePrior`); None: w only
+        self.hierarchy: Any = None
+        #: a finite task set's memory (:class:`~metaprox.memory.TaskMemory`); None: the infinite task stream
+        self.memory: Any = None
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:
@@ -150,6 +157,11 @@ class MetaLearner:
                              "(build it with model.parameters()).")
         return opt
 
+    @property
+    def base_lrs(self) -> list[float]:
+        """The optimizer's learning rates before the schedule (per parameter group)."""
+        return list(self._base_lrs)
+
     def lr_factor(self, step: int) -> float:
         """Schedule factor for outer iteration ``step`` (0-based): the paper's η_s = α(1 − s/S), or 1."""
         if self.schedule == "constant":
@@ -161,15 +173,15 @@ class MetaLearner:
         return [p.detach() for p in self.fmodel.params()]
 
     def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
-              prox: SquaredL2 | None = None, monitor: bool = True, query: bool = False,
-              data: str = "support") -> list[SolvedGroup]:
-        """Solve every task's prox problem (batched by shape); returns the groups with their results.
-
-        ``data`` is ``"support"`` or ``"support+query"`` (each task's support and query examples,
-        concatenated).
-        """
-        if data not in INNER_DATA:
-            raise ValueError(f"unknown inner data {data!r}; choose one of {INNER_DATA}.")
+              prox: SquaredL2 | None = None, monitor: bool = True, data: str = "support",
+              scale: torch.Tensor | None = None, on_group: Any = None,
+              init: Tensors | None = None) -> list[SolvedGroup]:
+        """Solve every task's prox problem (batched by shape, :func:`metaprox.solve.solve_groups`); returns the
+        groups with their results. ``center``: one center for all tasks (default w) or a
+        :class:`~metaprox.solve.PerTask` stack; ``scale``: per-task pull factors; ``data``: ``"support"`` or
+        ``"support+query"`` (each task's support and query examples, concatenated). The minibatch's pre-drawn
+        inner-minibatch keys are used when this is the training solve of :meth:`step`; the carried Adam moments
+        (``Adam(carry_moments=True)``) whenever the solver carries them — in training and at test time alike."""
         if isinstance(tasks, Task):
             tasks = [tasks]
         if len(tasks) == 0:
@@ -179,28 +191,18 @@ class MetaLearner:
                 raise TypeError(f"tasks must be metaprox.Task objects, got {type(t).__name__}.")
         c = self.center() if center is None else center
         solver, penalty = inner or self.inner, prox or self.prox
-        out = []
-        for idx in self.execution.groups(tasks):
-            group = [tasks[i] for i in idx]
-            x, y = self.execution.stack(group)
-            if data == "support+query":
-                xq, yq = self.execution.stack(group, query=True)
-                x, y = torch.cat([x, xq], 1), torch.cat([y, yq], 1)
-            oracle = self.execution.oracle(x, y)
-            if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
-                with torch.no_grad():
-                    self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
-                self._shapes_checked = True
-            keys = self._step_keys
-            if keys is not None and (keys.shape[0] != len(tasks) or solver is not self.inner):
-                keys = None  # not this step's minibatch: draw from the generator instead
-            if keys is not None:
-                keys = keys[idx, :, : x.shape[1]]
-            moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
-            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys, moments=moments),
-                                  generator=self.generator, monitor=monitor)
-            out.append(SolvedGroup(idx, oracle, result))
-        return out
+        if self.step_count == 0 and not getattr(self, "_shapes_checked", False):
+            x, y = self.execution.stack(tasks[:1])
+            with torch.no_grad():
+                self.loss.check_shapes(self.fmodel.single(self.center(), x[0]), y[0])
+            self._shapes_checked = True
+        keys = self._step_keys
+        if keys is not None and (keys.shape[0] != len(tasks) or solver is not self.inner):
+            keys = None  # not this step's minibatch: draw from the generator instead
+        moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
+        return solve_groups(self.execution, stacked(self.execution, tasks, data), solver, penalty, c,
+                            init=init, scale=scale, shared=getattr(penalty, "shared", None), keys=keys, moments=moments,
+                            generator=self.generator, monitor=monitor, on_group=on_group)
 
     # ----- the outer step ---------------------------------------------------------------------------
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
@@ -210,26 +212,37 @@ class MetaLearner:
         up. Defined by each rule."""
         raise NotImplementedError
 
-    def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
-                                monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
-        """Steps 1–2 of an outer iteration: the inner solves at center ``w``, then :meth:`meta_gradient`."""
-        solved = self.solve(tasks, center=w, monitor=monitor, data=self.inner_data)
+    def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
+                                monitor: bool, init: Tensors | None = None,
+                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
+        """Steps 1–2 of an outer iteration: the inner solves at ``center`` (w, or a :class:`PerTask` stack of the
+        tasks' centers; warm-started at ``init``, per-task pulls ``scale``: a task memory's), then
+        :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw)."""
+        solved = self.solve(tasks, center=center, monitor=monitor, data=self.inner_data, init=init, scale=scale)
         return solved, self.meta_gradient(tasks, solved, weights)
 
-    def step(self, tasks: Sequence[Task] | TaskShare, weights: Sequence[float] | torch.Tensor | None = None,
-             monitor: bool = True) -> dict[str, float]:
+    def step(self, tasks: Sequence[Task] | TaskShare | Any = None,
+             weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True,
+             where: Sequence[Any] | None = None) -> dict[str, float]:
         """One outer iteration on a minibatch of tasks; returns diagnostics (theory monitors if ``monitor``).
 
         ``tasks`` is the whole minibatch, or only this process's share of it (a :class:`TaskShare` of the part
         ``reducer.part(B)``: what a task family builds under torchrun). ``weights`` always refer to the whole
-        minibatch of ``B`` tasks.
+        minibatch of ``B`` tasks, and so does ``where`` (each task's place in a prior with several centers,
+        e.g. its group in a tree: :attr:`hierarchy`). With a task memory (:attr:`memory`, a finite task set)
+        ``tasks`` are task indices (None: the memory's sampler draws them) and the weights are its estimator's.
         """
+        memory, ids = self.memory, None
+        if memory is not None:
+            if weights is not None:
+                raise ValueError("with a task memory the task weights come from its TaskSet and sampler.")
+            ids, tasks, weights = memory.batch(tasks)
         if isinstance(tasks, Task):
             tasks = [tasks]
         total = tasks.total if isinstance(tasks, TaskShare) else len(tasks)
         if total == 0:
             raise ValueError("step() got no tasks: pass a non-empty minibatch of metaprox.Task objects.")
-        a = _check_weights(weights if weights is not None else [1.0] * total, total)
+        a = check_weights(weights if weights is not None else [1.0] * total, total)
         part = self.reducer.part(total)  # this process's share of the minibatch (all of it, usually)
         share = self._share(tasks, part)
         lacking = share.lacking_query
@@ -237,46 +250,68 @@ class MetaLearner:
             why = "its meta-gradient is a query loss" if self.needs_query else "inner_data='support+query'"
             raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
                              f"y_query)) because {why}, but {lacking} of {total} tasks have none.")
+        tree = self.hierarchy
+        if tree is not None:
+            tree.begin(where, total)  # every rank: the same nodes, in the same order
         w = self.center()
         local, a_local = share.tasks, a[part]
+        center = w if tree is None else tree.centers(part)
         keys = self._draw_minibatch_keys(share)
         self._step_keys = None if keys is None else keys[part]
+        init, scale = (None, None) if memory is None else memory.start(ids, center)
         try:
             if local:
-                solved, grads = self.solve_and_meta_gradient(local, w, a_local, monitor)
+                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor, init, scale)
             else:
                 solved, grads = [], [torch.zeros_like(t) for t in w]
+            if tree is not None:  # Σ a_t g_t per center (each node's tasks), in the tree's order of this step
+                grads = tree.split(self, local, solved, a_local, part, grads)
         finally:
             self._step_keys = None
-        sums = {"weight": float(a_local.sum()), **(self.monitor_sums(solved, w) if monitor else {})}
+        if memory is not None:
+            memory.write(ids, solved)
+        # â_t of a task memory are already the unbiased estimator's: no normalising by the batch
+        sums = {"weight": 1.0 if memory is not None else float(a_local.sum()),
+                **(self.monitor_sums(solved) if monitor else {})}
         carry = bool(getattr(self.inner, "carry_moments", False))
+        n_grads = len(grads)
         if carry:
             grads = grads + self._moment_sums(solved, w)  # all-reduced with the meta-gradient (one call)
             sums["moment_tasks"] = float(len(local))
         grads, sums = self.reducer.sum(grads, sums)
         if carry:
-            grads, m_sum, s_sum = grads[:len(w)], grads[len(w):2 * len(w)], grads[2 * len(w):]
+            grads, m_sum, s_sum = grads[:n_grads], grads[n_grads:n_grads + len(w)], grads[n_grads + len(w):]
             n = sums["moment_tasks"]
             t = (0 if self.inner_moments is None else self.inner_moments.t) + int(self.inner.steps)
             self.inner_moments = AdamMoments(torch._foreach_div(m_sum, n), torch._foreach_div(s_sum, n), t)
-        diag = self.apply_meta_gradient(torch._foreach_div(grads, sums["weight"]))
+        grads = torch._foreach_div(grads, sums["weight"])
+        also = None
+        if tree is not None:  # the chain rule to w and the nodes, plus the tree's own pulls
+            grads, also = tree.outer(grads, a / a.sum())
+        diag = self.apply_meta_gradient(grads, also=also)
         if monitor:
             diag.update(self.monitors(sums))
         return diag
 
-    def apply_meta_gradient(self, grads: Tensors) -> dict[str, float]:
-        """The outer step: check the meta-gradient, schedule the lr, write ``.grad``, step the optimizer."""
+    def apply_meta_gradient(self, grads: Tensors, *, step_w: bool = True,
+                            also: Callable[[float], None] | None = None) -> dict[str, float]:
+        """THE outer step of every learner: check the meta-gradient, schedule the lr, write ``.grad``, step the
+        optimizer (unless ``step_w`` is False: a fixed center), then ``also(lr factor)`` — the prior's
+        parameters outside the optimizer (tree nodes, exact center updates) — and count the step."""
         gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
         if not math.isfinite(gnorm):
             raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count} (loss diverged?); "
                                  f"parameters were not updated. Lower the learning rates or λ.")
         factor = self.lr_factor(self.step_count)
-        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
-        for p, g in zip(self.fmodel.params(), grads):
-            p.grad = g.to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if step_w:
+            for p, g in zip(self.fmodel.params(), grads, strict=True):
+                p.grad = g.to(p.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if also is not None:
+            also(factor)
         self.step_count += 1
         return {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm}
 
@@ -319,16 +354,17 @@ class MetaLearner:
         n_max = share.max_examples(with_query=self.inner_data == "support+query")
         return torch.rand(share.total, steps, n_max, generator=self.generator)
 
-    def monitor_sums(self, solved: list[SolvedGroup], w: Tensors) -> dict[str, float]:
-        """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count)."""
+    def monitor_sums(self, solved: list[SolvedGroup]) -> dict[str, float]:
+        """Sums over the solved tasks of the quantities :meth:`monitors` averages (and their count), each task
+        measured against the center and penalty it was solved with."""
         stat = tgrad = sq = phi = loss = 0.0
         for s in solved:
-            r = s.result
-            assert r.loss is not None and r.stationarity is not None
+            r, c, pen = s.result, s.center, s.penalty
+            assert r.loss is not None and r.stationarity is not None and c is not None and pen is not None
             stat += float(r.stationarity.sum())
-            tgrad += float(sum(g.square().flatten(1).sum(1) for g in self.prox.grad_c(r.params, w)).sqrt().sum())
-            sq += float(self.prox.sqdist(r.params, w).sum())
-            phi += float((r.loss + self.prox.value(r.params, w)).sum())
+            tgrad += float(sum(g.square().flatten(1).sum(1) for g in pen.grad_c(r.params, c)).sqrt().sum())
+            sq += float(pen.sqdist(r.params, c).sum())
+            phi += float((r.loss + pen.value(r.params, c)).sum())
             loss += float(r.loss.sum())
         return {"tasks": float(sum(len(s.indices) for s in solved)), "inner_stationarity": stat,
                 "task_grad_norm": tgrad, "sigma2": sq, "phi": phi, "inner_loss": loss}
@@ -355,18 +391,41 @@ class MetaLearner:
         return out
 
     # ----- using the prior ----------------------------------------------------------------------------
+    def test_prior(self, tasks: Sequence[Task], lam: float | None = None,
+                   where: Any = None) -> tuple[Tensors, SquaredL2, torch.Tensor | None]:
+        """(center, penalty, per-task pull factors or None) of new ``tasks`` at test time: w and the training
+        penalty (``lam``: another λ for every group). Priors with more than one center (a tree) override this;
+        ``where`` says where each task sits in them (e.g. its group)."""
+        if self.hierarchy is not None:
+            return self.hierarchy.test_prior(tasks, lam, where)
+        if where is not None:
+            raise ValueError(f"{type(self).__name__} has one center, w: adapt a task without a group/node.")
+        return self.center(), self.prox if lam is None else make_prox(lam, self.names), None
+
+    def adapt_tasks(self, tasks: Sequence[Task], steps: int | None = None, lam: float | None = None,
+                    inner: InnerSolver | None = None, where: Any = None, on_group: Any = None) -> list[SolvedGroup]:
+        """THE test-time path: solve new ``tasks`` (support sets) from the prior, exactly as in training —
+        same solve loop, the prior's center and pull (:meth:`test_prior`), carried Adam moments read (never
+        updated). :meth:`adapt`, :func:`metaprox.evaluate.adaptation_curve` (hence ``metaprox eval`` and
+        periodic validation) all call it. ``steps``/``inner`` override the solver, ``lam`` the pull."""
+        solver = inner or self.inner
+        if steps is not None:
+            solver = solver.with_steps(steps)
+        center, prox, scale = self.test_prior(tasks, lam, where)
+        return self.solve(tasks, center=center, inner=solver, prox=prox, monitor=False, scale=scale,
+                          on_group=on_group)
+
     def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
               inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
         """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters.
 
         ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ).
         """
-        solver = inner or self.inner
-        if steps is not None:
-            solver = solver.with_steps(steps)
-        prox = self.prox if lam is None else make_prox(lam, self.names)
-        (group,) = self.solve([task], inner=solver, prox=prox, monitor=False)
-        return {n: t[0] for n, t in zip(self.names, group.result.params)}
+        return self._first(self.adapt_tasks([task], steps, lam, inner))
+
+    def _first(self, solved: list[SolvedGroup]) -> dict[str, torch.Tensor]:
+        """The parameters of the one task of ``solved``, by name."""
+        return {n: t[0] for n, t in zip(self.names, solved[0].result.params, strict=True)}
 
     def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Model output on ``x`` with the given parameters (e.g. from :meth:`adapt`)."""
@@ -385,6 +444,8 @@ class MetaLearner:
             mo = self.inner_moments
             state["inner_moments"] = {"t": mo.t, "m": {n: t.clone() for n, t in zip(self.names, mo.m)},
                                       "s": {n: t.clone() for n, t in zip(self.names, mo.s)}}
+        if self.hierarchy is not None:
+            state["buffers"] = self.hierarchy.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -404,3 +465,5 @@ class MetaLearner:
         mo = state.get("inner_moments")
         self.inner_moments = None if mo is None else AdamMoments(
             [mo["m"][n].clone() for n in self.names], [mo["s"][n].clone() for n in self.names], int(mo["t"]))
+        if self.hierarchy is not None:
+            self.hierarchy.load_state_dict(state.get("buffers") or {})

@@ -55,7 +55,6 @@ all-reduce.
 from __future__ import annotations
 
 import glob
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,12 +63,14 @@ import torch
 from torch import nn
 
 from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
+from metaprox.composition import refuse
 from metaprox.distributed import shard_bounds
 from metaprox.execution import Oracle
 from metaprox.losses import Loss, LossFn
 from metaprox.priors import Graph, Tree, springs_in_series
 from metaprox.prox import GroupL2, Penalty, SquaredL2, TaskScaled
-from metaprox.solvers import InnerSolver, ProxProblem
+from metaprox.solve import PerTask, solve_groups
+from metaprox.solvers import InnerSolver
 from metaprox.store import MemoryStore, ParamLayout, ShardedStore, TaskStore
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import GeneratedTaskSet, TaskSampler, TaskSet, estimator_weights, task_lam_factors
@@ -78,23 +79,6 @@ __all__ = ["FiniteMMP", "CENTER_UPDATES"]
 
 Tensors = list[torch.Tensor]
 CENTER_UPDATES = ("gradient", "exact", "fixed")
-
-
-class _TiedOracle:
-    """An oracle whose gradient is zero on shared groups: the inner solver keeps them at the center."""
-
-    def __init__(self, oracle: Oracle, shared: list[bool]):
-        self.oracle, self.shared = oracle, shared
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.oracle, item)
-
-    def __call__(self, v: Tensors, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, Tensors]:
-        losses, g = self.oracle(v, idx)
-        for gi, sh in zip(g, self.shared):
-            if sh:
-                gi.zero_()
-        return losses, g
 
 
 def _check_squared(prox: Penalty, center_update: str, prior: Tree | None, graph: Graph | None) -> None:
@@ -149,6 +133,7 @@ class FiniteMMP(MetaLearner):
 
     supports_carried_moments = False  # its own step(): the running moments would never be updated
     supports_shared = True
+    rule_name = "mmp"
 
     def __init__(self, model: nn.Module, tasks: TaskSet | GeneratedTaskSet, loss: str | LossFn | Loss = "mse",
                  lam: float | str | Mapping[str, float | str] | Penalty = 1.0, task_lam: Any = "constant",
@@ -164,6 +149,9 @@ class FiniteMMP(MetaLearner):
         if center_update not in CENTER_UPDATES:
             raise ValueError(f"unknown center_update {center_update!r}; choose one of {CENTER_UPDATES}.")
         _check_squared(self.prox, center_update, prior, graph)
+        refuse(self, prior="tree" if prior is not None else "graph" if graph is not None else "flat",
+               memory="sharded" if isinstance(store, ShardedStore) else
+               "memory" if store is None or isinstance(store, MemoryStore) else "memmap")
         if prior is not None and center_update != "exact":
             raise ValueError("a Tree prior is updated by exact block-coordinate sweeps: use center_update='exact'.")
         self.tasks, self.center_update, self.prior, self.graph = tasks, center_update, prior, graph
@@ -270,16 +258,16 @@ class FiniteMMP(MetaLearner):
         v = torch.empty_like(init)
         data_grad = torch.zeros_like(init) if self.any_shared else None
         stat = torch.zeros(len(init), dtype=torch.float64)
-        for pos, x, y in groups:
-            p = torch.from_numpy(pos)
-            oracle = self._oracle(x, y)
-            solve_oracle = _TiedOracle(oracle, self.shared_groups) if self.any_shared else oracle
-            problem = ProxProblem(solve_oracle, TaskScaled(prox, scale[p]),  # type: ignore[arg-type]
-                                  self.layout.unflatten(c_eff[p]), self.layout.unflatten(init[p]))
-            res = inner.solve(problem, generator=self.generator, monitor=monitor)
+        typed = ((torch.from_numpy(pos), x.to(self.device, self.dtype),
+                  y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device))
+                 for pos, x, y in groups)
+        for s in solve_groups(self.execution, typed, inner, prox, PerTask(self.layout.unflatten(c_eff)),
+                              init=PerTask(self.layout.unflatten(init)), scale=scale, shared=self.shared_groups,
+                              generator=self.generator, monitor=monitor):
+            p, res = s.indices, s.result
             v[p] = self.layout.flatten(res.params).to(v.dtype)
             if data_grad is not None:
-                data_grad[p] = self.layout.flatten(oracle(res.params)[1]).to(v.dtype)
+                data_grad[p] = self.layout.flatten(s.oracle(res.params)[1]).to(v.dtype)
             if monitor and res.stationarity is not None:
                 stat[p] = res.stationarity.double().cpu()
         return v, data_grad, stat
@@ -303,14 +291,10 @@ class FiniteMMP(MetaLearner):
     def _finish_step(self, grad: torch.Tensor, num_tasks: int, stationarity: float | None,
                      exact_sums: Tensors | None = None) -> dict[str, float]:
         """Check the center gradient, move the center (unless fixed), count the step; the diagnostics."""
-        gnorm = float(grad.double().norm())
-        if not math.isfinite(gnorm):
-            raise NonFiniteError(f"non-finite meta-gradient at outer step {self.step_count}.")
-        if self.center_update != "fixed":
-            self._apply(grad, exact_sums)
-        self.step_count += 1
-        diag = {"step": float(self.step_count), "lr": self.optimizer.param_groups[0]["lr"], "meta_grad_norm": gnorm,
-                "tasks": float(num_tasks)}
+        exact = (lambda factor: self._exact_centers(exact_sums)) if self.center_update == "exact" else None
+        grads = [g[0] for g in self.layout.unflatten(grad.unsqueeze(0))]
+        diag = self.apply_meta_gradient(grads, step_w=self.center_update != "fixed", also=exact)
+        diag["tasks"] = float(num_tasks)
         if stationarity is not None:
             diag["inner_stationarity"] = stationarity
         return diag
@@ -413,17 +397,6 @@ class FiniteMMP(MetaLearner):
         if data_grad is not None:
             g = torch.where(self.shared_entries, a @ data_grad, g)
         return g
-
-    def _apply(self, grad: torch.Tensor, exact_sums: Tensors | None = None) -> None:
-        factor = self.lr_factor(self.step_count)
-        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
-            group["lr"] = base * factor
-        for p, g in zip(self.fmodel.params(), self.layout.unflatten(grad.unsqueeze(0))):
-            p.grad = g[0].to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.center_update == "exact":
-            self._exact_centers(exact_sums)
 
     def _exact_centers(self, sums: Tensors | None = None) -> None:
         """Minimise J over the centers with every v_t fixed: from all tasks' rows in the store (one process), or
@@ -531,9 +504,11 @@ class FiniteMMP(MetaLearner):
         (a typo must not silently adapt from the root). Without a prior: from w with λ_g, or with ``lam`` for
         every non-shared group. Shared groups stay at w, private ones are free. ``steps``/``inner`` override the
         inner solver; ``node``/``parent`` are keyword-only, the positional order is :meth:`MetaLearner.adapt`'s."""
-        solver = inner if inner is not None else self.inner
-        if steps is not None:
-            solver = solver.with_steps(steps)
+        return self._first(self.adapt_tasks([task], steps, lam, inner, where=(node, parent)))
+
+    def test_prior(self, tasks: Any, lam: float | None, where: Any) -> tuple[Tensors, Penalty, None]:
+        """(center, penalty) of new tasks (:meth:`adapt`); ``where = (node, parent)``, the same for all tasks."""
+        node, parent = (None, None) if where is None else where
         w, prox = self.w_row(), self.prox
         if self.prior is None or self.theta is None:
             if node is not None or parent is not None:
@@ -542,7 +517,7 @@ class FiniteMMP(MetaLearner):
             center = w
             if lam is not None:
                 prox = GroupL2({glob.escape(n): "shared" if sh else float(lam)
-                                for n, sh in zip(self.names, self.shared_groups)}, self.names)
+                                for n, sh in zip(self.names, self.shared_groups, strict=True)}, self.names)
         elif lam is not None:
             raise ValueError("lam= overrides the pull of a flat prior; with a Tree prior the pulls come from the "
                              "penalty and the tree's lam_levels (build the learner with the λ you want).")
@@ -557,11 +532,8 @@ class FiniteMMP(MetaLearner):
             center = self.theta[self.prior.index[node]]
         else:
             center, prox = self._new_node_prior(parent)
-        center = torch.where(self.shared_entries, w, center).unsqueeze(0)
-        x, y = task.x.unsqueeze(0), task.y.unsqueeze(0)
-        v = self._solve_rows([(np.arange(1), x, y)], torch.ones(1, dtype=self.dtype), center, center.clone(),
-                             False, prox, solver)[0]
-        return {n: t[0] for n, t in zip(self.names, self.layout.unflatten(v))}
+        center = torch.where(self.shared_entries, w, center)
+        return [t[0] for t in self.layout.unflatten(center.unsqueeze(0))], prox, None
 
     def _new_node_prior(self, parent: str | None) -> tuple[torch.Tensor, Penalty]:
         """(θ_parent, the marginal penalty) of a task under a new child of ``parent`` (default: the root)."""

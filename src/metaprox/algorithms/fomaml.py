@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metaprox.algorithms.base import MetaLearner, SolvedGroup
+from metaprox.algorithms.base import MetaLearner
+from metaprox.solve import SolvedGroup
 from metaprox.tasks.task import Task
 
 __all__ = ["FOMAML", "query_gradient", "task_weighted_sum"]
@@ -66,6 +67,8 @@ class FOMAML(MetaLearner):
     References: Finn et al., ICML 2017, §5.2 (first-order approximation); Nichol, Achiam & Schulman, "On
     First-Order Meta-Learning Algorithms", arXiv:1803.02999 (2018), §3.
     """
+
+    rule_name = "fomaml"
 
     needs_query = True
 

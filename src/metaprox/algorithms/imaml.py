@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from metaprox.algorithms.base import MetaLearner, SolvedGroup
+from metaprox.algorithms.base import MetaLearner
 from metaprox.algorithms.fomaml import query_gradient, task_weighted_sum
 from metaprox.execution import Oracle
 from metaprox.linear_solve import conjugate_gradient
 from metaprox.prox import NoProx
+from metaprox.solve import SolvedGroup
 from metaprox.tasks.task import Task
 
 __all__ = ["IMAML", "hessian_vector_product"]
@@ -104,6 +105,8 @@ class IMAML(MetaLearner):
     Lemma 1 and Algorithm 2. Known deviation: the paper's inner solve is approximate too (Theorem 1 bounds the
     error); we report its stationarity in the diagnostics instead of bounding it.
     """
+
+    rule_name = "imaml"
 
     needs_query = True
 

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from metaprox.algorithms.base import MetaLearner, SolvedGroup
+from metaprox.algorithms.base import MetaLearner
 from metaprox.algorithms.fomaml import FOMAML
 from metaprox.execution import FunctionalModel
 from metaprox.losses import Loss
+from metaprox.solve import SolvedGroup, stacked
 from metaprox.solvers import SGD, InnerResult, ProxProblem
 from metaprox.tasks.task import Task
 
@@ -144,6 +145,8 @@ class MAML(MetaLearner):
     ICML 2017, Algorithm 2 (regression) and §5.2 (first-order approximation).
     """
 
+    rule_name = "maml"
+
     needs_query = True
 
     def __init__(self, model: nn.Module, loss="mse", inner: SGD | None = None, first_order: bool = False,
@@ -161,22 +164,22 @@ class MAML(MetaLearner):
     # First-order path only: the query gradient at the shared solver's ``v^M`` — exactly FOMAML's rule.
     meta_gradient = FOMAML.meta_gradient
 
-    def solve_and_meta_gradient(self, tasks: Sequence[Task], w: Tensors, weights: torch.Tensor,
-                                monitor: bool) -> tuple[list[SolvedGroup], Tensors]:
+    def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
+                                monitor: bool, init: Tensors | None = None,
+                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
+        # MAML starts at the center by definition (a memory never warm-starts it; per-task pulls are refused)
         if self.first_order:
-            return super().solve_and_meta_gradient(tasks, w, weights, monitor)
-        total = [torch.zeros_like(p) for p in w]
+            return super().solve_and_meta_gradient(tasks, center, weights, monitor, init, scale)
+        total = [torch.zeros_like(p) for p in center]
         solved = []
-        for idx in self.execution.groups(tasks):
-            group = [tasks[i] for i in idx]
-            xs, ys = self.execution.stack(group)
-            xq, yq = self.execution.stack(group, query=True)
+        for idx, xs, ys in stacked(self.execution, tasks):
+            xq, yq = self.execution.stack([tasks[i] for i in idx], query=True)
             oracle = self.execution.oracle(xs, ys)
-            meta, v = unrolled_meta_gradient(self.fmodel, self.loss, oracle.strategy, w, (xs, ys, xq, yq),
+            meta, v = unrolled_meta_gradient(self.fmodel, self.loss, oracle.strategy, center, (xs, ys, xq, yq),
                                              weights[idx], self.inner.lr, self.inner.steps, self.prox.lams)
             torch._foreach_add_(total, meta)
             result = InnerResult(v)
             if monitor:
-                result.loss, result.stationarity = ProxProblem(oracle, self.prox, w).stationarity(v)
-            solved.append(SolvedGroup(idx, oracle, result))
+                result.loss, result.stationarity = ProxProblem(oracle, self.prox, center).stationarity(v)
+            solved.append(SolvedGroup(idx, oracle, result, center, self.prox))
         return solved, total

@@ -15,20 +15,23 @@ from collections.abc import Sequence
 
 import torch
 
-from metaprox.algorithms.base import MetaLearner, SolvedGroup
+from metaprox.algorithms.base import MetaLearner
+from metaprox.solve import SolvedGroup
 from metaprox.tasks.task import Task
 
 __all__ = ["MetaMinibatchProx", "envelope_gradient"]
 
 
-def envelope_gradient(prox, solved: list[SolvedGroup], center: list[torch.Tensor],
-                      weights: torch.Tensor) -> list[torch.Tensor]:
-    """Σ_T a_T ∂_c D(v_T, c): the weighted Moreau-envelope gradient (Lemma 1), for any penalty D."""
-    total = [torch.zeros_like(c) for c in center]
+def envelope_gradient(solved: list[SolvedGroup], weights: torch.Tensor) -> list[torch.Tensor]:
+    """Σ_T a_T ∂_c D_T(v_T, c_T): the weighted Moreau-envelope gradient (Lemma 1) at the centers the tasks were
+    solved with, for any penalty D (each group's own, e.g. with per-task pulls)."""
+    total: list[torch.Tensor] = []
     for s in solved:
-        a = weights[s.indices].to(center[0].dtype).to(center[0].device)
-        for acc, g in zip(total, prox.grad_c(s.result.params, center)):
-            acc.add_(torch.tensordot(a, g, dims=1))
+        assert s.penalty is not None and s.center is not None
+        g = s.penalty.grad_c(s.result.params, s.center)
+        a = weights[s.indices].to(g[0].dtype).to(g[0].device)
+        part = [torch.tensordot(a, t, dims=1) for t in g]
+        total = part if not total else torch._foreach_add(total, part)
     return total
 
 
@@ -63,6 +66,8 @@ class MetaMinibatchProx(MetaLearner):
     References: Zhou et al., "Efficient Meta Learning via Minibatch Proximal Update", NeurIPS 2019, Alg. 1.
     """
 
+    rule_name = "mmp"
+
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
                       weights: torch.Tensor) -> list[torch.Tensor]:
-        return envelope_gradient(self.prox, solved, self.center(), weights)
+        return envelope_gradient(solved, weights) or [torch.zeros_like(p) for p in self.center()]

@@ -46,13 +46,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
-from metaprox.algorithms.finite import _TiedOracle
+from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec, check_weights
 from metaprox.execution import Execution, FunctionalModel
 from metaprox.losses import Loss, LossFn
 from metaprox.models.shared_trunk import SharedTrunk
 from metaprox.prox import GroupL2, TaskScaled
-from metaprox.solvers import InnerResult, InnerSolver, ProxProblem
+from metaprox.solve import PerTask, SolvedGroup, solve_groups, stacked
+from metaprox.solvers import InnerSolver
 from metaprox.store import MemoryStore, ParamLayout, TaskStore
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSampler, TaskSet, estimator_weights, task_lam_factors
@@ -152,32 +152,34 @@ class MultiHeadMMP(MetaLearner):
             out[i] = t
         return out  # type: ignore[return-value]
 
-    def _solve_group(self, k: _Kind, x: torch.Tensor, y: torch.Tensor, init: Tensors | None,
-                     scale: torch.Tensor | None, monitor: bool, inner: InnerSolver | None = None,
-                     ) -> tuple[InnerResult, Any, GroupL2 | TaskScaled]:
-        oracle = k.execution.oracle(x, y)
-        solve_oracle = _TiedOracle(oracle, k.prox.shared) if k.prox.any_shared else oracle
-        prox = k.prox if scale is None else TaskScaled(k.prox, scale)
+    def _solve_kind(self, k: _Kind, groups: Any, init: Tensors | None, scale: torch.Tensor | None,
+                    monitor: bool, inner: InnerSolver | None = None, on_group: Any = None) -> list[SolvedGroup]:
+        """Solve groups of tasks of kind ``k`` (the one solve loop, on the kind's member model); ``init`` and
+        ``scale`` run over the tasks of ``groups`` (a :class:`PerTask` stack, pull factors)."""
         c = self.kind_center(k.name)
         if init is not None and k.prox.any_shared:  # shared groups always start (and stay) at the center
-            init = [ci.expand_as(t).clone() if sh else t for ci, t, sh in zip(c, init, k.prox.shared)]
-        res = (inner or self.inner).solve(ProxProblem(solve_oracle, prox, c, init),  # type: ignore[arg-type]
-                                          generator=self.generator, monitor=monitor)
-        return res, oracle, prox
+            init = PerTask(ci.expand_as(t).clone() if sh else t
+                           for ci, t, sh in zip(c, init, k.prox.shared, strict=True))
+        return solve_groups(k.execution, groups, inner or self.inner, k.prox, c, init=init, scale=scale,
+                            shared=k.prox.shared, generator=self.generator, monitor=monitor, on_group=on_group)
 
-    def _trunk_grad(self, k: _Kind, res: InnerResult, oracle: Any, prox: Any, a: torch.Tensor) -> Tensors:
+    def _trunk_grad(self, k: _Kind, solved: SolvedGroup, a: torch.Tensor) -> Tensors:
         """Σ_t a_t g_t over one group: λ_g s_t (w − trunk_t) on pulled groups, ∇L_t on shared ones."""
-        c = self.kind_center(k.name)
-        gc = prox.grad_c(res.params, c)
-        data = oracle(res.params)[1] if k.prox.any_shared else None
+        res, pen = solved.result, solved.penalty
+        assert pen is not None and solved.center is not None
+        gc = pen.grad_c(res.params, solved.center)
+        data = solved.oracle(res.params)[1] if k.prox.any_shared else None
         out = []
         for i in k.trunk_pos:
             g = data[i] if (data is not None and k.prox.shared[i]) else gc[i]
             out.append(torch.tensordot(a.to(g.dtype), g, dims=1))
         return out
 
-    def _outer(self, grad_sum: Tensors, weight: float) -> dict[str, float]:
-        return self.apply_meta_gradient([g / weight for g in grad_sum])
+    def _by_kind_positions(self, kinds: Sequence[str]) -> dict[str, list[int]]:
+        by: dict[str, list[int]] = {}
+        for i, kd in enumerate(kinds):
+            by.setdefault(str(kd), []).append(i)
+        return by
 
     # ----- one outer step (infinite setting) -----------------------------------------------------------
     def step(self, tasks: Sequence[Task], kinds: Sequence[str],  # type: ignore[override]
@@ -187,24 +189,18 @@ class MultiHeadMMP(MetaLearner):
             tasks, kinds = [tasks], [kinds]  # type: ignore[list-item]
         if len(tasks) != len(kinds) or not tasks:
             raise ValueError("give one kind per task (and at least one task).")
-        a = torch.ones(len(tasks), dtype=torch.float64) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if a.numel() != len(tasks) or not bool(torch.isfinite(a).all()) or bool((a < 0).any()) or a.sum() <= 0:
-            raise ValueError("task weights must be finite, ≥ 0, not all zero, one per task.")
-        by: dict[tuple, list[int]] = {}
-        for i, (t, kd) in enumerate(zip(tasks, kinds)):
-            by.setdefault((kd, t.shape_key()), []).append(i)
+        a = check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
         total = [torch.zeros_like(p) for p in self.center()]
         stat, n = 0.0, 0
-        for (kd, _), idx in by.items():
+        for kd, pos in self._by_kind_positions(kinds).items():
             k = self._kind(kd)
-            x, y = k.execution.stack([tasks[i] for i in idx])
-            res, oracle, prox = self._solve_group(k, x, y, None, None, monitor)
-            torch._foreach_add_(total, self._trunk_grad(k, res, oracle, prox, a[idx]))
-            if monitor and res.stationarity is not None:
-                stat += float(res.stationarity.sum())
-                n += len(idx)
-        diag = self._outer(total, float(a.sum()))
+            kt = [tasks[i] for i in pos]
+            for sg in self._solve_kind(k, stacked(k.execution, kt), None, None, monitor):
+                torch._foreach_add_(total, self._trunk_grad(k, sg, a[[pos[j] for j in sg.indices]]))
+                if monitor and sg.result.stationarity is not None:
+                    stat += float(sg.result.stationarity.sum())
+                    n += len(sg.indices)
+        diag = self.apply_meta_gradient([g / float(a.sum()) for g in total])
         diag["tasks"] = float(len(tasks))
         if monitor and n:
             diag["inner_stationarity"] = stat / n
@@ -213,13 +209,28 @@ class MultiHeadMMP(MetaLearner):
     def adapt(self, task: Task, kind: str, steps: int | None = None,  # type: ignore[override]
               inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
         """Solve a new task's prox problem from the center (private part from its start); member-named params."""
-        k = self._kind(kind)
+        (sg,) = self.adapt_tasks([task], steps, None, inner, where=[kind])
+        return {n: t[0] for n, t in zip(self._kind(kind).names, sg.result.params, strict=True)}
+
+    def adapt_tasks(self, tasks: Sequence[Task], steps: int | None = None, lam: float | None = None,
+                    inner: InnerSolver | None = None, where: Any = None, on_group: Any = None) -> list[SolvedGroup]:
+        """The test-time path (:meth:`MetaLearner.adapt_tasks`) per kind: ``where`` gives each task's kind; the
+        groups' ``indices`` are positions in ``tasks``."""
+        if lam is not None:
+            raise ValueError("lam= is not supported by the multi-head learners (build them with the λ you want).")
+        if where is None or len(where) != len(tasks):
+            raise ValueError("give one kind per task (where=[kind, ...]).")
         solver = inner or self.inner
         if steps is not None:
             solver = solver.with_steps(steps)
-        x, y = k.execution.stack([task])
-        res, _, _ = self._solve_group(k, x, y, None, None, False, inner=solver)
-        return {n: t[0] for n, t in zip(k.names, res.params)}
+        out = []
+        for kd, pos in self._by_kind_positions(where).items():
+            k = self._kind(kd)
+            for sg in self._solve_kind(k, stacked(k.execution, [tasks[i] for i in pos]), None, None, False,
+                                       inner=solver, on_group=on_group):
+                sg.indices = [pos[j] for j in sg.indices]
+                out.append(sg)
+        return out
 
     def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,  # type: ignore[override]
                 kind: str | None = None) -> torch.Tensor:
@@ -308,22 +319,21 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
             kidx = idx[kpos]
             init_rows = store.read(self.row[kidx], self._center_row(kd))[0]
             solved = torch.empty_like(init_rows)
-            for gpos, x, y in self.tasks.groups(kidx):
-                p = torch.from_numpy(gpos)
-                dtype = init_rows.dtype
-                x = x.to(dtype)
-                y = y.to(dtype) if y.is_floating_point() else y
-                res, oracle, prox = self._solve_group(k, x, y, k.layout.unflatten(init_rows[p]),
-                                                      self.task_scale[kidx[gpos]].to(dtype), monitor)
-                torch._foreach_add_(total, self._trunk_grad(k, res, oracle, prox, wt[kpos[gpos]]))
-                solved[p] = k.layout.flatten(res.params).to(dtype)
-                if monitor and res.stationarity is not None:
-                    stat += float(res.stationarity.sum())
-                    n += len(gpos)
+            dtype = init_rows.dtype
+            groups = ((torch.from_numpy(gpos), x.to(dtype), y.to(dtype) if y.is_floating_point() else y)
+                      for gpos, x, y in self.tasks.groups(kidx))
+            for sg in self._solve_kind(k, groups, PerTask(k.layout.unflatten(init_rows)),
+                                       self.task_scale[kidx].to(dtype), monitor):
+                p = sg.indices
+                torch._foreach_add_(total, self._trunk_grad(k, sg, wt[kpos[p.numpy()]]))
+                solved[p] = k.layout.flatten(sg.result.params).to(dtype)
+                if monitor and sg.result.stationarity is not None:
+                    stat += float(sg.result.stationarity.sum())
+                    n += len(p)
             if not bool(torch.isfinite(solved).all()):
                 raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}.")
             store.write(self.row[kidx], solved)
-        diag = self._outer(total, 1.0)
+        diag = self.apply_meta_gradient([g / 1.0 for g in total])
         diag["tasks"] = float(len(idx))
         if monitor and n:
             diag["inner_stationarity"] = stat / n

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metaprox.algorithms.base import MetaLearner, SolvedGroup
+from metaprox.algorithms.base import MetaLearner
 from metaprox.algorithms.fomaml import task_weighted_sum
+from metaprox.solve import PerTask, SolvedGroup
 from metaprox.tasks.task import Task
 
 __all__ = ["Reptile"]
@@ -50,6 +51,8 @@ class Reptile(MetaLearner):
     Algorithm 2 (batched version) and §5 (one step = joint training).
     """
 
+    rule_name = "reptile"
+
     def __init__(self, model: nn.Module, loss="mse", lam=None, inner=None, **kwargs):
         # few-step fine-tuning is not meant to reach a stationary point: no inexact-solve warning by default
         kwargs.setdefault("stationarity_warn_ratio", float("inf"))
@@ -62,10 +65,14 @@ class Reptile(MetaLearner):
 
     def meta_gradient(self, tasks: Sequence[Task], solved: list[SolvedGroup],
                       weights: torch.Tensor) -> Tensors:
-        # Σ_T a_T (w − v_T) = (Σ a_T)·w − Σ a_T v_T: linear in the weights, so shards' partial sums add up
+        # Σ_T a_T (c_T − v_T) = Σ a_T c_T − Σ a_T v_T (one center w: (Σ a_T)·w): linear in the weights, so
+        # shards' partial sums add up
         w = self.center()
         sum_v = [torch.zeros_like(p) for p in w]
+        sum_c = torch._foreach_mul(w, float(weights.sum()))
         for s in solved:
             torch._foreach_add_(sum_v, task_weighted_sum(weights[s.indices], s.result.params))
-        total = float(weights.sum())
-        return torch._foreach_mul(torch._foreach_sub(torch._foreach_mul(w, total), sum_v), self.scale)
+            if isinstance(s.center, PerTask):  # a task's own center (a tree's node)
+                torch._foreach_add_(sum_c, torch._foreach_sub(task_weighted_sum(weights[s.indices], s.center),
+                                                              torch._foreach_mul(w, float(weights[s.indices].sum()))))
+        return torch._foreach_mul(torch._foreach_sub(sum_c, sum_v), self.scale)

@@ -93,6 +93,22 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
                      schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])
 
 
+def _closed_form(cfg: dict[str, Any], learner: FiniteMMP, start: bool) -> float | None:
+    """J* where the joint optimum has a closed form (linear least squares, :mod:`metaprox.joint_ridge`), else
+    None. ``finite.center_update = "solve"``: the optimum is written into the learner at the start (every rank
+    solves the whole small system and writes the rows it owns); the solved center is then kept fixed."""
+    from metaprox import joint_ridge
+
+    why = joint_ridge.applies_to(learner)
+    if cfg["finite"]["center_update"] == "solve":
+        if why is not None:
+            raise ConfigError(f"finite.center_update = 'solve' needs the closed-form joint optimum of linear "
+                              f"least-squares tasks, but {why}: use 'exact' or 'gradient'.")
+        if start:
+            return joint_ridge.apply_to(learner, learner.owned_range()).objective
+    return None if why is not None else joint_ridge.solve_joint(joint_ridge.quadratic_of(learner)).objective
+
+
 def finite_result(cfg: dict[str, Any], learner: FiniteMMP, fd: FiniteData, split: str) -> dict[str, Any]:
     """The evaluation record of ``split``: :func:`~metaprox.finite_eval.evaluate_split` under ``"eval"``, and
     under the split's name the headline number (RMSE pooled over all rows; AUC averaged over tasks; else the
@@ -143,6 +159,7 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
             guard.check(int(rows[0]["step"]), J=rows[0].get("J"), meta_grad_norm=rows[0].get("meta_grad_norm"))
     if isinstance(reducer, AllReduceReducer):
         reducer.check_same(learner.step_count, "the step to start from")
+    j_star = _closed_form(cfg, learner, start=not resume)
     if main:
         write_config(run_dir, cfg)
     total, log = cfg["outer"]["steps"], cfg["log"]
@@ -172,6 +189,8 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
             row = None
             if monitor:
                 row = {**diag, "step": learner.step_count, "J": learner.objective(), "time": time.perf_counter() - t0}
+                if j_star is not None:
+                    row.update(J_star=j_star, gap=row["J"] - j_star)
                 rows.append(row)
             try:
                 guard.check(learner.step_count, meta_grad_norm=diag["meta_grad_norm"], J=row and row["J"])

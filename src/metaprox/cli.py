@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
-    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule) or "
-                                "omniglot (Conv-4 strategies)")
+    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule), "
+                                "omniglot (Conv-4 strategies) or threads (1 thread vs all cores, finite set)")
     b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")

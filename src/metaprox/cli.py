@@ -139,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_bench(args.name, quick=args.quick, device=args.device)
             print(json.dumps(result, indent=1) if args.json else result["markdown"])
         elif args.command == "plot":
-            from metaprox.plots import plot_run
+            from metaprox.rundir import read_config
+
+            if read_config(Path(args.run_dir))["algorithm"] == "finite_mmp":
+                from metaprox.finite_plots import plot_finite_run as plot_run
+            else:
+                from metaprox.plots import plot_run
 
             for path in plot_run(args.run_dir):
                 print(path)

@@ -16,7 +16,9 @@ is a quadratic. With the parameters of one task flattened (weight row-major, the
 reduced system has the size of one task's pulled parameters, so the optimum costs one batched solve of the n
 small A_t and one |P|×|P| solve — seconds for 10⁴ tasks (``benchmarks/finite_exact_solve.py``), where
 alternating exact updates (``finite.center_update = "exact"``) creep toward it. Private entries (λ_e = 0) are
-free per task; the center's value there does not enter J. Shared entries (λ = ∞) are not covered here.
+free per task; the center's value there does not enter J. Shared entries (λ = ∞) are not covered here. With a
+:class:`~metaprox.priors.Tree` prior the node centers solve one linear system of N·|P| unknowns
+(:func:`solve_tree`).
 
 :func:`solve_joint` returns the optimum; :func:`apply_to` writes it into a :class:`~metaprox.algorithms.finite.
 FiniteMMP` (center and every task's row), which is ``finite.center_update = "solve"``; :func:`reduced_gap`
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["JointQuadratic", "JointSolution", "solve_joint", "reduced_gap", "applies_to", "apply_to"]
+__all__ = ["JointQuadratic", "JointSolution", "solve_joint", "solve_tree", "reduced_gap", "applies_to",
+           "quadratic_of", "solve_learner", "apply_to"]
 
 DT = torch.float64
 
@@ -79,16 +82,33 @@ class JointQuadratic:
         return self.lam > 0
 
     def task_rows(self, center: torch.Tensor) -> torch.Tensor:
-        """Every task's minimiser v_t = A_t⁻¹ (b_t + s_t Λ w) for the center ``center`` (P,)."""
+        """Every task's minimiser v_t = A_t⁻¹ (b_t + s_t Λ c_t) for the center ``center`` (P,) or the
+        per-task centers c_t (n, P)."""
         A = self.H + torch.diag_embed(self.s.unsqueeze(1) * self.lam)
         rhs = self.b + self.s.unsqueeze(1) * (self.lam * center)
         return torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
 
     def objective(self, center: torch.Tensor, rows: torch.Tensor) -> float:
-        """J at center and rows (float64, from the quadratic form)."""
+        """J at center (P,) or per-task centers (n, P) and rows (float64, from the quadratic form; without the
+        tree terms)."""
         loss = 0.5 * torch.einsum("tp,tpq,tq->t", rows, self.H, rows) - (self.b * rows).sum(1) + self.c
         pen = 0.5 * self.s * ((rows - center).square() * self.lam).sum(1)
         return float((self.w * (loss + pen)).sum())
+
+
+    def reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's term with v_t minimised out, as a quadratic in its center on the pulled entries:
+        gradient ``Q_t c − r_t`` with ``Q_t = w_t s_t (Λ − s_t Λ A_t⁻¹ Λ)`` (n, |P|, |P|) and
+        ``r_t = w_t s_t Λ A_t⁻¹ b_t`` (n, |P|)."""
+        p = self.pulled
+        A = self.H + torch.diag_embed(self.s.unsqueeze(1) * self.lam)
+        lam_p = torch.diag(self.lam)[:, p]                                   # (P, |P|)
+        Ainv_lam = torch.linalg.solve(A, lam_p.expand(len(A), *lam_p.shape))  # A_t⁻¹ Λ_{·P}
+        Ainv_b = torch.linalg.solve(A, self.b.unsqueeze(-1)).squeeze(-1)
+        ws = (self.w * self.s).view(-1, 1, 1)
+        Q = ws * (torch.diag(self.lam[p]) - self.s.view(-1, 1, 1) * (lam_p.T @ Ainv_lam))
+        r = ws.squeeze(-1) * (self.lam * Ainv_b)[:, p]
+        return Q, r
 
 
 @dataclass
@@ -96,6 +116,7 @@ class JointSolution:
     center: torch.Tensor     # (P,): the optimum on pulled entries; the given ``center`` elsewhere
     rows: torch.Tensor       # (n, P): every task's v_t
     objective: float         # J*
+    theta: torch.Tensor | None = None  # (N, P): a Tree prior's node centers (``center`` is the root's)
 
 
 def solve_joint(q: JointQuadratic, center: torch.Tensor | None = None) -> JointSolution:
@@ -116,6 +137,39 @@ def solve_joint(q: JointQuadratic, center: torch.Tensor | None = None) -> JointS
         w0[p] = torch.linalg.solve(Ms, root * rhs[p]) / root
     rows = q.task_rows(w0)
     return JointSolution(w0, rows, q.objective(w0, rows))
+
+
+def solve_tree(q: JointQuadratic, tree: Any, theta: torch.Tensor) -> JointSolution:
+    """The joint optimum with a :class:`~metaprox.priors.Tree` prior: J adds Σ_{n ≠ root} (m_n λ_n/2)‖θ_n −
+    θ_parent‖² and task t is pulled toward its node's θ. With every v_t minimised out (:meth:`JointQuadratic.
+    reduced`) the node centers solve one sparse linear system of N·|P| unknowns (dense here: for trees of up to
+    a few hundred nodes). Private entries of θ are set to the root's (``theta``'s), where the tree terms vanish."""
+    p = q.pulled
+    N, m = len(tree.nodes), int(p.sum())
+    node = torch.from_numpy(tree.task_node)
+    theta = theta.to(DT).clone()
+    theta[:] = theta[tree.index[tree.root]]
+    if m:
+        Q, r = q.reduced()
+        K = torch.zeros(N, m, N, m, dtype=DT)
+        diag = torch.zeros(N, m, m, dtype=DT).index_add_(0, node, Q)
+        K[torch.arange(N), :, torch.arange(N), :] = diag
+        R = torch.zeros(N, m, dtype=DT).index_add_(0, node, r)
+        eye = torch.eye(m, dtype=DT)
+        for name, parent in tree.parent.items():
+            if parent is None:
+                continue
+            i, j = tree.index[name], tree.index[parent]
+            k = float(tree.mass[i]) * tree.lam_up(name)
+            K[i, :, i, :] += k * eye
+            K[j, :, j, :] += k * eye
+            K[i, :, j, :] -= k * eye
+            K[j, :, i, :] -= k * eye
+        theta[:, p] = torch.linalg.solve(K.reshape(N * m, N * m), R.reshape(-1)).view(N, m)
+    centers = theta[node]
+    rows = q.task_rows(centers)
+    J = q.objective(centers, rows) + tree.penalty(theta)
+    return JointSolution(theta[tree.index[tree.root]].clone(), rows, J, theta)
 
 
 def reduced_gap(q: JointQuadratic, center: torch.Tensor) -> float:
@@ -142,8 +196,8 @@ def applies_to(learner: Any) -> str | None:
         return f"the model is {type(module).__name__}, not one linear layer"
     if learner.loss.name != "mse":
         return f"the loss is {learner.loss.name}, not mean squared error"
-    if learner.any_shared or learner.graph is not None or learner.prior is not None:
-        return "shared groups, a graph or a tree prior are not covered"
+    if learner.any_shared or learner.graph is not None:
+        return "shared groups or a graph coupling are not covered"
     if not hasattr(learner.prox, "lams"):
         return "the penalty is not a squared-ℓ2 pull"
     return None
@@ -159,10 +213,20 @@ def quadratic_of(learner: Any) -> JointQuadratic:
                                    learner.task_scale.to(DT), ts.weights.to(DT))
 
 
+def solve_learner(learner: Any) -> JointSolution:
+    """The joint optimum of a FiniteMMP's problem (flat, or with its Tree prior)."""
+    q = quadratic_of(learner)
+    if learner.prior is not None:
+        return solve_tree(q, learner.prior, learner.theta)
+    return solve_joint(q, learner.w_row().to(DT))
+
+
 def apply_to(learner: Any, owned: tuple[int, int] | None = None) -> JointSolution:
-    """Solve the learner's joint problem and write the optimum: the center into the model, the v_t of tasks
-    ``owned`` = [lo, hi) (default: all) into the store (its rows keep the store's precision)."""
-    sol = solve_joint(quadratic_of(learner), learner.w_row().to(DT))
+    """Solve the learner's joint problem and write the optimum: the center (and a tree's node centers) into the
+    learner, the v_t of tasks ``owned`` = [lo, hi) (default: all) into the store (at the store's precision)."""
+    sol = solve_learner(learner)
+    if sol.theta is not None:
+        learner.theta = sol.theta.to(learner.dtype)
     with torch.no_grad():
         for p, t in zip(learner.fmodel.params(), learner.layout.unflatten(sol.center.unsqueeze(0))):
             p.copy_(t[0].to(p.dtype))

@@ -106,7 +106,7 @@ def _closed_form(cfg: dict[str, Any], learner: FiniteMMP, start: bool) -> float 
                               f"least-squares tasks, but {why}: use 'exact' or 'gradient'.")
         if start:
             return joint_ridge.apply_to(learner, learner.owned_range()).objective
-    return None if why is not None else joint_ridge.solve_joint(joint_ridge.quadratic_of(learner)).objective
+    return None if why is not None else joint_ridge.solve_learner(learner).objective
 
 
 def finite_result(cfg: dict[str, Any], learner: FiniteMMP, fd: FiniteData, split: str) -> dict[str, Any]:

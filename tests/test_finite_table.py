@@ -154,3 +154,36 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "r2"), "--no-eval"]) == 0
     assert main(["eval", str(tmp_path / "r2"), "--split", "val"]) == 2
     assert "no 'val' rows: set task.val_frac > 0" in capsys.readouterr().err
+
+
+def write_binary(path: Path, one_class_task: bool = False) -> Path:
+    rng = np.random.default_rng(2)
+    rows = []
+    for t in range(4):
+        x = rng.normal(size=(40, 2))
+        y = (x[:, 0] + 0.5 * t + 0.3 * rng.normal(size=40) > 0).astype(int)
+        if one_class_task and t == 2:
+            y[:] = 1
+        rows += [[f"field{t}", *xi, "mine" if yi else "clear"] for xi, yi in zip(x, y)]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["field", "a", "b", "label"])
+        w.writerows(rows)
+    return path
+
+
+def test_binary_table_auc_accuracy_log_loss_and_single_class_error(tmp_path, capsys):
+    over = {"task.task_column": '"field"', "task.target": '"label"', "task.task_type": '"binary"',
+            "eval.metrics": '["auc", "accuracy", "log_loss"]', "prox.lam": "1.0", "outer.steps": "3"}
+    cfg = write_config(tmp_path / "c.toml", write_binary(tmp_path / "b.csv"), **over)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "run" / "eval-val.json").read_text())
+    assert res["val"]["metric"] == "auc" and res["val"]["value"] == res["eval"]["task_mean"]["auc"]
+    assert all(0 <= r["auc"] <= 1 and 0 <= r["accuracy"] <= 1 and r["log_loss"] > 0 for r in res["eval"]["per_task"])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--split", "val", "--set", 'eval.metrics=["rmse"]']) == 2
+    assert "for a binary task set choose from ['accuracy', 'log_loss', 'auc']" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "c1.toml", write_binary(tmp_path / "b1.csv", one_class_task=True), **over)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run1"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "metaprox: error:" in err and "task 'field2' has only class [1] among its val rows" in err

@@ -50,6 +50,7 @@ from metaprox.tasks.taskset import TaskSampler, TaskSet
 __all__ = ["train_finite", "build_finite", "finite_result"]
 
 DT = torch.float64
+GAP_BUDGET = 50_000_000  # float64 entries (400 MB) of the per-task systems H_t for logging the gap J − J*
 
 
 def _model(cfg: dict[str, Any], features: int, outputs: int) -> nn.Module:
@@ -95,8 +96,9 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
 
 def _closed_form(cfg: dict[str, Any], learner: FiniteMMP, start: bool) -> float | None:
     """J* where the joint optimum has a closed form (linear least squares, :mod:`metaprox.joint_ridge`), else
-    None. ``finite.center_update = "solve"``: the optimum is written into the learner at the start (every rank
-    solves the whole small system and writes the rows it owns); the solved center is then kept fixed."""
+    None (also when the n per-task systems would exceed :data:`GAP_BUDGET` entries: no gap is logged then).
+    ``finite.center_update = "solve"``: the optimum is written into the learner at the start (every rank solves
+    the whole small system and writes the rows it owns); the solved center is then kept fixed."""
     from metaprox import joint_ridge
 
     why = joint_ridge.applies_to(learner)
@@ -106,7 +108,8 @@ def _closed_form(cfg: dict[str, Any], learner: FiniteMMP, start: bool) -> float 
                               f"least-squares tasks, but {why}: use 'exact' or 'gradient'.")
         if start:
             return joint_ridge.apply_to(learner, learner.owned_range()).objective
-    return None if why is not None else joint_ridge.solve_learner(learner).objective
+    big = len(learner.tasks) * learner.layout.numel ** 2 > GAP_BUDGET  # the per-task systems would not fit
+    return None if why is not None or big else joint_ridge.solve_learner(learner).objective
 
 
 def finite_result(cfg: dict[str, Any], learner: FiniteMMP, fd: FiniteData, split: str) -> dict[str, Any]:

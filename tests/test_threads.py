@@ -41,6 +41,18 @@ def test_config_and_flag_override_and_the_count_is_applied():
     assert "threads" in BENCHMARKS
 
 
+def test_bench_threads_table():
+    from metaprox.bench.threads import bench_threads
+
+    before = torch.get_num_threads()
+    # tiny and one thread only (several threads are slow on a loaded CI machine): the table's shape, no timings
+    out = bench_threads(quick=True, tasks=2, rounds=1, counts=[1])
+    assert torch.get_num_threads() == before
+    assert [(r["model"], r["threads"]) for r in out["rows"]] == [("linear", 1), ("mlp", 1)]
+    assert all(r["vs_one_thread"] == 1.0 for r in out["rows"] if r["threads"] == 1)
+    assert "| linear | 1 |" in out["markdown"]
+
+
 def test_cli_records_the_thread_count(tmp_path):
     config = write_config(tmp_path / "c.toml", write_table(tmp_path / "t.csv"), **{"outer.steps": "2"})
     before = torch.get_num_threads()

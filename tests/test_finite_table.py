@@ -154,6 +154,9 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "r2"), "--no-eval"]) == 0
     assert main(["eval", str(tmp_path / "r2"), "--split", "val"]) == 2
     assert "no 'val' rows: set task.val_frac > 0" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "c.toml", table, **{"task.features": '"f1"'})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r3")]) == 2
+    assert "task.features = 'f1': must be a list of column names" in capsys.readouterr().err
 
 
 def write_binary(path: Path, one_class_task: bool = False) -> Path:

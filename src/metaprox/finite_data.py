@@ -69,12 +69,30 @@ class FiniteData:
         return self.data.tasks(self.rows(split), torch.int64 if self.classify else torch.float64)
 
 
+def _check_keys(t: dict[str, Any]) -> None:
+    """Types of the table keys (their defaults are None, so the config schema cannot check them)."""
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {"file": lambda v: isinstance(v, str), "split_column": lambda v: isinstance(v, str),
+              "target": lambda v: isinstance(v, str) or (names(v) and v), "features": names,
+              "task_type": lambda v: v in ("regression", "binary", "multiclass"),
+              "test_frac": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    wants = {"file": "a path string", "split_column": "a column name", "target": "a column name or a list of them",
+             "features": "a list of column names", "task_type": "'regression', 'binary' or 'multiclass'",
+             "test_frac": "a number in [0, 1)"}
+    for key, ok in checks.items():
+        if t[key] is not None and not ok(t[key]):
+            raise ConfigError(f"task.{key} = {t[key]!r}: must be {wants[key]}.")
+
+
 def _read(cfg: dict[str, Any]) -> tuple[MultitaskData, str, str, np.ndarray | None]:
     """(data, task type, source name, fixed test mask or None) of the config's table or preset."""
     from metaprox.data import multitask
     from metaprox.data.table import read_table
 
     t = cfg["task"]
+    _check_keys(t)
     if t["file"] is not None:
         data = read_table(t["file"], t["task_column"], t["target"] or "y", t["features"],
                           t["task_type"] or "regression", t["split_column"])

@@ -45,7 +45,8 @@ def write_table(path: Path, test_noise: float | None = None) -> Path:
     return path
 
 
-def write_config(path: Path, table: Path, **over: str) -> Path:
+def write_config(path: Path, table: Path, **over: str | None) -> Path:
+    """A finite-run config for ``table``; ``over`` replaces keys (None: leave the key out)."""
     lines = {"algorithm": '"finite_mmp"', "seed": "0", "task.family": '"multitask"', "task.file": f'"{table}"',
              "task.task_column": '"name"', "task.target": '"target"', "task.val_frac": "0.25",
              "task.test_frac": "0.25", "task.split_seed": "3", "model.kind": '"linear"',
@@ -56,6 +57,8 @@ def write_config(path: Path, table: Path, **over: str) -> Path:
              "eval.metrics": '["rmse", "mae", "r2", "explained_variance"]', **over}
     sections: dict[str, list[str]] = {"": []}
     for k, v in lines.items():
+        if v is None:
+            continue
         sec, _, key = k.rpartition(".")
         sections.setdefault(sec, []).append(f"{key} = {v}")
     text = "\n".join(sections.pop("")) + "\n" + "".join(f"[{s}]\n" + "\n".join(v) + "\n" for s, v in sections.items())
@@ -190,3 +193,26 @@ def test_binary_table_auc_accuracy_log_loss_and_single_class_error(tmp_path, cap
     assert main(["train", str(cfg), "--out", str(tmp_path / "run1"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "metaprox: error:" in err and "task 'field2' has only class [1] among its val rows" in err
+
+
+def test_multiclass_table_with_a_split_column(tmp_path):
+    """Three classes, the split given per row (NPZ with text columns): train/val/test exactly as the column says."""
+    rng = np.random.default_rng(5)
+    n = 60
+    task = np.repeat(["north", "south", "east"], n)
+    x = rng.normal(size=(3 * n, 2))
+    label = np.array(["low", "mid", "high"])[np.digitize(x[:, 0] + 0.2 * rng.normal(size=3 * n), [-0.5, 0.5])]
+    split = np.tile(np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10), 3)
+    np.savez(tmp_path / "m.npz", region=task, a=x[:, 0], b=x[:, 1], label=label, split=split)
+    over = {"task.file": f'"{tmp_path / "m.npz"}"', "task.task_column": '"region"', "task.target": '"label"',
+            "task.task_type": '"multiclass"', "task.split_column": '"split"', "task.val_frac": None,
+            "task.test_frac": None, "eval.metrics": '["accuracy", "log_loss"]', "prox.lam": "1.0",
+            "inner.lr": "0.5", "inner.steps": "20", "outer.steps": "3"}
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "m.npz", **over)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "run" / "eval-val.json").read_text())["eval"]
+    assert res["rows"] == 30 and [r["train_rows"] for r in res["per_task"]] == [40, 40, 40]
+    assert [r["task"] for r in res["per_task"]] == ["north", "south", "east"]  # order of first appearance
+    assert res["pooled"]["accuracy"] > 0.6  # three classes: chance is 1/3
+    assert main(["eval", str(tmp_path / "run"), "--split", "test"]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["eval"]["rows"] == 30

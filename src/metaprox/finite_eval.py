@@ -130,19 +130,18 @@ def evaluate_finite_run(run_dir: str | Path, split: str = "test", metrics: list[
     """Score a finite run's last checkpoint on ``split`` (one process; see the module doc for the files)."""
     from metaprox import sharded
     from metaprox.distributed import LocalReducer
+    from metaprox.finite_data import load_finite_data
     from metaprox.rundir import read_config
-    from metaprox.train_finite import build_finite, finite_result
+    from metaprox.train_finite import _model, build_finite, finite_result
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if metrics is not None:
         cfg = {**cfg, "eval": {**cfg["eval"], "metrics": metrics}}
-    from metaprox.finite_data import load_finite_data
-
     fd = load_finite_data(cfg)
     train = fd.tasks("train")
     reducer = LocalReducer()
-    layout = sharded.layout_of(build_finite(cfg, train, fd).fmodel.module)
+    layout = sharded.layout_of(_model(cfg, train[0].x.shape[1], fd.outputs))
     store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=True)
     learner = build_finite(cfg, train, fd, store)
     learner.reducer = reducer

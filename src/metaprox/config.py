@@ -80,7 +80,8 @@ DEFAULTS: dict[str, Any] = {
         "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)
         "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed" | "solve"
                                       # ("solve": the joint optimum of linear least squares, metaprox.joint_ridge)
-        "divergence_growth": 1e4,  # stop when J or the meta-gradient norm exceeds this × its first value (0: off)
+        "divergence_growth": 1e4,  # stop when J (or, for "gradient" centers, the meta-gradient norm) exceeds
+                                   # this × its first value (0: off)
         "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
     },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)

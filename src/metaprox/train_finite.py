@@ -154,12 +154,14 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
     learner.reducer = reducer
     check_outer_step(cfg, float(learner.task_scale.double().mean()))  # per-task pulls λ_t = s_t·λ
     guard = DivergenceGuard(cfg["finite"]["divergence_growth"])
+    drives = cfg["finite"]["center_update"] == "gradient"  # else the meta-gradient may sit at round-off level
     rows: list[dict[str, Any]] = []
     if resume:
         sharded.load(run_dir, learner)
         rows = [r for r in read_metrics(run_dir) if r["step"] <= learner.step_count]
         if rows:  # the guard's reference values: the first logged ones
-            guard.check(int(rows[0]["step"]), J=rows[0].get("J"), meta_grad_norm=rows[0].get("meta_grad_norm"))
+            guard.check(int(rows[0]["step"]), J=rows[0].get("J"),
+                        meta_grad_norm=rows[0].get("meta_grad_norm") if drives else None)
     if isinstance(reducer, AllReduceReducer):
         reducer.check_same(learner.step_count, "the step to start from")
     j_star = _closed_form(cfg, learner, start=not resume)
@@ -196,7 +198,8 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
                     row.update(J_star=j_star, gap=row["J"] - j_star)
                 rows.append(row)
             try:
-                guard.check(learner.step_count, meta_grad_norm=diag["meta_grad_norm"], J=row and row["J"])
+                guard.check(learner.step_count, J=row and row["J"],  # the gradient moves w only if "gradient"
+                            meta_grad_norm=diag["meta_grad_norm"] if drives else None)
             except TrainingDiverged:
                 if main:
                     write_metrics(run_dir, rows)

@@ -56,8 +56,9 @@ def check_outer_step(cfg: dict[str, Any], pull_scale: float = 1.0) -> None:
 class DivergenceGuard:
     """Stop when the objective or the meta-gradient norm grows by more than ``growth`` × its first value.
 
-    ``check`` is called every step with the meta-gradient norm (always computed) and, on logged steps, the
-    objective; a value that is not finite always stops. ``growth = 0`` turns the growth test off."""
+    ``check`` is called every step with the meta-gradient norm (computed every step; train_finite passes it for
+    gradient center steps, the only ones it drives) and, on logged steps, the objective; a value that is not
+    finite always stops. ``growth = 0`` turns the growth test off."""
 
     def __init__(self, growth: float = 1e4):
         if growth < 0:

@@ -15,7 +15,8 @@ from metaprox.config import ConfigError, apply_overrides, resolve
 from metaprox.priors import Graph, Tree
 from metaprox.tasks.taskset import TaskSet
 from metaprox.train import train
-from metaprox.train_finite import build_finite, finite_tasks
+from metaprox.finite_data import load_finite_data
+from metaprox.train_finite import build_finite
 from test_train_finite import TASKS, overrides, write_survey
 
 NODES = ["a/x", "a/x", "a/y", "a/y", "b", "b", "b", "a/x", "b"]
@@ -36,8 +37,9 @@ def _cfg(data_dir, **extra):
 def test_a_tree_from_task_nodes_is_the_python_tree(data_dir):
     cfg = _cfg(data_dir, **{"prior.kind": "tree", "prior.task_nodes": NODES, "prior.lam_levels": [0.7, 2.0],
                             "finite.center_update": "exact"})
-    train_tasks, _, classify = finite_tasks(cfg)
-    got = build_finite(cfg, train_tasks, classify)
+    fd = load_finite_data(cfg)
+    train_tasks = fd.tasks("train")
+    got = build_finite(cfg, train_tasks, fd)
     parent = {"root": None, "a": "root", "a/x": "a", "a/y": "a", "b": "root"}
     tree = Tree(parent, NODES, [0.7, 2.0])
     torch.manual_seed(cfg["seed"])
@@ -113,8 +115,8 @@ def test_reptile_on_the_finite_set_from_config_runs_and_resumes_bitwise(data_dir
     b, _ = load_checkpoint(tmp_path / "split")
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     # the same as Python: Reptile + TaskMemory, stepped as the run was
-    train_tasks, test_tasks, classify = finite_tasks(cfg)
-    learner = build_finite(cfg, train_tasks, classify)
+    fd = load_finite_data(cfg)
+    learner = build_finite(cfg, fd.tasks("train"), fd)
     for _ in range(cfg["outer"]["steps"]):
         learner.step(monitor=False)
     assert all(torch.equal(p.detach(), a["params"][n]) for n, p in zip(learner.names, learner.fmodel.params(),

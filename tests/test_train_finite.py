@@ -165,7 +165,7 @@ distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="t
 
 
 @distributed
-@pytest.mark.parametrize("center_update", ["gradient", "exact"])
+@pytest.mark.parametrize("center_update", ["gradient", "exact", "solve"])
 def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path, center_update):
     extra = {"finite.center_update": center_update}
     one = train(cfg_of(data_dir, **extra), tmp_path / "one")

@@ -110,8 +110,8 @@ def _optimizer_factory(cfg: dict[str, Any]) -> Callable[..., torch.optim.Optimiz
 
 def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLearner:
     if cfg["algorithm"] == "finite_mmp":
-        raise ConfigError("a finite_mmp run is trained and evaluated by `metaprox train` (metaprox.train_finite); "
-                          "its test result is in the run directory's eval.json.")
+        raise ConfigError("a finite_mmp run is trained by `metaprox train` (metaprox.train_finite) and scored by "
+                          "`metaprox eval DIR --split val|test` (metaprox.finite_eval).")
     if cfg["algorithm"] not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {cfg['algorithm']!r}; available: {sorted(ALGORITHMS)}.")
     if model is None:

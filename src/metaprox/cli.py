@@ -2,7 +2,7 @@
 
     metaprox train CONFIG --out DIR [--set key=value ...] [--resume | --auto-resume | --resume-from STEP] [--no-eval]
     torchrun --nproc-per-node N -m metaprox.cli train ...    (task-parallel over N processes; docs/distributed.md)
-    metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]
+    metaprox eval DIR [--split test|val] [--set eval.key=value ...] [--json]   (finite runs: per-task metrics)
     metaprox bench NAME [--json] [--device cuda]
     metaprox plot DIR
     metaprox compare CONFIG --out DIR [--set key=value ...]
@@ -26,6 +26,13 @@ __all__ = ["main", "build_parser"]
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set outer.steps=1000 (repeatable)")
+    _threads(parser)
+
+
+def _threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads (default: the config's `threads`, else 1 for small linear/MLP "
+                             "models and all cores for larger ones; metaprox.threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not write eval files into the run directory")
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
-    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule) or "
-                                "omniglot (Conv-4 strategies)")
+    b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule), "
+                                "omniglot (Conv-4 strategies) or threads (1 thread vs all cores, finite set)")
     b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
@@ -64,20 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="report directory (README.md, PNGs, results.json; runs/ inside)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a compare-config value, e.g. --set shared.outer.steps=100 (repeatable)")
+    _threads(c)
     return p
 
 
 def _eval(args: argparse.Namespace) -> int:
     from metaprox.config import apply_overrides, resolve
     from metaprox.evaluate import _table, evaluate_run
-    from metaprox.rundir import load_learner
+    from metaprox.rundir import load_learner, read_config
     from metaprox.runlock import run_lock
+    from metaprox.threads import apply_threads
     from metaprox.validate import validate_eval
 
-    learner, cfg, _ = load_learner(args.run_dir)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
+    stored = resolve(apply_overrides(read_config(Path(args.run_dir)), args.overrides))
+    apply_threads(stored, args.threads)
+    if stored["algorithm"] == "finite_mmp":
+        return _eval_finite(args, stored)
+    learner, cfg, _ = load_learner(args.run_dir)
     cfg = resolve(apply_overrides(cfg, args.overrides))
     validate_eval(cfg, args.split)
     with run_lock(args.run_dir, enabled=not args.no_write):  # no eval files written into a run still training
@@ -89,23 +102,40 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_finite(args: argparse.Namespace, cfg: dict) -> int:
+    """A finite run: per-task, pooled and task-mean metrics of its validation or test rows."""
+    from metaprox.finite_eval import evaluate_finite_run, markdown
+
+    result = evaluate_finite_run(args.run_dir, args.split, cfg["eval"]["metrics"], write=not args.no_write)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(markdown(result), end="")
+        if not args.no_write:
+            print(f"per-task table: {Path(args.run_dir) / f'tasks-{args.split}.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             from metaprox.config import load_config
             from metaprox.evaluate import _table
+            from metaprox.threads import apply_threads
             from metaprox.train import train
 
-            cfg = load_config(args.config, args.overrides)
+            cfg = apply_threads(load_config(args.config, args.overrides), args.threads)
             result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
                            progress=not args.quiet, evaluate=not args.no_eval, resume_from=args.resume_from)
             if result and "sets" in result:  # rank 0 only under torchrun
                 print(_table(result), end="")
                 print(f"run directory: {args.out} (plots in {args.out}/plots)")
-            elif result:  # a finite task set (algorithm = "finite_mmp")
-                print((Path(args.out) / "eval.md").read_text(), end="")
-                print(f"run directory: {args.out}")
+            elif result:  # a finite task set (algorithm = "finite_mmp"): its validation rows if it has any
+                from metaprox.finite_eval import markdown
+
+                print(markdown(result), end="")
+                print(f"run directory: {args.out} (per-task table: tasks-{result['eval']['split']}.csv)")
         elif args.command == "eval":
             return _eval(args)
         elif args.command == "bench":
@@ -114,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_bench(args.name, quick=args.quick, device=args.device)
             print(json.dumps(result, indent=1) if args.json else result["markdown"])
         elif args.command == "plot":
-            from metaprox.plots import plot_run
+            from metaprox.rundir import read_config
+
+            if read_config(Path(args.run_dir))["algorithm"] == "finite_mmp":
+                from metaprox.finite_plots import plot_finite_run as plot_run
+            else:
+                from metaprox.plots import plot_run
 
             for path in plot_run(args.run_dir):
                 print(path)
@@ -122,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metaprox.compare import load_compare_config, run_compare
 
             cfg = load_compare_config(args.config, args.overrides)
+            if args.threads is not None:  # compare sets every run's threads from OMP_NUM_THREADS (default 1)
+                os.environ["OMP_NUM_THREADS"] = str(args.threads)
             threads = os.environ.get("OMP_NUM_THREADS", "(unset)")
             command = " ".join([f"OMP_NUM_THREADS={threads} metaprox compare", args.config, "--out", args.out,
                                 *(f"--set '{o}'" for o in args.overrides)])

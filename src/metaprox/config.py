@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "algorithm": "mmp",
     "execution": "auto",
     "precision": "fp32",           # "bf16": model forward/backward under bfloat16 autocast (speed only)
+    "threads": 0,                  # intra-op threads of the CLI; 0: chosen from the work size (metaprox.threads)
     "task": {
         "family": "sine",
         "train_points": 50,        # support points per meta-training task
@@ -53,8 +54,17 @@ DEFAULTS: dict[str, Any] = {
         "eval_queries": 15,        # query images per class of evaluation episodes
         "rotations": False,        # 90° rotations as new training classes
         # finite tabular task sets (family = "multitask", algorithm = "finite_mmp")
-        "train_frac": 0.75,        # share of each task's rows used for training (computer_survey: fixed protocol)
+        "train_frac": 0.75,        # share of each task's rows kept from the test split (when test_frac is None)
         "split_seed": 0,
+        "test_frac": None,         # share of each task's rows held out for test (None: 1 − train_frac)
+        "val_frac": 0.0,           # share of each task's rows for validation (`metaprox eval RUN --split val`)
+        "file": None,              # a table of one's own (.csv/.npz/.parquet; metaprox.data.table) instead of a preset
+        "task_column": "task",     # its column naming each row's task
+        "target": None,            # its target column, or a list of them (None: "y")
+        "features": None,          # its feature columns (None: every other column)
+        "task_type": None,         # "regression" | "binary" | "multiclass" (None: regression, or the preset's)
+        "split_column": None,      # a column of train/val/test per row instead of test_frac/val_frac
+        "standardize": "global",   # features scaled with training-row statistics: "global" | "per_task" | "none"
     },
     "model": {
         "kind": "mlp",             # "mlp" | "conv4" | "linear" (multitask)
@@ -70,7 +80,10 @@ DEFAULTS: dict[str, Any] = {
         "rule": "mmp",             # the meta-gradient rule over the finite set: "mmp" (FiniteMMP) or another of
                                    # metaprox.ALGORITHMS with a TaskMemory (flat prior, gradient center step)
         "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)
-        "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed"
+        "center_update": "gradient",  # "gradient" (the paper's envelope step) | "exact" | "fixed" | "solve"
+                                      # ("solve": the joint optimum of linear least squares, metaprox.joint_ridge)
+        "divergence_growth": 1e4,  # stop when J (or, for "gradient" centers, the meta-gradient norm) exceeds
+                                   # this × its first value (0: off)
         "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
     },
     "prior": {                     # who the center is (finite_mmp; docs/composition.md)
@@ -89,7 +102,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "inner": {"solver": "sgd", "lr": 0.02, "steps": 15, "momentum": 0.0, "beta1": 0.9, "batch_size": 0,
               "carry_moments": False},
-    "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5},
+    # outer.lr is η: the center moves by η·∇, and MMP's ∇ = λ(w − v̄), so w moves ηλ of the way to v̄ (unstable for
+    # ηλ ≥ 2, refused unless outer.allow_unstable = true; metaprox.stability)
+    "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5,
+              "allow_unstable": False},
     "eval": {
         "shots": [5, 10],
         "tasks": 200,
@@ -100,6 +116,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
+        "metrics": None,           # finite task sets: e.g. ["rmse", "mae", "r2"] (None: per task type)
     },
     "log": {"every": 100, "checkpoint_every": 2000, "tensorboard": "auto", "progress": True,
             "eval_every": 0,       # > 0: every N iterations, mean MSE on eval_tasks validation tasks per shot
@@ -199,11 +216,11 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"finite.rule = {f['rule']!r} runs with a TaskMemory: the flat prior and "
                           f"finite.center_update = 'gradient' (exact, fixed, tree and graph centers are "
                           f"FiniteMMP's, finite.rule = 'mmp'; see docs/composition.md).")
-    if pr["kind"] == "tree" and f["center_update"] != "exact":
+    if pr["kind"] == "tree" and f["center_update"] not in ("exact", "solve"):
         raise ConfigError("prior.kind = 'tree' is updated by exact block-coordinate sweeps: set "
-                          "finite.center_update = 'exact'.")
+                          "finite.center_update = 'exact' (or 'solve' for linear least squares).")
     for key, allowed in (("rule", ("mmp", "reptile", "fomaml", "maml", "imaml")),
-                         ("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed")),
+                         ("task_lam", ("constant", "size")), ("center_update", ("gradient", "exact", "fixed", "solve")),
                          ("sample", ("without_replacement", "with_replacement", "all"))):
         if f[key] not in allowed:
             raise ConfigError(f"finite.{key} = {f[key]!r}: choose one of {allowed}.")
@@ -222,6 +239,11 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("log.eval_every must be ≥ 0 (0: no periodic validation) and log.eval_tasks ≥ 1.")
     if any(s < 0 for s in out["eval"]["steps"]) or not out["eval"]["steps"]:
         raise ConfigError("eval.steps must be a non-empty list of step counts ≥ 0.")
+    if out["threads"] < 0:
+        raise ConfigError(f"threads = {out['threads']}: give a count ≥ 1, or 0 to choose from the work size.")
+    from metaprox.stability import check_outer_step  # ηλ ≥ 2 refused unless outer.allow_unstable
+
+    check_outer_step(out)
     return out
 
 

@@ -112,6 +112,11 @@ class TaskMemory:
         v, _ = self.store.get([i], self.learner.center())
         return {n: t[0] for n, t in zip(self.learner.names, v, strict=True)}
 
+    @property
+    def reducer(self) -> Any:
+        """The learner's reducer (evaluation sums over it, as it does for a FiniteMMP)."""
+        return self.learner.reducer
+
     def owned_range(self) -> tuple[int, int]:
         """The tasks this process holds: all of them (a task memory runs in one process)."""
         return 0, len(self.tasks)

@@ -119,7 +119,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                           f"another --out.{hint}")
     if resume and has_ckpt:
         stored = read_config(run_dir)
-        changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval."))]
+        changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval.", "threads:"))]
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
 

@@ -33,7 +33,15 @@ def _rules(quick: bool, device: str) -> dict[str, Any]:
     return bench_rules(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules}
+def _threads(quick: bool, device: str) -> dict[str, Any]:
+    from metaprox.bench.threads import bench_threads
+
+    if device != "cpu":
+        raise ValueError("bench threads measures CPU intra-op threads; drop --device.")
+    return bench_threads(quick=quick)
+
+
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "threads": _threads}
 
 
 def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:

@@ -36,7 +36,8 @@ PARKINSONS_VOICE = ["Jitter(%)", "Jitter(Abs)", "Jitter:RAP", "Jitter:PPQ5", "Ji
 
 @dataclass
 class MultitaskData:
-    """Examples ``x`` (N, d) float64, targets ``y`` (N,), task ids ``task`` (N,) in ``0..num_tasks-1``."""
+    """Examples ``x`` (N, d) float64, targets ``y`` (N,) (or (N, k): several regression targets), task ids
+    ``task`` (N,) in ``0..num_tasks-1``."""
 
     x: np.ndarray
     y: np.ndarray
@@ -61,7 +62,7 @@ class MultitaskData:
     def tasks(self, rows: np.ndarray | None = None, y_dtype: Any = torch.float64,
               mean: np.ndarray | None = None, std: np.ndarray | None = None) -> list[Task]:
         """One :class:`Task` per task id from the selected ``rows`` (bool mask or indices), features
-        optionally standardised by ``(x − mean)/std``; regression targets get shape (n, 1)."""
+        optionally standardised by ``(x − mean)/std``; regression targets get shape (n, k) (k = 1: one target)."""
         sel = np.arange(len(self.y)) if rows is None else np.flatnonzero(rows) if rows.dtype == bool else rows
         x = self.x[sel]
         if mean is not None:
@@ -72,7 +73,7 @@ class MultitaskData:
             if not m.any():
                 raise ValueError(f"task {t} has no rows in this selection.")
             yt = torch.as_tensor(self.y[sel][m])
-            yt = yt.to(y_dtype).view(-1, 1) if y_dtype.is_floating_point else yt.to(y_dtype)
+            yt = yt.to(y_dtype).view(len(yt), -1) if y_dtype.is_floating_point else yt.to(y_dtype)
             out.append(Task(torch.as_tensor(x[m], dtype=torch.float64), yt, name=f"task{t}"))
         return out
 

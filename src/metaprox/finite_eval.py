@@ -1,0 +1,153 @@
+"""Metrics of a finite run on its validation or test rows: per task, pooled over all rows, and the mean over tasks.
+
+Each task is scored with its own stored parameters v_t on its rows of the split. The metrics are the config's
+``eval.metrics`` (default per task type, :data:`metaprox.metrics.DEFAULT_METRICS`): RMSE, MAE, R², explained
+variance (regression); accuracy, log-loss, AUC (classification; AUC for binary tasks). ``pooled`` scores all
+rows of the split at once; ``task_mean`` averages the per-task values (NaN-free tasks only, counted in
+``tasks_scored``). Under torchrun each rank predicts the tasks it owns and one all-reduce gathers them.
+
+``metaprox eval RUN --split val|test`` (:func:`evaluate_finite_run`) writes ``eval-val.json`` / ``eval.json``,
+the markdown table ``eval-val.md`` / ``eval.md`` and the per-task table ``tasks-val.csv`` / ``tasks-test.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaprox.config import ConfigError
+from metaprox.finite_data import FiniteData
+from metaprox.metrics import metric_functions
+
+__all__ = ["evaluate_split", "check_auc_classes", "evaluate_finite_run", "markdown"]
+
+
+def check_auc_classes(fd: FiniteData, metrics: list[str] | None, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """AUC needs both classes among a task's rows of every scored split: else an error naming task and split."""
+    if fd.task_type != "binary" or "auc" not in metric_functions(fd.task_type, metrics):
+        return
+    for split in splits:
+        if not fd.has(split):
+            continue
+        rows = fd.rows(split)
+        for t, name in enumerate(fd.names):
+            classes = np.unique(fd.data.y[rows & (fd.data.task == t)])
+            if len(classes) < 2:
+                raise ConfigError(f"{fd.source}: task {name!r} has only class {classes.tolist()} among its {split} "
+                                  f"rows, so its AUC is undefined. Drop 'auc' from eval.metrics, drop the task, or "
+                                  f"change the split (task.split_seed, task.test_frac / task.val_frac).")
+
+
+def _predictions(learner: Any, fd: FiniteData, split: str) -> list[np.ndarray]:
+    """Every task's outputs on its rows of ``split`` (each rank fills its own tasks; one sum gathers them)."""
+    tasks = fd.tasks(split)
+    sizes = [len(t.x) for t in tasks]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    buf = torch.zeros(int(offsets[-1]), fd.outputs, dtype=torch.float64)
+    lo, hi = learner.owned_range()
+    for i in range(lo, hi):
+        buf[offsets[i]:offsets[i + 1]] = learner.predict_task(i, tasks[i].x).double().view(sizes[i], -1)
+    (buf,), _ = learner.reducer.sum([buf], {})
+    return [buf[offsets[i]:offsets[i + 1]].numpy() for i in range(len(tasks))]
+
+
+def _targets(fd: FiniteData, split: str) -> list[np.ndarray]:
+    out = []
+    for t in fd.tasks(split):
+        y = t.y.numpy()
+        out.append(y if fd.classify else y.reshape(len(y), -1))
+    return out
+
+
+def evaluate_split(learner: Any, fd: FiniteData, split: str, metrics: list[str] | None = None) -> dict[str, Any]:
+    """``{"split", "rows", "pooled": {metric: v}, "task_mean": {metric: v}, "tasks_scored": {metric: k},
+    "per_task": [{"task", "rows", "train_rows", metric: v, ...}]}`` of the learner's per-task parameters."""
+    fns = metric_functions(fd.task_type, metrics)
+    check_auc_classes(fd, list(fns), (split,))
+    preds, ys = _predictions(learner, fd, split), _targets(fd, split)
+    train_rows = np.bincount(fd.data.task[fd.rows("train")], minlength=len(fd.names))
+    per_task = []
+    for t, (p, y) in enumerate(zip(preds, ys)):
+        row: dict[str, Any] = {"task": fd.names[t], "rows": len(y), "train_rows": int(train_rows[t])}
+        row.update({m: f(p, y) for m, f in fns.items()})
+        per_task.append(row)
+    pooled = {m: f(np.concatenate(preds), np.concatenate(ys)) for m, f in fns.items()}
+    task_mean, scored = {}, {}
+    for m in fns:
+        vals = [r[m] for r in per_task if not math.isnan(r[m])]
+        task_mean[m] = float(np.mean(vals)) if vals else float("nan")
+        scored[m] = len(vals)
+    return {"split": split, "rows": int(sum(len(y) for y in ys)), "pooled": pooled, "task_mean": task_mean,
+            "tasks_scored": scored, "per_task": per_task}
+
+
+LABELS = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "explained_variance": "explained variance",
+          "accuracy": "accuracy", "log_loss": "log-loss", "auc": "AUC"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The pooled and task-mean metrics as one markdown table."""
+    ev = result["eval"]
+    names = list(ev["pooled"])
+    lines = [f"| {ev['split']} ({ev['rows']} rows, {result['tasks']} tasks, step {result['step']}) | "
+             + " | ".join(LABELS[m] for m in names) + " |", "|---|" + "---|" * len(names)]
+    for kind in ("pooled", "task_mean"):
+        lines.append(f"| {kind.replace('_', ' ')} | " + " | ".join(f"{ev[kind][m]:.4f}" for m in names) + " |")
+    if result["J"] is not None:  # a rule's TaskMemory (finite.rule other than "mmp") has no joint objective
+        lines.append(f"\njoint objective J = {result['J']:.6g}\n")
+    return "\n".join(lines)
+
+
+def per_task_csv(result: dict[str, Any]) -> str:
+    rows = result["eval"]["per_task"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
+    """``eval.json``/``eval.md``/``tasks-test.csv`` (test) or ``eval-val.*``/``tasks-val.csv`` (validation)."""
+    from metaprox.checkpoint import atomic_write
+
+    split = result["eval"]["split"]
+    stem = "eval" if split == "test" else f"eval-{split}"
+    atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1).encode())
+    atomic_write(run_dir / f"{stem}.md", markdown(result).encode())
+    atomic_write(run_dir / f"tasks-{split}.csv", per_task_csv(result).encode())
+
+
+def evaluate_finite_run(run_dir: str | Path, split: str = "test", metrics: list[str] | None = None,
+                        write: bool = True) -> dict[str, Any]:
+    """Score a finite run's last checkpoint on ``split`` (one process; see the module doc for the files)."""
+    from metaprox import sharded
+    from metaprox.distributed import LocalReducer
+    from metaprox.finite_data import load_finite_data
+    from metaprox.rundir import read_config
+    from metaprox.train_finite import _model, build_finite, finite_result
+
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    if metrics is not None:
+        cfg = {**cfg, "eval": {**cfg["eval"], "metrics": metrics}}
+    fd = load_finite_data(cfg)
+    train = fd.tasks("train")
+    reducer = LocalReducer()
+    layout = sharded.layout_of(_model(cfg, train[0].x.shape[1], fd.outputs))
+    store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=True)
+    learner = build_finite(cfg, train, fd, store)
+    learner.reducer = reducer
+    sharded.load(run_dir, learner)
+    result = finite_result(cfg, learner, fd, split)
+    if write:
+        write_eval(run_dir, result)
+    return result

@@ -12,10 +12,10 @@ from metaprox.algorithms.finite import FiniteMMP
 from metaprox.build import build_prior
 from metaprox.checkpoint import load_checkpoint
 from metaprox.config import ConfigError, apply_overrides, resolve
+from metaprox.finite_data import load_finite_data
 from metaprox.priors import Graph, Tree
 from metaprox.tasks.taskset import TaskSet
 from metaprox.train import train
-from metaprox.finite_data import load_finite_data
 from metaprox.train_finite import build_finite
 from test_train_finite import TASKS, overrides, write_survey
 

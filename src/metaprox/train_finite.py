@@ -104,7 +104,8 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
         return learner
     center = "fixed" if f["center_update"] == "solve" else f["center_update"]  # solve: set once, then kept
     return FiniteMMP(model, tasks, "cross_entropy" if fd.classify else "mse", lam=_lam(cfg),
-                     **build_prior(cfg, len(tasks), tasks.weights), task_lam=f["task_lam"], inner=build_inner(cfg), store=store, center_update=center,
+                     **build_prior(cfg, len(tasks), tasks.weights), task_lam=f["task_lam"], inner=build_inner(cfg),
+                     store=store, center_update=center,
                      sampler=sampler, meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
                      schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])
 

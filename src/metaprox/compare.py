@@ -210,7 +210,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:
     stats_path = run_dir / "train_stats.json"
     if stats_path.is_file():
         stats = json.loads(stats_path.read_text())
-        if stats.get("config") == cfg:
+        if resolve(stats.get("config", {})) == cfg:  # resolved: a run written before a schema key was added
             return {**stats, "reused": True}
         raise ConfigError(f"{str(run_dir)!r} holds a finished run with a different config; remove it or choose "
                           f"another --out.")

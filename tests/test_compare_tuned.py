@@ -115,3 +115,15 @@ def test_compare_tune_config_errors(change, message):
     with pytest.raises(ConfigError) as e:
         resolve_compare(raw)
     assert message in str(e.value)
+
+
+def test_shipped_compare_configs_resolve_with_equal_tuning_budgets():
+    from metaprox.compare import load_compare_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("compare_sine.toml", "compare_omniglot.toml"):
+        cfg = load_compare_config(root / name)
+        budgets = {json.dumps({k: v for k, v in t.items() if k not in ("dims", "space")}, sort_keys=True)
+                   for t in cfg["tune"]["algorithms"].values()}
+        assert len(budgets) == 1 and set(cfg["tune"]["algorithms"]) == set(cfg["algorithms"]), name
+        assert len(cfg["tune"]["seeds"]) >= 3

@@ -59,15 +59,19 @@ def tuned_markdown(results: dict[str, Any]) -> list[str]:
           f"(seed {first['config']['eval']['val_seed']}, {first['config']['eval']['tasks']} tasks). Test tasks were "
           f"never built while tuning. Each best configuration was then retrained at the full budget ({full} "
           f"meta-iterations) with seeds {tuned['seeds']} and evaluated once on the test tasks.", "",
-          "| algorithm | searched | chosen | best validation objective | trials (complete / pruned / failed) |",
-          "|---|---|---|---:|---|"]
+          "| algorithm | searched | chosen | best validation objective | trials (complete / pruned / failed) | "
+          "retraining: training s per seed (mean) | peak RSS (MiB, max) |",
+          "|---|---|---|---:|---|---:|---:|"]
     for label, a in algos.items():
         t = a["tuning"]
         states = t["states"]
         space = "; ".join(f"{k}: {v}" for k, v in t["space"].items())
         chosen = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in a["params"].items())
+        train = [sd["train"] for sd in a["seeds"]]
+        secs = f"{sum(x['train_s'] for x in train) / len(train):.1f}" if all("train_s" in x for x in train) else "–"
+        rss = f"{max(x['peak_rss_mib'] for x in train):.0f}" if all("peak_rss_mib" in x for x in train) else "–"
         md.append(f"| {label} | {space} | {chosen} | {t['best']['value']:.4g} | {states.get('complete', 0)} / "
-                  f"{states.get('pruned', 0)} / {states.get('fail', 0)} |")
+                  f"{states.get('pruned', 0)} / {states.get('fail', 0)} | {secs} | {rss} |")
     md += ["", f"![tuning curves]({TUNING_FIGURE})", "",
            f"### Test {unit}: untuned (paper hyperparameters, 1 seed) beside tuned (mean of {len(tuned['seeds'])} "
            "seeds)", "",

@@ -466,7 +466,7 @@ def run_study(cfg: dict[str, Any], tune: dict[str, Any], out_dir: str | Path, st
         study.sampler = _sampler(tune, study)
         study.optimize(body, n_trials=1)
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == mine[-1])
-        value = f", value {last.value:.5g}" if last.value is not None else ""
+        value = f", value {last.value:.5g}" if last.state.name == "COMPLETE" else ""
         say(f"trial {last.number}: {last.state.name.lower()}{value} ({done + 1}/{tune['trials']})")
     return study
 

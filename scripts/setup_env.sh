@@ -9,4 +9,4 @@ fi
 # Pin torch first: an unpinned requirement can pull a multi-GB CUDA build. 2.13.0 is the CPU wheel this project
 # is tested with; set METAPROX_TORCH to use another (e.g. "torch==2.6.0").
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "${METAPROX_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,yaml,parquet]"  # parquet: its tests run in CI
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,yaml,parquet,tune]"  # parquet, tune: their tests run in CI

@@ -18,7 +18,7 @@ TINY = ["algorithms=[\"mmp\",\"fomaml\"]", "shared.outer.steps=6", "shared.outer
         "shared.inner.steps=2", "shared.eval.tasks=4", "shared.eval.points=20", "shared.eval.steps=[0,1,2]",
         "shared.log.every=3", "shared.log.eval_every=3", "shared.log.eval_tasks=2", "shared.log.checkpoint_every=6",
         "bench.curve_step=2", "bench.memory_steps=[1]", "bench.memory_tasks=4", "bench.throughput_tasks=4",
-        "bench.throughput_steps=2", "bench.throughput_rounds=1"]
+        "bench.throughput_steps=2", "bench.throughput_rounds=1", "tune=false"]
 
 
 def test_shipped_config_resolves():

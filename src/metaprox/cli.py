@@ -6,6 +6,7 @@
     metaprox bench NAME [--json] [--device cuda]
     metaprox plot DIR
     metaprox compare CONFIG --out DIR [--set key=value ...]
+    metaprox tune CONFIG [--trials N] [--out DIR] [--storage URL] [--study NAME] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a compare-config value, e.g. --set shared.outer.steps=100 (repeatable)")
     _threads(c)
+    tu = sub.add_parser("tune", help="search the config's [tune.space] with Optuna on validation tasks")
+    tu.add_argument("config", help="run config with [tune] and [tune.space] tables, e.g. configs/tune_sine.toml")
+    tu.add_argument("--trials", type=int, default=None,
+                    help="finished trials the study should reach (default: tune.trials); running again continues")
+    tu.add_argument("--out", default=None, help="output directory (default: tune/<config name>)")
+    tu.add_argument("--storage", default=None,
+                    help="Optuna storage: sqlite:///PATH.db (default OUT/study.db), journal:PATH (several local "
+                         "processes) or an RDB URL such as postgresql://... (several machines)")
+    tu.add_argument("--study", default=None, help="study name in the storage (default: the config's name)")
+    _common(tu)
     return p
 
 
@@ -164,6 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 *(f"--set '{o}'" for o in args.overrides)])
             run_compare(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True), command=command)
             print(f"report: {args.out}/README.md")
+        elif args.command == "tune":
+            from metaprox.config import load_config
+            from metaprox.threads import apply_threads
+            from metaprox.tune import tune_command
+
+            # the trials train in this process: set its threads once
+            used = apply_threads(load_config(args.config, args.overrides), args.threads)["threads"]
+            summary = tune_command(args.config, args.out, args.trials, args.storage, args.study,
+                                   [*args.overrides, f"threads={used}"],
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))
+            print(json.dumps(summary["best"], indent=1))
     except Exception as e:  # the one error path: metaprox.errors says which are the user's and the exit codes
         return _report(e)
     return 0

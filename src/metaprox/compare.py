@@ -8,6 +8,7 @@ A compare config (TOML/JSON) has
     [shared]                                   # a run config (the `metaprox train` schema): budget + test protocol
     [per_algorithm.<label>]                    # that algorithm's own hyperparameters (+ optional `source` text)
     [bench]                                    # memory_steps, memory_tasks, throughput_tasks/steps/rounds
+    [tune]                                     # optional: equal-budget tuning (metaprox.compare_tuned)
 
 The budget (seed, task family and sizes, model, ``outer.steps``, ``outer.meta_batch``, ``inner.steps``), the
 test protocol (``eval.shots/tasks/points/steps/seed/val_seed``) and logging are *shared*: a per-algorithm table
@@ -47,6 +48,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "per_algorithm": {},
     "bench": {"memory_steps": [1, 5, 15, 50, 100], "memory_tasks": 300, "throughput_tasks": 100,
               "throughput_steps": 15, "throughput_rounds": 7, "curve_step": 15},
+    "tune": None,
 }
 
 #: run-config keys that define the common budget / protocol: only [shared] may set them
@@ -147,6 +149,9 @@ def resolve_compare(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> di
         raise ConfigError(f"bench.curve_step = {b['curve_step']!r} must be one of shared.eval.steps "
                           f"{first['eval']['steps']} (the validation curve is recorded at those steps).")
     cfg["runs"], cfg["sources"] = runs, sources
+    from metaprox.compare_tuned import resolve_compare_tune
+
+    cfg["tune"] = resolve_compare_tune(cfg["tune"], runs, SHARED_ONLY)
     return cfg
 
 
@@ -210,7 +215,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:
     stats_path = run_dir / "train_stats.json"
     if stats_path.is_file():
         stats = json.loads(stats_path.read_text())
-        if stats.get("config") == cfg:
+        if resolve(stats.get("config", {})) == cfg:  # resolved: a run written before a schema key was added
             return {**stats, "reused": True}
         raise ConfigError(f"{str(run_dir)!r} holds a finished run with a different config; remove it or choose "
                           f"another --out.")
@@ -271,7 +276,8 @@ def run_compare(cfg: dict[str, Any], out_dir: str | Path, log: Callable[[str], N
     say = log or (lambda m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".gitignore").write_text("# training runs (checkpoints, metrics) are regenerated, not committed\nruns/\n")
+    (out / ".gitignore").write_text("# training runs (checkpoints, metrics) and tuning trials are regenerated, not "
+                                    "committed\nruns/\ntune/*/trials/\ntune/*/study.db\n")
     threads = torch.get_num_threads()
     t_start, load_start = time.perf_counter(), os.getloadavg()
     cpu_start = _cpu_seconds()
@@ -291,10 +297,15 @@ def run_compare(cfg: dict[str, Any], out_dir: str | Path, log: Callable[[str], N
                              b["memory_tasks"], log=say)
     say(f"throughput at B = {b['throughput_tasks']}, M = {b['throughput_steps']}")
     throughput = _throughput(cfg)
+    tuned = None
+    if cfg["tune"] is not None:
+        from metaprox.compare_tuned import run_tuned
+
+        tuned = run_tuned(cfg, out, lambda run, run_dir: _train(run, run_dir, threads), say)
     machine = {"cpu": _cpu_name(), "platform": platform.platform(), "threads": threads, **provenance()}
     results = {"name": cfg["name"], "config_path": cfg.get("config_path"), "command": command,
                "algorithms": algos, "memory": {"tasks": b["memory_tasks"], "points": memory},
-               "throughput": throughput, "notes": cfg["notes"], "bench": b, "machine": machine,
+               "throughput": throughput, "tuned": tuned, "notes": cfg["notes"], "bench": b, "machine": machine,
                "total_seconds": time.perf_counter() - t_start, "cpu_seconds": _cpu_seconds() - cpu_start,
                "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg())}
     (out / "results.json").write_text(json.dumps(results, indent=1))

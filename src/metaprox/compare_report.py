@@ -202,6 +202,10 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
            "time to first reach it measures who learns fastest per second on this machine.", "",
            *_speed_lines(results, int(b["curve_step"])), "",
            f"![validation MSE vs training time]({figures['time']})", ""]
+    if results.get("tuned"):
+        from metaprox.compare_tuned_report import tuned_markdown
+
+        md += tuned_markdown(results)
     if results.get("notes"):
         md += ["## Notes (from the compare config)", "", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(md)
@@ -217,5 +221,11 @@ def write_report(results: dict[str, Any], out_dir: str | Path, figures: dict[str
     plot_memory(results["memory"]["points"], out / figures["memory"],
                 f"one meta-iteration, B = {results['memory']['tasks']} tasks, fresh process per point "
                 f"(steps {b['memory_steps']})")
+    written = [out / "README.md", *(out / f for f in figures.values())]
+    if results.get("tuned"):
+        from metaprox.compare_tuned_report import TUNING_FIGURE, plot_tuning_curves
+
+        plot_tuning_curves(results, out / TUNING_FIGURE)
+        written.append(out / TUNING_FIGURE)
     (out / "README.md").write_text(report_markdown(results, figures))
-    return [out / "README.md", *(out / f for f in figures.values())]
+    return written

@@ -121,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
     "log": {"every": 100, "checkpoint_every": 2000, "tensorboard": "auto", "progress": True,
             "eval_every": 0,       # > 0: every N iterations, mean MSE on eval_tasks validation tasks per shot
             "eval_tasks": 25},     # setting → val_curve.jsonl (time excluded from the training clock)
+    "tune": None,                  # `metaprox tune`: search space and budget, validated by metaprox.tune
 }
 
 

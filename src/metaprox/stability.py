@@ -17,7 +17,7 @@ from typing import Any
 
 from metaprox.config import ConfigError
 
-__all__ = ["outer_interpolation", "check_outer_step", "DivergenceGuard"]
+__all__ = ["outer_interpolation", "check_outer_step", "UnstableOuterStep", "DivergenceGuard"]
 
 
 def _max_lam(lam: Any) -> float:
@@ -39,6 +39,11 @@ def outer_interpolation(cfg: dict[str, Any], pull_scale: float = 1.0) -> float |
     return float(cfg["outer"]["lr"]) * _max_lam(cfg["prox"]["lam"]) * pull_scale
 
 
+class UnstableOuterStep(ConfigError):
+    """ηλ ≥ 2: a config error of its own kind, so a tuning study can prune such a trial (a joint property of the
+    sampled η and λ) instead of stopping."""
+
+
 def check_outer_step(cfg: dict[str, Any], pull_scale: float = 1.0) -> None:
     """Refuse ηλ ≥ 2 (see the module doc) unless ``outer.allow_unstable = true``."""
     rate = outer_interpolation(cfg, pull_scale)
@@ -47,7 +52,7 @@ def check_outer_step(cfg: dict[str, Any], pull_scale: float = 1.0) -> None:
     lam = _max_lam(cfg["prox"]["lam"]) * pull_scale
     scaled = f" (λ = {lam:.4g} with the mean per-task factor {pull_scale:.4g} of task_lam = 'size')" \
         if pull_scale != 1.0 else f" (λ = {lam:.4g})"
-    raise ConfigError(f"outer.lr = η = {cfg['outer']['lr']:g} gives an outer step ηλ = {rate:.4g}{scaled}: each "
+    raise UnstableOuterStep(f"outer.lr = η = {cfg['outer']['lr']:g} gives an outer step ηλ = {rate:.4g}{scaled}: each "
                       f"step moves the center ηλ of the way to the tasks' solutions, which overshoots and diverges "
                       f"for ηλ ≥ 2. Use outer.lr < {2.0 / lam:.4g} (ηλ = 1 lands on the solutions' mean), or set "
                       f"outer.allow_unstable = true to run it anyway.")

@@ -52,7 +52,7 @@ def check_outer_step(cfg: dict[str, Any], pull_scale: float = 1.0) -> None:
     lam = _max_lam(cfg["prox"]["lam"]) * pull_scale
     scaled = f" (λ = {lam:.4g} with the mean per-task factor {pull_scale:.4g} of task_lam = 'size')" \
         if pull_scale != 1.0 else f" (λ = {lam:.4g})"
-    raise UnstableOuterStep(f"outer.lr = η = {cfg['outer']['lr']:g} gives an outer step ηλ = {rate:.4g}{scaled}: each "
+    raise UnstableOuterStep(f"outer.lr = {cfg['outer']['lr']:g} (η) gives an outer step ηλ = {rate:.4g}{scaled}: each "
                       f"step moves the center ηλ of the way to the tasks' solutions, which overshoots and diverges "
                       f"for ηλ ≥ 2. Use outer.lr < {2.0 / lam:.4g} (ηλ = 1 lands on the solutions' mean), or set "
                       f"outer.allow_unstable = true to run it anyway.")

@@ -9,7 +9,7 @@ import pytest
 
 from metaprox.cli import main
 from metaprox.config import ConfigError, apply_overrides, resolve
-from metaprox.stability import DivergenceGuard, outer_interpolation
+from metaprox.stability import DivergenceGuard, check_outer_step, outer_interpolation
 from metaprox.train import TrainingDiverged
 from test_finite_table import write_config, write_table
 
@@ -18,13 +18,13 @@ def test_outer_step_eta_lambda_at_least_two_is_refused_unless_allowed():
     base = ["algorithm=\"finite_mmp\"", "task.family=\"multitask\"", "prox.lam={ weight = 10.0, bias = \"private\" }"]
     assert outer_interpolation(resolve(apply_overrides({}, base + ["outer.lr=0.1"]))) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match=r"ηλ = 5 \(λ = 10\).*outer.lr < 0.2.*outer.allow_unstable = true"):
-        resolve(apply_overrides({}, base + ["outer.lr=0.5"]))
-    assert resolve(apply_overrides({}, base + ["outer.lr=0.5", "outer.allow_unstable=true"]))
+        check_outer_step(resolve(apply_overrides({}, base + ["outer.lr=0.5"])))
+    check_outer_step(resolve(apply_overrides({}, base + ["outer.lr=0.5", "outer.allow_unstable=true"])))
     # not a plain gradient step on the envelope: nothing to refuse
     for extra in (["finite.center_update=\"exact\""], ["outer.optimizer=\"adam\""]):
         assert outer_interpolation(resolve(apply_overrides({}, base + ["outer.lr=0.5", *extra]))) is None
     with pytest.raises(ConfigError, match="ηλ = 2"):  # the infinite-task MMP too
-        resolve(apply_overrides({}, ["prox.lam=4.0", "outer.lr=0.5"]))
+        check_outer_step(resolve(apply_overrides({}, ["prox.lam=4.0", "outer.lr=0.5"])))
 
 
 def test_guard_stops_on_growth_and_non_finite_values():
@@ -46,7 +46,7 @@ def test_unstable_finite_run_stops_naming_the_step(tmp_path, capsys, every):
         "outer.steps": "300", "log.every": str(every), "log.checkpoint_every": "1000", "finite.sample": '"all"'})
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 3
     err = capsys.readouterr().err
-    assert "metaprox: training diverged at outer step" in err and "ηλ = outer.lr × λ" in err
+    assert "metaprox: error: training diverged at outer step" in err and "ηλ = outer.lr × λ" in err
     step = int(err.split("outer step ")[1].split(":")[0])
     assert step < 100  # it grows geometrically: caught long before the end
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

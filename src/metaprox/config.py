@@ -242,9 +242,6 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("eval.steps must be a non-empty list of step counts ≥ 0.")
     if out["threads"] < 0:
         raise ConfigError(f"threads = {out['threads']}: give a count ≥ 1, or 0 to choose from the work size.")
-    from metaprox.stability import check_outer_step  # ηλ ≥ 2 refused unless outer.allow_unstable
-
-    check_outer_step(out)
     return out
 
 

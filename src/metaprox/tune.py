@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from metaprox.config import DEFAULTS, ConfigError, resolve
+from metaprox.stability import UnstableOuterStep, check_outer_step
 
 __all__ = ["TUNE_DEFAULTS", "PROTOCOL_KEYS", "Dimension", "resolve_tune", "parse_space", "trial_config",
            "open_storage", "open_study", "run_study", "require_optuna"]
@@ -188,7 +189,6 @@ def parse_space(space: Mapping[str, Any], cfg: dict[str, Any], forbidden: tuple[
         for value in dim.candidates():
             trial_cfg = copy.deepcopy(cfg)
             set_dotted(trial_cfg, key, value)
-            trial_cfg.setdefault("outer", {})["allow_unstable"] = True  # ηλ < 2 is joint: checked per trial
             try:
                 build_learner(resolve(trial_cfg))  # also checks names (optimizer, solver, ...) resolve leaves open
             except (ConfigError, ValueError, TypeError) as e:
@@ -255,7 +255,9 @@ def trial_config(cfg: dict[str, Any], tune: Mapping[str, Any], params: Mapping[s
                           tensorboard="false")
     else:
         out["outer"]["steps"] = steps
-    return resolve(out)
+    resolved = resolve(out)
+    check_outer_step(resolved)  # raises UnstableOuterStep: this η and λ together overshoot
+    return resolved
 
 
 # ----- storage and study ----------------------------------------------------------------------------------------
@@ -397,7 +399,6 @@ def run_trial(trial: Any, cfg: dict[str, Any], tune: Mapping[str, Any], out_dir:
     optuna = require_optuna()
     from metaprox.evaluate import evaluate_run
     from metaprox.rundir import read_metrics
-    from metaprox.stability import UnstableOuterStep
     from metaprox.train import VAL_CURVE, TrainingDiverged, train
 
     params = {d.key: d.suggest(trial) for d in tune["dims"]}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from metaprox.config import ConfigError
+from metaprox.stability import UnstableOuterStep, check_outer_step
 
 __all__ = ["config_problems", "validate_run", "validate_eval"]
 
@@ -58,6 +59,11 @@ def _training(cfg: dict[str, Any], out: list[str]) -> None:
             out.append("log.tensorboard = true but tensorboard is not installed: pip install 'metaprox[tensorboard]' "
                        "(or set log.tensorboard = 'auto').")
     _positive(out, "outer.lr", outer["lr"], hint=" (at most 3.4e38, the float32 maximum).")
+    if _is_number(outer["lr"]) and math.isfinite(outer["lr"]):
+        try:
+            check_outer_step(cfg)  # ηλ ≥ 2 refused unless outer.allow_unstable (metaprox.stability)
+        except UnstableOuterStep as e:
+            out.append(str(e))
     if inner["solver"] != "exact_least_squares":
         _positive(out, "inner.lr", inner["lr"])
         if inner["steps"] == 0 and cfg["algorithm"] in ("mmp", "reptile"):
@@ -132,6 +138,13 @@ def _data(cfg: dict[str, Any], splits: list[str], out: list[str]) -> None:
     """The files a run will read: the data folder, and for Omniglot/miniImageNet each split's list or arrays."""
     t = cfg["task"]
     if t["family"] not in ("fewshot", "multitask"):
+        return
+    if t["family"] == "multitask" and t.get("file"):  # a table of one's own (metaprox.finite_data)
+        f = Path(t["file"])
+        if not f.is_file():
+            out.append(f"task.file: {str(f)!r} does not exist (relative paths are from the current directory).")
+        elif not os.access(f, os.R_OK):
+            out.append(f"task.file: {str(f)!r} is not readable; fix its permissions.")
         return
     sub = "multitask" if t["family"] == "multitask" else t["dataset"]
     root = _data_root(cfg, sub)

@@ -33,7 +33,15 @@ def _rules(quick: bool, device: str) -> dict[str, Any]:
     return bench_rules(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules}
+def _miniimagenet(quick: bool, device: str) -> dict[str, Any]:
+    from metaprox.bench.miniimagenet import bench_miniimagenet
+
+    if device != "cpu":
+        raise ValueError("bench miniimagenet measures CPU time per iteration; drop --device.")
+    return bench_miniimagenet(quick=quick)
+
+
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "miniimagenet": _miniimagenet}
 
 
 def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Conv-4's per-task layout (the fast CPU path for colour images) equals the grouped layout for every rule."""
+"""Per-task layout (the fast CPU path for colour images) equals the grouped layout for every rule: Conv-4, ResNet-12."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 import metaprox
 from metaprox.models.conv4 import Conv4
+from metaprox.models.resnet12 import ResNet12
 
 torch.set_num_threads(1)
 
@@ -28,18 +29,25 @@ def _tasks(dtype=torch.float64) -> list[metaprox.Task]:
                           torch.rand(6, 3, 16, 16, generator=g, dtype=dtype), y) for _ in range(3)]
 
 
-def _meta_grad(rule: str, layout: str, dtype=torch.float64) -> torch.Tensor:
+MODELS = {
+    "conv4": lambda layout: Conv4(3, 3, filters=4, image_size=16, bn="transductive", task_layout=layout),
+    "resnet12": lambda layout: ResNet12(3, 3, widths=(3, 4, 5, 6), bn="transductive", task_layout=layout),
+}
+
+
+def _meta_grad(rule: str, layout: str, dtype=torch.float64, model: str = "conv4") -> torch.Tensor:
     torch.manual_seed(0)
-    model = Conv4(3, 3, filters=4, image_size=16, bn="transductive", task_layout=layout).to(dtype)
+    model = MODELS[model](layout).to(dtype)
     learner = RULES[rule](model)
     weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     _, grads = learner.solve_and_meta_gradient(_tasks(dtype), learner.center(), weights, monitor=False)
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_per_task_layout_equals_grouped_for_every_rule(rule):
-    grouped, per_task = _meta_grad(rule, "grouped"), _meta_grad(rule, "per_task")
+def test_per_task_layout_equals_grouped_for_every_rule(rule, model):
+    grouped, per_task = _meta_grad(rule, "grouped", model=model), _meta_grad(rule, "per_task", model=model)
     assert grouped.norm() > 0
     torch.testing.assert_close(per_task, grouped, rtol=1e-9, atol=1e-11)
 
@@ -53,5 +61,6 @@ def test_float32_default_layout_agrees_to_round_off():
 
 
 def test_unknown_layout_is_refused():
-    with pytest.raises(ValueError, match="task_layout"):
-        Conv4(task_layout="stacked")
+    for cls in (Conv4, ResNet12):
+        with pytest.raises(ValueError, match="task_layout"):
+            cls(task_layout="stacked")

@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaprox.models.bn_protocol import BN_MODES, BatchNormProtocol
+
 __all__ = ["Conv4", "BN_MODES", "TASK_LAYOUTS"]
 
-BN_MODES = ("batch", "transductive", "running")
 TASK_LAYOUTS = ("auto", "grouped", "per_task")
 
 
-class Conv4(nn.Module):
+class Conv4(BatchNormProtocol):
     """Four conv blocks and a linear head.
 
     Args:
@@ -115,12 +116,6 @@ class Conv4(nn.Module):
         self.head = nn.Linear(filters * side * side, num_classes)
 
     # ----- helpers -------------------------------------------------------------------------------------
-    def _use_batch_stats(self) -> bool:
-        return self.bn != "running" or self.training
-
-    def _params(self, params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        return dict(self.named_parameters()) if params is None else params
-
     def _check(self, x: torch.Tensor, dims: int) -> torch.Tensor:
         if x.dim() == dims - 1 and self.in_channels == 1:
             x = x.unsqueeze(-3)
@@ -223,50 +218,3 @@ class Conv4(nn.Module):
         return torch.baddbmm(
             params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)
         )
-
-    # ----- evaluation and running statistics -------------------------------------------------------------
-    @torch.no_grad()
-    def predict(
-        self,
-        x_support: torch.Tensor,
-        x_query: torch.Tensor,
-        params: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Query logits ``(m, num_classes)`` of one adapted task, by the BatchNorm mode's test protocol.
-
-        ``"transductive"``: the query batch is normalised with its own statistics. ``"batch"``: each query
-        example is normalised with the statistics of (support set + that example) — no information flows
-        between query examples. ``"running"``: eval-mode running statistics (independent of the support set).
-        """
-        p = self._params(params)
-        xq = self._check(x_query, 4)
-        if self.bn == "transductive":
-            return self._forward(p, xq)
-        if self.bn == "running":
-            was = self.training
-            self.eval()
-            try:
-                return self._forward(p, xq)
-            finally:
-                self.train(was)
-        xs = self._check(x_support, 4)
-        m = xq.shape[0]
-        x = torch.cat([xs.unsqueeze(0).expand(m, *xs.shape), xq.unsqueeze(1)], 1)  # (m, n + 1, C, H, W)
-        stacked = {k: v.unsqueeze(0).expand(m, *v.shape) for k, v in p.items()}
-        return self.forward_batched(stacked, x)[:, -1]
-
-    @torch.no_grad()
-    def update_running_stats(
-        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        """``"running"`` mode: fold the batch statistics of ``x`` (n, C, H, W) into the running buffers.
-
-        Statistics of layer i are computed with ``params`` (default: the module's own, i.e. the
-        meta-parameters) and blended with ``momentum`` exactly as ``nn.BatchNorm2d`` does in training.
-        """
-        if self.bn != "running":
-            raise RuntimeError(
-                f"update_running_stats needs bn='running'; this Conv4 uses bn={self.bn!r}, "
-                f"which keeps no running statistics."
-            )
-        self._forward(self._params(params), x, update_stats=True)

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
     b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule), "
-                                "omniglot (Conv-4 strategies) or miniimagenet (CPU time of Conv-4 iterations: "
-                                "today's path, the fast one, the loop)")
+                                "omniglot (Conv-4 strategies), miniimagenet (CPU time of Conv-4 iterations: "
+                                "today's path, the fast one, the loop) or threads (thread count under load)")
     b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")

@@ -34,6 +34,7 @@ from metaprox.prox import SquaredL2, make_prox
 from metaprox.solvers import SGD, AdamMoments, InnerResult, InnerSolver, ProxProblem
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.task import Task
+from metaprox.threads import gradient_flops, limited_threads
 
 __all__ = ["MetaLearner", "SolvedGroup", "NonFiniteError", "InexactInnerSolveWarning", "INNER_DATA"]
 
@@ -193,8 +194,9 @@ class MetaLearner:
             if keys is not None:
                 keys = keys[idx, :, : x.shape[1]]
             moments = self.inner_moments if getattr(solver, "carry_moments", False) else None
-            result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys, moments=moments),
-                                  generator=self.generator, monitor=monitor)
+            with limited_threads(lambda x=x, y=y: gradient_flops(self.fmodel, self.loss, x, y)):  # small ops: 1 thread
+                result = solver.solve(ProxProblem(oracle, penalty, c, keys=keys, moments=moments),
+                                      generator=self.generator, monitor=monitor)
             out.append(SolvedGroup(idx, oracle, result))
         return out
 

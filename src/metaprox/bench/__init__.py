@@ -41,7 +41,16 @@ def _miniimagenet(quick: bool, device: str) -> dict[str, Any]:
     return bench_miniimagenet(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "miniimagenet": _miniimagenet}
+def _threads(quick: bool, device: str) -> dict[str, Any]:
+    from metaprox.bench.threads import bench_threads
+
+    if device != "cpu":
+        raise ValueError("bench threads measures CPU thread counts; drop --device.")
+    return bench_threads(quick=quick)
+
+
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "miniimagenet": _miniimagenet,
+              "threads": _threads}
 
 
 def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:

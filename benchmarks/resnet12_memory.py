@@ -51,19 +51,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", default="1,5,10,20", help="M of the table (unmeasured ones are extrapolated)")
     ap.add_argument("--rules", default=",".join(FEWSHOT_RULES))
     ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per point")
+    ap.add_argument("--size", type=int, default=84, help="image side (84 for miniImageNet)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    setting = {**SETTING, "size": args.size}
     points = []
     for rule in args.rules.split(","):
         steps = args.maml_steps if rule == "maml" else args.steps
-        points += memory_vs_steps({rule: {"fewshot": SETTING, "rule": rule}}, [int(m) for m in steps.split(",")],
-                                  args.tasks, log=lambda m: print(m, flush=True))
+        points += memory_vs_steps({rule: {"fewshot": setting, "rule": rule}}, [int(m) for m in steps.split(",")],
+                                  args.tasks, log=lambda m: print(m, flush=True), timeout=args.timeout)
     total = _mem_total_mib()
     report = [int(m) for m in args.report.split(",")]
     lines = [f"ResNet-12, {SETTING['ways']}-way {SETTING['shots']}-shot + {SETTING['queries']} queries/class, "
-             f"84×84, meta-batch {args.tasks}: peak RSS increase of one meta-iteration (MiB), fresh process per "
-             f"point; *italic* = extrapolated (flat for first-order rules: the mean of the measured points; MAML: "
-             f"the least-squares line through its measured points).", "",
+             f"{args.size}×{args.size}, meta-batch {args.tasks}: peak RSS increase of one meta-iteration (MiB), "
+             f"fresh process per point; *italic* = extrapolated (flat for first-order rules: the mean of the "
+             f"measured points; MAML: the least-squares line through its measured points).", "",
              "| rule | " + " | ".join(f"M = {m}" for m in report) + " | MiB per extra step (fit) |",
              "|---|" + "---:|" * (len(report) + 1)]
     fits = {}
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{args.maml_steps})."]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "resnet12_memory.json"), "w") as fh:
-        json.dump({"setting": SETTING, "tasks": args.tasks, "env": ENV, "mem_total_mib": total, "points": points,
+        json.dump({"setting": setting, "tasks": args.tasks, "env": ENV, "mem_total_mib": total, "points": points,
                    "fits": fits}, fh, indent=1)
     with open(os.path.join(args.out, "resnet12_memory.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -84,12 +84,12 @@ def peak_memory(spec: Mapping[str, Any], timeout: float = 600.0) -> dict[str, An
 
 
 def memory_vs_steps(specs: Mapping[str, Mapping[str, Any]], steps: Sequence[int], tasks: int,
-                    log: Any = None) -> list[dict[str, Any]]:
+                    log: Any = None, timeout: float = 600.0) -> list[dict[str, Any]]:
     """One fresh-process point per (label, M); ``specs`` maps a label to a spec without steps/tasks."""
     points = []
     for label, spec in specs.items():
         for m in steps:
-            p = {"label": label, **peak_memory({**spec, "steps": int(m), "tasks": int(tasks)})}
+            p = {"label": label, **peak_memory({**spec, "steps": int(m), "tasks": int(tasks)}, timeout=timeout)}
             points.append(p)
             if log is not None:
                 log(f"memory {label:10s} M={m:4d}  peak +{p['peak_increase_mib']:8.1f} MiB")

@@ -24,3 +24,19 @@ def test_bench_registry_has_rules():
 
     with pytest.raises(ValueError, match="available"):
         run_bench("nope")
+
+
+def test_bench_miniimagenet_table_and_flop_count():
+    from metaprox.bench.miniimagenet import bench_miniimagenet, network_flops
+
+    shape = {"tasks": 2, "ways": 3, "shots": 2, "channels": 3, "size": 16, "filters": 4, "steps": 2}
+    n = shape["ways"] * shape["shots"]
+    macs = [16 * 16 * 4 * 27, 8 * 8 * 4 * 36, 4 * 4 * 4 * 36, 2 * 2 * 4 * 36, 4 * 3]  # convs at 16, 8, 4, 2; head
+    per_gradient = 2 * n * sum(macs) * 2 + 2 * n * sum(macs[1:])  # forward, weight grads, input grads but the first
+    assert network_flops(shape) == per_gradient * shape["tasks"] * shape["steps"]
+    out = bench_miniimagenet(quick=True, shapes={"tiny": shape}, variants=("default", "fast"), gemm_size=256,
+                             log=lambda m: None)
+    assert [r["variant"] for r in out["rows"]] == ["default", "fast"]
+    assert all(r["cpu"] > 0 and 0 <= r["sys_share"] <= 1 for r in out["rows"])
+    assert out["rows"][0]["cpu_ratio_vs_default"] == 1.0
+    assert "| tiny | fast |" in out["markdown"] and "GEMM rate" in out["markdown"]

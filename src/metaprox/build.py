@@ -78,7 +78,15 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
         return Conv4(channels, int(cfg["task"]["ways"]), int(m["filters"]), size, bn=m["bn"],
                      channels_last=bool(m["channels_last"]))
-    raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4'].")
+    if m["kind"] == "resnet12":
+        from metaprox.models.resnet12 import ResNet12
+
+        if cfg["task"]["family"] != "fewshot":
+            raise ConfigError("model.kind = 'resnet12' needs task.family = 'fewshot' (image episodes).")
+        channels, _ = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
+        return ResNet12(channels, int(cfg["task"]["ways"]), m["widths"], bn=m["bn"],
+                        channels_last=bool(m["channels_last"]))
+    raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4', 'resnet12'].")
 
 
 def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None,

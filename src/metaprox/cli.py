@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     b = sub.add_parser("bench", help="performance benchmarks (tasks/s, peak memory)")
     b.add_argument("name", help="benchmark name: sine (MMP strategies, memory), rules (tasks/s of every rule), "
-                                "omniglot (Conv-4 strategies) or threads (1 thread vs all cores, finite set)")
+                                "omniglot (Conv-4 strategies), miniimagenet (CPU time of Conv-4 iterations: "
+                                "today's path, the fast one, the loop) or threads (1 thread vs all cores on a "
+                                "finite set; per-solve threads under load)")
     b.add_argument("--device", default="cpu", help="device for the omniglot benchmark (e.g. cuda)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="shorter measurement (for smoke tests)")
@@ -129,6 +131,10 @@ def _eval_finite(args: argparse.Namespace, cfg: dict) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "compare"):
+        from metaprox.malloc import retain_freed_memory
+
+        retain_freed_memory()  # this process is ours: reuse freed pages (METAPROX_MALLOC=system opts out)
     try:
         if args.command == "train":
             from metaprox.config import load_config

@@ -67,12 +67,13 @@ DEFAULTS: dict[str, Any] = {
         "standardize": "global",   # features scaled with training-row statistics: "global" | "per_task" | "none"
     },
     "model": {
-        "kind": "mlp",             # "mlp" | "conv4" | "linear" (multitask)
+        "kind": "mlp",             # "mlp" | "conv4" | "resnet12" | "linear" (multitask)
         "sizes": [1, 40, 40, 1],   # mlp
         "activation": "tanh",      # mlp
         "filters": 32,             # conv4
-        "bn": "transductive",      # conv4: "batch" | "transductive" | "running"
-        "channels_last": True,     # conv4
+        "widths": [64, 160, 320, 640],  # resnet12: channels of its four residual blocks
+        "bn": "transductive",      # conv4, resnet12: "batch" | "transductive" | "running"
+        "channels_last": True,     # conv4, resnet12
     },
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)

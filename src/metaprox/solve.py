@@ -21,6 +21,7 @@ from metaprox.execution import Execution, Oracle
 from metaprox.prox import Penalty, TaskScaled
 from metaprox.solvers import AdamMoments, Callback, InnerResult, InnerSolver, ProxProblem
 from metaprox.tasks.task import Task
+from metaprox.threads import solve_threads
 
 __all__ = ["SolvedGroup", "PerTask", "TiedOracle", "stacked", "solve_groups", "INNER_DATA"]
 
@@ -106,6 +107,7 @@ def solve_groups(execution: Execution, groups: Iterable[Group], solver: InnerSol
                               pen, c, _rows(init, idx),  # type: ignore[arg-type]
                               keys=None if keys is None else keys[idx, :, : x.shape[1]], moments=moments)
         callback = on_group(idx, x, oracle) if on_group is not None else None
-        result = solver.solve(problem, generator=generator, monitor=monitor, callback=callback)
+        with solve_threads(oracle, x, y):  # small gradients on one thread (metaprox.threads)
+            result = solver.solve(problem, generator=generator, monitor=monitor, callback=callback)
         out.append(SolvedGroup(idx, oracle, result, c, pen))
     return out

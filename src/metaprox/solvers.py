@@ -151,6 +151,7 @@ class SGD(InnerSolver):
                     torch._foreach_add_(buf, g)
                 g = torch._foreach_add(g, buf, alpha=self.momentum) if self.nesterov else buf
             torch._foreach_add_(v, g, alpha=-self.lr)
+            del g  # not alive during the next gradient: peak memory stays that of one step
             if callback:
                 callback(k + 1, v)
         return self._finish(problem, v, monitor)
@@ -207,6 +208,7 @@ class Adam(InnerSolver):
             torch._foreach_div_(denom, bc2 ** 0.5)
             torch._foreach_add_(denom, self.eps)
             torch._foreach_addcdiv_(v, m, denom, value=-self.lr / bc1)
+            del g, denom  # not alive during the next gradient: peak memory stays that of one step
             if callback:
                 callback(k - t0, v)
         result = self._finish(problem, v, monitor)

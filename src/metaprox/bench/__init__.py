@@ -33,15 +33,24 @@ def _rules(quick: bool, device: str) -> dict[str, Any]:
     return bench_rules(quick=quick)
 
 
+def _miniimagenet(quick: bool, device: str) -> dict[str, Any]:
+    from metaprox.bench.miniimagenet import bench_miniimagenet
+
+    if device != "cpu":
+        raise ValueError("bench miniimagenet measures CPU time per iteration; drop --device.")
+    return bench_miniimagenet(quick=quick)
+
+
 def _threads(quick: bool, device: str) -> dict[str, Any]:
     from metaprox.bench.threads import bench_threads
 
     if device != "cpu":
-        raise ValueError("bench threads measures CPU intra-op threads; drop --device.")
+        raise ValueError("bench threads measures CPU thread counts; drop --device.")
     return bench_threads(quick=quick)
 
 
-BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "threads": _threads}
+BENCHMARKS = {"sine": _sine, "omniglot": _omniglot, "rules": _rules, "miniimagenet": _miniimagenet,
+              "threads": _threads}
 
 
 def run_bench(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:

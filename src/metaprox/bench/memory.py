@@ -1,8 +1,9 @@
 """Peak memory of one meta-iteration against the number of inner steps M, one fresh process per point.
 
-A point is a *spec*: either ``{"config": <resolved run config>}`` (the learner and tasks are built from it, as
-``metaprox compare`` does) or ``{"rule": <name in metaprox.bench.rules.RULES>, "k": K}`` (the standard sine
-setting), plus ``"steps"`` (M) and ``"tasks"`` (B). The child process builds the learner and B tasks, warms
+A point is a *spec*: ``{"config": <resolved run config>}`` (the learner and tasks are built from it, as
+``metaprox compare`` does), ``{"rule": <name in metaprox.bench.rules.RULES>, "k": K}`` (the standard sine
+setting) or ``{"fewshot": {...}, "rule": NAME}`` (random image episodes, :mod:`metaprox.bench.fewshot_memory`),
+plus ``"steps"`` (M) and ``"tasks"`` (B). The child process builds the learner and B tasks, warms
 the code paths up on a 2-task batch with M = 1, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), takes the current RSS as baseline and runs one meta-iteration (monitors off); the
 point is ``VmHWM − baseline``, the peak resident-set increase. glibc's mmap threshold is fixed
@@ -44,6 +45,10 @@ def _learner_and_tasks(spec: Mapping[str, Any], steps: int, tasks: int, seed: in
         cfg["inner"]["steps"] = steps
         fam = build_family(cfg)
         return build_learner(cfg), fam.train_batch(tasks, torch.Generator().manual_seed(seed))
+    if "fewshot" in spec:
+        from metaprox.bench.fewshot_memory import fewshot_learner_and_tasks
+
+        return fewshot_learner_and_tasks(spec["fewshot"], spec["rule"], steps, tasks, seed)
     from metaprox.bench.rules import make_rule, sine_batch
 
     return make_rule(spec["rule"], steps=steps), sine_batch(tasks, int(spec.get("k", 10)), seed=seed)
@@ -79,12 +84,12 @@ def peak_memory(spec: Mapping[str, Any], timeout: float = 600.0) -> dict[str, An
 
 
 def memory_vs_steps(specs: Mapping[str, Mapping[str, Any]], steps: Sequence[int], tasks: int,
-                    log: Any = None) -> list[dict[str, Any]]:
+                    log: Any = None, timeout: float = 600.0) -> list[dict[str, Any]]:
     """One fresh-process point per (label, M); ``specs`` maps a label to a spec without steps/tasks."""
     points = []
     for label, spec in specs.items():
         for m in steps:
-            p = {"label": label, **peak_memory({**spec, "steps": int(m), "tasks": int(tasks)})}
+            p = {"label": label, **peak_memory({**spec, "steps": int(m), "tasks": int(tasks)}, timeout=timeout)}
             points.append(p)
             if log is not None:
                 log(f"memory {label:10s} M={m:4d}  peak +{p['peak_increase_mib']:8.1f} MiB")

@@ -1,79 +1,85 @@
-"""Intra-op threads side by side: the same finite-set training steps with 1 thread and with every core.
+"""``metaprox bench threads``: (1) the process's thread count on the finite-set workload
+(:mod:`metaprox.bench.threads_finite`), and (2) the sine ``fused`` path at B = 100 with a fixed thread count
+against the per-solve work-size choice of :mod:`metaprox.threads`, with and without background load that the
+benchmark starts itself.
 
-The workload is the everyday finite set of the CLI (:mod:`metaprox.threads` picks one thread for it): 140 tasks
-of 20–250 rows, 27 features, one target; a linear model and a small MLP (27-32-1), per-task SGD solves (15
-steps), gradient center steps on minibatches of 16 tasks. Rounds alternate the thread counts so that machine
-noise hits both alike; medians over rounds.
+Setting: MMP on sine tasks (MLP 1-40-40-1, K = 10, 15 inner SGD steps, B = 100; the throughput setting of
+``metaprox bench sine``). ``fixed``: every op on ``torch.get_num_threads()`` threads (the machine's cores unless
+``OMP_NUM_THREADS`` says otherwise); ``auto``: :func:`metaprox.threads.choose_threads` (one thread for this
+~10 MFLOP gradient). Load: ``cores`` busy single-threaded Python processes (``while True: pass``) started by the
+benchmark and stopped before it returns. The two variants alternate (median of repeats).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["bench_threads", "finite_workload"]
+__all__ = ["bench_threads"]
 
 
-def finite_workload(model: str, tasks: int = 140, seed: int = 0) -> Any:
-    """A FiniteMMP on ``tasks`` generated tasks (see the module doc)."""
-    from metaprox import SGD
-    from metaprox.algorithms.finite import FiniteMMP
-    from metaprox.tasks.task import Task
-    from metaprox.tasks.taskset import TaskSampler, TaskSet
-
-    rng = np.random.default_rng(seed)
-    shared = rng.normal(size=27)
-    data = []
-    for _ in range(tasks):
-        n = int(np.round(np.exp(rng.uniform(np.log(20), np.log(250)))))
-        x = rng.normal(size=(n, 27))
-        y = x @ (shared + 0.3 * rng.normal(size=27)) + rng.normal(size=n)
-        data.append(Task(torch.from_numpy(x), torch.from_numpy(y).view(-1, 1)))
-    torch.manual_seed(seed)
-    net = torch.nn.Linear(27, 1) if model == "linear" else torch.nn.Sequential(
-        torch.nn.Linear(27, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    return FiniteMMP(net.double(), TaskSet(data), lam=1.0, inner=SGD(lr=0.05, steps=15),
-                     sampler=TaskSampler(tasks, min(16, tasks), seed=seed), outer_lr=0.5)
+def _rate(learner: Any, tasks: list, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        learner.step(tasks, monitor=False)
+        n += 1
+    return n * len(tasks) / (time.perf_counter() - t0)
 
 
-def bench_threads(quick: bool = False, tasks: int = 140, rounds: int | None = None,
-                  counts: list[int] | None = None) -> dict[str, Any]:
-    """Median ms per outer step for each thread count (default: 1 and every core), and the ratio to 1 thread."""
-    from metaprox.threads import _cores
+def _measure(quick: bool) -> dict[str, float]:
+    from metaprox import threads
+    from metaprox.bench.sine import _learner, _tasks
 
-    many = _cores()
-    counts = counts or ([1] if many == 1 else [1, many])
-    if counts[0] != 1:
-        raise ValueError(f"bench threads: the first count is the 1-thread reference, got {counts}.")
-    steps, default_rounds = (3, 2) if quick else (10, 5)
-    rounds = rounds or default_rounds
-    before = torch.get_num_threads()
-    rows = []
+    tasks, learner = _tasks(100, 10), _learner("fused")
+    learner.step(tasks, monitor=False)
+    rates: dict[str, list[float]] = {"fixed": [], "auto": []}
     try:
-        for model in ("linear", "mlp"):
-            times: dict[int, list[float]] = {n: [] for n in counts}
-            for r in range(rounds):
-                for n in counts if r % 2 == 0 else counts[::-1]:
-                    torch.set_num_threads(n)
-                    learner = finite_workload(model, tasks)
-                    learner.step(monitor=False)  # warm-up
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        learner.step(monitor=False)
-                    times[n].append((time.perf_counter() - t0) / steps)
-            base = statistics.median(times[1])
-            for n in counts:
-                med = statistics.median(times[n])
-                rows.append({"model": model, "threads": n, "ms_per_step": 1e3 * med, "vs_one_thread": med / base})
+        for _ in range(2 if quick else 5):
+            for name in rates:
+                threads.set_auto(name == "auto")
+                rates[name].append(_rate(learner, tasks, 0.5 if quick else 2.0))
     finally:
-        torch.set_num_threads(before)
-    md = [f"### Intra-op threads (finite set: {tasks} tasks of 20–250 rows, 27 features, batches of 16, 15 SGD "
-          "inner steps)", "", "| model | threads | ms / outer step | time vs 1 thread |", "|---|---|---|---|"]
-    md += [f"| {r['model']} | {r['threads']} | {r['ms_per_step']:.1f} | {r['vs_one_thread']:.2f}× |" for r in rows]
-    md += ["", f"Cores available to this process: {many}. `metaprox train` picks 1 thread for these models "
-           f"(metaprox.threads)."]
-    return {"rows": rows, "markdown": "\n".join(md) + "\n"}
+        threads.set_auto(True)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def bench_threads(quick: bool = False, load_processes: int | None = None) -> dict[str, Any]:
+    """Both measurements; ``rows`` are the per-solve choice's (sine), ``finite`` the process-level ones."""
+    from metaprox.bench.threads_finite import bench_finite_threads
+    from metaprox.threads import choose_threads, gradient_flops
+
+    finite = bench_finite_threads(quick=quick)
+
+    cores = os.cpu_count() or 1
+    n_load = cores if load_processes is None else load_processes
+    threads = torch.get_num_threads()
+    rows = [{"load": "none added", **_measure(quick), "loadavg": os.getloadavg()[0]}]
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_load)]
+    try:
+        time.sleep(1.0)
+        rows.append({"load": f"{n_load} busy processes", **_measure(quick), "loadavg": os.getloadavg()[0]})
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    from metaprox.bench.sine import _learner, _tasks
+
+    learner, x = _learner("fused"), _tasks(100, 10)
+    xs, ys = learner.execution.stack(x)
+    work = gradient_flops(learner.fmodel, learner.loss, xs, ys)
+    md = [f"Sine MMP, fused, B = 100, K = 10, 15 inner SGD steps: tasks/s (median of interleaved repeats). "
+          f"{cores} cores; fixed = {threads} threads, auto = choose_threads({work / 1e6:.1f} MFLOP per gradient) "
+          f"= {choose_threads(work, threads)} thread(s).", "",
+          "| background load | load average | fixed tasks/s | auto tasks/s | auto / fixed |",
+          "|---|---:|---:|---:|---:|"]
+    md += [f"| {r['load']} | {r['loadavg']:.1f} | {r['fixed']:.0f} | {r['auto']:.0f} | {r['auto'] / r['fixed']:.2f}× |"
+           for r in rows]
+    md = [finite["markdown"], "### Per-solve threads under load", "", *md]
+    return {"rows": rows, "finite": finite["rows"], "threads": threads, "gradient_flops": work,
+            "markdown": "\n".join(md)}

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
         # few-shot classification (family = "fewshot")
         "dataset": "omniglot",
         "data_path": None,         # None: $METAPROX_DATA/<dataset>
+        "cache_dir": None,         # decoded-image cache (miniImageNet); None: $METAPROX_CACHE or ~/.cache/metaprox
+        "decode_workers": 0,       # processes decoding images into the cache (0: one per CPU, at most 16)
         "split": "vinyals",        # omniglot: "vinyals" | "background"; others: "standard"
         "val_alphabets": 5,        # "background" split: background alphabets held out for validation
         "ways": 5,

@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval(args: argparse.Namespace) -> int:
     from metaprox.config import apply_overrides, resolve
     from metaprox.evaluate import _table, evaluate_run
-    from metaprox.rundir import load_learner
+    from metaprox.rundir import load_learner, read_config
 
-    learner, cfg, _ = load_learner(args.run_dir)
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    where = ("eval.", "device=", "task.data_path=", "task.cache_dir=", "task.decode_workers=")  # not the model
+    bad = [o for o in args.overrides if not o.strip().startswith(where)]
     if bad:
-        raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
-    cfg = resolve(apply_overrides(cfg, args.overrides))
+        raise ConfigError(f"eval accepts only eval.*, device, task.data_path, task.cache_dir and "
+                          f"task.decode_workers overrides, got {bad}.")
+    cfg = resolve(apply_overrides(read_config(Path(args.run_dir)), args.overrides))
+    learner, cfg, _ = load_learner(args.run_dir, cfg)
     result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -64,8 +64,10 @@ def source_key(paths: Sequence[Path], size: int, source_bytes: bytes = b"") -> s
 
 
 def _decode_one(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - a machine with torchvision but without Pillow
+        return _decode_torchvision(path, size)
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is larger
@@ -78,6 +80,23 @@ def _decode_one(path: Path, size: int) -> np.ndarray:
             f"cannot decode the image file {path} ({e}); it is damaged or truncated — replace it with an intact "
             f"copy."
         ) from None
+
+
+def _decode_torchvision(path: Path, size: int) -> np.ndarray:  # pragma: no cover - used only without Pillow
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError:
+        raise RuntimeError(f"decoding {path} needs Pillow (pip install pillow) or torchvision.") from None
+    try:
+        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise DatasetLayoutError(f"cannot decode the image file {path} ({e}); it is damaged or truncated — replace "
+                                 f"it with an intact copy.") from None
+    if tuple(img.shape[1:]) != (size, size):
+        img = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="area")[0]
+        img = img.round().clamp(0, 255).to(torch.uint8)
+    return img.numpy()
 
 
 def decode_rgb_files(paths: Sequence[Path], size: int, out: np.ndarray, start: int = 0) -> None:

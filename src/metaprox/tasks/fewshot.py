@@ -110,7 +110,7 @@ class FewShotTasks:
         return load_split(self.dataset, self.root, t["split"], split, t["val_alphabets"], t["cache_dir"],
                           int(t["decode_workers"]))
 
-    def _eval_sampler(self, split: str) -> EpisodeSampler:
+    def eval_sampler(self, split: str) -> EpisodeSampler:
         if split not in self._eval:
             t = self.cfg["task"]
             images, classes = self.load(split)
@@ -130,4 +130,4 @@ class FewShotTasks:
         e = self.cfg["eval"]
         seed = e["seed"] if split == "test" else e["val_seed"]
         g = torch.Generator().manual_seed(seed)
-        return {f"{self.ways}-way {self.shots}-shot": self._eval_sampler(split).sample_batch(e["tasks"], g).tasks()}
+        return {f"{self.ways}-way {self.shots}-shot": self.eval_sampler(split).sample_batch(e["tasks"], g).tasks()}

@@ -129,6 +129,8 @@ def test_time_budgets_end_both_phases_and_the_run_is_evaluated(mini_root, tmp_pa
     assert val[-1]["step"] == metrics[-1]["step"]  # validated where the budget ended it
     assert result["step"] == metrics[-1]["step"] and (tmp_path / "run" / "eval.json").is_file()
     assert 0.0 <= result["sets"]["3-way 1-shot"]["2"]["accuracy"] <= 1.0
+    for plot in ("val_curve.png", "adaptation.png"):  # the time-to-accuracy curve starts with pretraining
+        assert (tmp_path / "run" / "plots" / plot).stat().st_size > 1000
 
 
 def test_plain_and_transductive_batchnorm_are_separate_evaluations(mini_root, tmp_path, capsys):

@@ -136,7 +136,8 @@ def _table(result: dict[str, Any]) -> str:
     for set_name, rows in result["sets"].items():
         scale = 100.0 if metric == "accuracy" else 1.0
         cells = [f"{rows[str(s)][metric] * scale:.3f} ± {rows[str(s)][metric + '_ci95'] * scale:.3f}" for s in steps]
-        label = f"{set_name} ({bn} BN)" if (bn := result.get("test_time", {}).get("bn")) else set_name
+        bn = result.get("test_time", {}).get("bn")
+        label = f"{set_name} ({'plain' if bn == 'batch' else bn} BN)" if bn else set_name
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(rows[str(steps[0])]['tasks'])} |")
     return "\n".join(lines) + "\n"
 

@@ -120,6 +120,8 @@ def _build(target: Path, paths: Sequence[Path], size: int, workers: int) -> None
             decode_rgb_files(paths, size, out)
         else:
             del out  # the workers open the file themselves
+            # the platform's default start method (fork on Linux before Python 3.14): the workers only run Pillow
+            # and numpy, never CUDA or torch ops, so forking a parent that initialised CUDA is safe
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 jobs = [pool.submit(_decode_chunk, str(tmp), list(paths[i : i + _CHUNK]), size, i)
                         for i in range(0, len(paths), _CHUNK)]

@@ -5,6 +5,8 @@ budgets, reuse of a finished pretraining, and the separate plain / transductive 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,13 @@ def test_plain_and_transductive_batchnorm_are_separate_evaluations(mini_root, tm
     assert default["sets"] == results["batch"]["sets"]
     assert main(["eval", str(out), "--set", "model.filters=8"]) == 2
     assert "eval accepts only" in capsys.readouterr().err
+    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "miniimagenet_report.py"), str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    files = (("plain", "eval.json"), ("plain", "eval-bn_batch.json"), ("transductive", "eval-bn_transductive.json"))
+    for bn, f in files:
+        row = next(line for line in table.splitlines() if f"(`{f}`)" in line)
+        acc = json.loads((out / f).read_text())["sets"]["3-way 1-shot"]["2"]
+        assert f"| {bn} |" in row and f"{100 * acc['accuracy']:.2f} ± {100 * acc['accuracy_ci95']:.2f}" in row
 
 
 def test_bn_protocol_restores_and_refuses_running_statistics(mini_root):

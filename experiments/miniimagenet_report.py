@@ -47,6 +47,8 @@ def report(run: Path) -> list[str]:
         cells = ", ".join(f"{s} steps: {100 * a:.2f}" for name, acc in r["accuracy"].items() for s, a in acc.items())
         out.append(f"| MMP adaptation ({_bn(cfg['eval']['bn'] or cfg['model']['bn'])} BN) | {r['step']} | "
                    f"{r['time'] / 60:.1f} | {cells} ({cfg['log']['eval_tasks']}) |")
+    if not _all_steps(run):
+        return out + [""]
     out += ["", "| evaluation | BN | " + " | ".join(f"{s} steps" for s in _all_steps(run)) + " | episodes |",
             "|---|---|" + "---|" * (len(_all_steps(run)) + 1)]
     for f in sorted(run.glob("eval*.json")):

@@ -42,6 +42,12 @@ def lin_tasks():
 
 
 @pytest.fixture(autouse=True)
+def _image_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image caches of a test go to a temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("METAPROX_CACHE", str(tmp_path_factory.mktemp("image-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield

@@ -96,15 +96,16 @@ def _eval(args: argparse.Namespace) -> int:
     from metaprox.threads import apply_threads
     from metaprox.validate import validate_eval
 
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    where = ("eval.", "device=", "task.data_path=", "task.cache_dir=", "task.decode_workers=")  # not the model
+    bad = [o for o in args.overrides if not o.strip().startswith(where)]
     if bad:
-        raise ConfigError(f"eval accepts only eval.* overrides, got {bad}.")
+        raise ConfigError(f"eval accepts only eval.*, device, task.data_path, task.cache_dir and "
+                          f"task.decode_workers overrides, got {bad}.")
     stored = resolve(apply_overrides(read_config(Path(args.run_dir)), args.overrides))
     apply_threads(stored, args.threads)
     if stored["algorithm"] == "finite_mmp":
         return _eval_finite(args, stored)
-    learner, cfg, _ = load_learner(args.run_dir)
-    cfg = resolve(apply_overrides(cfg, args.overrides))
+    learner, cfg, _ = load_learner(args.run_dir, stored)
     validate_eval(cfg, args.split)
     with run_lock(args.run_dir, enabled=not args.no_write):  # no eval files written into a run still training
         result = evaluate_run(args.run_dir, args.split, learner=learner, cfg=cfg, write=not args.no_write)

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
         # few-shot classification (family = "fewshot")
         "dataset": "omniglot",
         "data_path": None,         # None: $METAPROX_DATA/<dataset>
+        "cache_dir": None,         # decoded-image cache (miniImageNet); None: $METAPROX_CACHE or ~/.cache/metaprox
+        "decode_workers": 0,       # processes decoding images into the cache (0: one per CPU, at most 16)
         "split": "vinyals",        # omniglot: "vinyals" | "background"; others: "standard"
         "val_alphabets": 5,        # "background" split: background alphabets held out for validation
         "ways": 5,
@@ -106,7 +108,17 @@ DEFAULTS: dict[str, Any] = {
     # outer.lr is η: the center moves by η·∇, and MMP's ∇ = λ(w − v̄), so w moves ηλ of the way to v̄ (unstable for
     # ηλ ≥ 2, refused unless outer.allow_unstable = true; metaprox.stability)
     "outer": {"optimizer": "sgd", "lr": 0.8, "schedule": "linear", "steps": 30000, "meta_batch": 5,
-              "allow_unstable": False},
+              "allow_unstable": False,
+              "minutes": 0.0},         # > 0: meta-training ends (and is evaluated) after this many minutes
+    "pretrain": {                  # cross-entropy pretraining of the backbone on all training classes (fewshot)
+        "epochs": 0,               # 0: no pretraining; the run starts from the seeded initialisation
+        "minutes": 0.0,            # > 0: wall-clock bound; the cosine lr spans epochs or minutes, whichever ends first
+        "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "label_smoothing": 0.1,
+        "flip": True,              # random horizontal flips
+        "crop_pad": 8,             # random crops of the images zero-padded by this many pixels (0: none)
+        "backbone": "",            # a run directory: start from the backbone it pretrained (epochs then unused)
+        "eval_every": 0,           # validation (prototype accuracy, log.eval_tasks tasks) every N steps, 0: per epoch
+    },
     "eval": {
         "shots": [5, 10],
         "tasks": 200,
@@ -115,6 +127,8 @@ DEFAULTS: dict[str, Any] = {
         "lam": None,               # test-time λ (None: the training λ)
         "lr": None,                # test-time inner lr (None: the training inner lr)
         "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
+        "bn": "",                  # test-time BatchNorm protocol (Conv-4): "" = model.bn, "batch" (plain: each query
+                                   # normalised with the support set) or "transductive" (query batch statistics)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
         "metrics": None,           # finite task sets: e.g. ["rmse", "mae", "r2"] (None: per task type)
@@ -239,6 +253,13 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("inner.steps must be ≥ 0.")
     if out["log"]["eval_every"] < 0 or out["log"]["eval_tasks"] < 1:
         raise ConfigError("log.eval_every must be ≥ 0 (0: no periodic validation) and log.eval_tasks ≥ 1.")
+    if out["eval"]["bn"] not in ("", "batch", "transductive"):
+        raise ConfigError(f"eval.bn = {out['eval']['bn']!r}: choose '' (the model's), 'batch' (plain) or "
+                          f"'transductive'.")
+    if out["pretrain"]["epochs"] < 0 or out["pretrain"]["minutes"] < 0 or out["outer"]["minutes"] < 0:
+        raise ConfigError("pretrain.epochs, pretrain.minutes and outer.minutes must be ≥ 0.")
+    if (out["pretrain"]["epochs"] or out["pretrain"]["backbone"]) and out["task"]["family"] != "fewshot":
+        raise ConfigError("pretrain.epochs > 0 needs task.family = 'fewshot' (it classifies the training classes).")
     if any(s < 0 for s in out["eval"]["steps"]) or not out["eval"]["steps"]:
         raise ConfigError("eval.steps must be a non-empty list of step counts ≥ 0.")
     if out["threads"] < 0:

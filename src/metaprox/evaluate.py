@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,31 @@ from metaprox.algorithms.base import MetaLearner
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
-__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation"]
+__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol"]
+
+
+@contextmanager
+def bn_protocol(module: torch.nn.Module, bn: str) -> Iterator[str]:
+    """Within the block the model predicts with the test-time BatchNorm protocol ``bn`` ("" keeps its own).
+
+    Only ``"batch"`` (plain: each query example normalised together with the support set) and ``"transductive"``
+    (the query batch's own statistics) are interchangeable: both train alike, with batch statistics. Yields the
+    protocol in effect (``""`` for a model without one).
+    """
+    own = getattr(module, "bn", "")
+    if not bn or bn == own:
+        yield own
+        return
+    if own not in ("batch", "transductive"):
+        from metaprox.config import ConfigError
+
+        raise ConfigError(f"eval.bn = {bn!r} needs a model trained with batch statistics (model.bn = 'batch' or "
+                          f"'transductive'); this one has model.bn = {own!r}.")
+    module.bn = bn
+    try:
+        yield bn
+    finally:
+        module.bn = own
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -111,7 +136,9 @@ def _table(result: dict[str, Any]) -> str:
     for set_name, rows in result["sets"].items():
         scale = 100.0 if metric == "accuracy" else 1.0
         cells = [f"{rows[str(s)][metric] * scale:.3f} ± {rows[str(s)][metric + '_ci95'] * scale:.3f}" for s in steps]
-        lines.append(f"| {set_name} | " + " | ".join(cells) + f" | {int(rows[str(steps[0])]['tasks'])} |")
+        bn = result.get("test_time", {}).get("bn")
+        label = f"{set_name} ({'plain' if bn == 'batch' else bn} BN)" if bn else set_name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(rows[str(steps[0])]['tasks'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,20 +162,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     steps = sorted(set(e["steps"]))
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     sets = {}
-    for set_name, tasks in build_family(cfg).eval_sets(split).items():
-        record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-        curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record)
-        sets[set_name] = curve.summary(steps)
-        sets[set_name]["curve"] = [float(v) for v in curve.loss.mean(1)]
-        if curve.accuracy is not None:
-            sets[set_name]["accuracy_curve"] = [float(v) for v in curve.accuracy.mean(1)]
+    with bn_protocol(learner.fmodel.module, e["bn"]) as bn:
+        for set_name, tasks in build_family(cfg).eval_sets(split).items():
+            record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
+            curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record)
+            sets[set_name] = curve.summary(steps)
+            sets[set_name]["curve"] = [float(v) for v in curve.loss.mean(1)]
+            if curve.accuracy is not None:
+                sets[set_name]["accuracy_curve"] = [float(v) for v in curve.accuracy.mean(1)]
     lam = e["lam"] if e["lam"] is not None else cfg["prox"]["lam"]
     result = {"split": split, "step": learner.step_count, "steps": steps,
               "metric": "accuracy" if learner.loss.name == "cross_entropy" else "mse",
-              "test_time": {"lam": lam, "lr": inner.__dict__.get("lr"), "solver": cfg["inner"]["solver"]},
+              "test_time": {"lam": lam, "lr": inner.__dict__.get("lr"), "solver": cfg["inner"]["solver"],
+                            **({"bn": bn} if bn else {})},
               "sets": sets}
     if write:
-        stem = "eval" if split == "test" else "eval-val"
+        stem = ("eval" if split == "test" else "eval-val") + (f"-bn_{e['bn']}" if e["bn"] else "")
         atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1))
         atomic_write(run_dir / f"{stem}.md", _table(result))
     return result
@@ -171,6 +200,7 @@ class PeriodicValidation:
         self.steps = sorted(set(e["steps"]))
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
+        self.bn = e["bn"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
         """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""
@@ -178,12 +208,13 @@ class PeriodicValidation:
         try:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
-            for name, tasks in self.sets.items():
-                curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
-                                         record=record)
-                losses[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
-                if curve.accuracy is not None:
-                    accuracy[name] = {str(s): float(curve.accuracy[s].mean()) for s in self.steps}
+            with bn_protocol(learner.fmodel.module, self.bn):
+                for name, tasks in self.sets.items():
+                    curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
+                                             record=record)
+                    losses[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
+                    if curve.accuracy is not None:
+                        accuracy[name] = {str(s): float(curve.accuracy[s].mean()) for s in self.steps}
             return {"sets": losses, **({"accuracy": accuracy} if accuracy else {})}
         finally:
             learner.generator.set_state(state)

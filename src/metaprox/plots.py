@@ -6,7 +6,8 @@
   and the model after each of ``eval.steps`` test-time steps, one panel per shot setting.
 - ``plots/adaptation.png``: mean test loss against test-time steps for every evaluation set.
 - ``plots/val_curve.png`` (``log.eval_every`` > 0): periodic validation accuracy (classification) or loss
-  against training time — the time-to-accuracy curve.
+  against training time — the time-to-accuracy curve; with pretraining (``pretrain_curve.jsonl``) its
+  validation prototype accuracy comes first, dashed.
 """
 
 from __future__ import annotations
@@ -108,12 +109,20 @@ def plot_adaptation(result: dict[str, Any], cfg: dict[str, Any], path: Path) -> 
     _save(fig, path)
 
 
-def plot_val_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -> None:
-    """Validation accuracy (or loss) after each logged number of test-time steps, against training minutes."""
-    key = "accuracy" if "accuracy" in rows[0] else "sets"
+def plot_val_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: Path,
+                   pretrain_rows: list[dict[str, Any]] | None = None) -> None:
+    """Validation accuracy (or loss) after each logged number of test-time steps, against training minutes.
+
+    ``pretrain_rows`` (``pretrain_curve.jsonl``) add the pretraining phase: its validation prototype accuracy,
+    drawn dashed and labelled as such (a nearest-centroid score, not the prior's adaptation).
+    """
+    key = "accuracy" if not rows or "accuracy" in rows[0] else "sets"
     minutes = [r["time"] / 60 for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in rows[0][key]:
+    if pretrain_rows:
+        ax.plot([r["time"] / 60 for r in pretrain_rows], [100 * r["val_prototype_accuracy"] for r in pretrain_rows],
+                "k--", marker=".", label="pretraining: nearest-centroid accuracy (not MMP adaptation)")
+    for name in (rows[0][key] if rows else []):
         for step in rows[0][key][name]:
             vals = [100 * r[key][name][step] if key == "accuracy" else r[key][name][step] for r in rows]
             ax.plot(minutes, vals, marker=".", label=f"{name}, {step} steps")
@@ -142,10 +151,13 @@ def plot_run(run_dir: str | Path, learner: Any = None, cfg: dict[str, Any] | Non
         out.append(run_dir / "plots" / "sine_fits.png")
         plot_sine_fits(learner, cfg, out[-1])
     val_rows = read_metrics(run_dir, "val_curve.jsonl")
-    if val_rows:
+    pretrain_rows = read_metrics(run_dir, "pretrain_curve.jsonl")
+    if val_rows or pretrain_rows:
         out.append(run_dir / "plots" / "val_curve.png")
-        plot_val_curve(val_rows, cfg, out[-1])
-    if (run_dir / "eval.json").is_file():
+        plot_val_curve(val_rows, cfg, out[-1], pretrain_rows)
+    evals = [run_dir / "eval.json", *sorted(run_dir.glob("eval-bn_*.json"))]  # test results, any BN protocol
+    found = [e for e in evals if e.is_file()]
+    if found:
         out.append(run_dir / "plots" / "adaptation.png")
-        plot_adaptation(json.loads((run_dir / "eval.json").read_text()), cfg, out[-1])
+        plot_adaptation(json.loads(found[0].read_text()), cfg, out[-1])
     return out

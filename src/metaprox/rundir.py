@@ -61,11 +61,11 @@ def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict[str, A
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_learner(run_dir: Path):  # -> tuple[MetaLearner, dict, dict]
-    """Rebuild the learner of a run from its config and latest checkpoint."""
+def load_learner(run_dir: Path, cfg: dict[str, Any] | None = None):  # -> tuple[MetaLearner, dict, dict]
+    """Rebuild the learner of a run from its config (or ``cfg``, e.g. with another device) and latest checkpoint."""
     from metaprox.build import build_learner
 
-    cfg = read_config(run_dir)
+    cfg = read_config(run_dir) if cfg is None else cfg
     learner = build_learner(cfg)
     state, meta = load_checkpoint(run_dir)
     learner.load_state_dict(state)

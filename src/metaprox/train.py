@@ -14,6 +14,13 @@ With ``log.eval_every = N > 0`` the run also validates every N iterations (and a
 validation tasks (``log.eval_tasks`` per shot setting) and writes ``val_curve.jsonl``; the time this takes is
 excluded from the training clock (``time`` in metrics and val_curve rows), so error-vs-time curves show
 training seconds only, and training itself is unchanged by it (same RNG streams).
+
+With ``pretrain.epochs > 0`` a new run first pretrains the backbone with cross-entropy on all training classes
+(:mod:`metaprox.pretrain`) and meta-trains from it; the training clock then includes the pretraining seconds.
+``outer.minutes > 0`` ends meta-training after that many minutes (not counting pretraining or validation) and
+evaluates the run as if it had reached ``outer.steps``; a linear outer schedule then decays over the budget (its
+horizon re-estimated every step from the measured speed, capped at ``outer.steps``), so such a run depends on the
+machine's speed and is not bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation
 from metaprox.nonfinite import diverged_message, first_nonfinite, nonfinite_evaluation
+from metaprox.pretrain import pretrain_backbone, start_from_backbone
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 from metaprox.runlock import run_lock
 from metaprox.validate import validate_run
@@ -128,15 +136,23 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     family = build_family(cfg)
     sampler = torch.Generator().manual_seed(cfg["seed"])
     rows: list[dict[str, Any]] = []
-    elapsed0 = 0.0
+    elapsed0 = pretrain_seconds = 0.0  # training clock: pretraining (if any) + meta-training, in seconds
     if resume and has_ckpt:
         state, meta = load_checkpoint(run_dir, resume_from)
         learner.load_state_dict(state)
         sampler.set_state(decode_rng(meta["sampler"]))
         elapsed0 = float(meta.get("elapsed", 0.0))
+        pretrain_seconds = float(meta.get("pretrain_seconds", 0.0))
         rows = [r for r in read_metrics(run_dir) if r["step"] <= state["step"]]
     elif resume:
         raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
+    elif cfg["pretrain"]["epochs"] > 0 or cfg["pretrain"]["backbone"]:
+        if reducer.world_size > 1:
+            raise ConfigError("pretraining runs in one process; pretrain first (a run with outer.steps = 1), then "
+                              "meta-train under torchrun.")
+        backbone, summary = pretrain_backbone(cfg, family, run_dir, progress=bool(progress))
+        start_from_backbone(learner, backbone)
+        elapsed0 = pretrain_seconds = float(summary["seconds"])
     if isinstance(reducer, AllReduceReducer):  # every rank must start from the same state (also a sync point:
         reducer.check_same(learner.step_count, "the step to start from")  # no rank writes before all looked)
     if main:
@@ -161,7 +177,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
         if validate is not None:
             write_metrics(run_dir, val_rows, VAL_CURVE)
         save_checkpoint(run_dir, learner.state_dict(),
-                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0})
+                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0,
+                         "pretrain_seconds": pretrain_seconds})
 
     def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
         nonlocal t0
@@ -176,12 +193,22 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
 
     bar = tqdm(total=total, initial=learner.step_count, disable=not (show and main), desc=cfg["name"], unit="it",
                dynamic_ncols=True, file=sys.stderr)
+    budget = 60.0 * cfg["outer"]["minutes"] if cfg["outer"]["minutes"] > 0 else None
+    out_of_time = False  # outer.minutes of meta-training spent: the run is complete (and evaluated)
     try:
         end = total if stop_at is None else min(total, stop_at)
         if validate is not None and learner.step_count == 0 and not val_rows:
             validation()
         while learner.step_count < end:
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            spent = elapsed0 + time.perf_counter() - t0 - pretrain_seconds  # meta-training seconds so far
+            out_of_time = budget is not None and spent > budget
+            if budget is not None and learner.schedule == "linear" and learner.step_count > 0:
+                # the linear decay spans the budget: horizon = the steps that fit at the speed measured so far
+                learner.total_steps = min(total, max(learner.step_count + 1,
+                                                     int(learner.step_count * budget / max(spent, 1e-9))))
+            if out_of_time or (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
+                if validate is not None and val_rows[-1]["step"] != learner.step_count:
+                    validation()
                 checkpoint()
                 break
             s = learner.step_count
@@ -214,7 +241,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     finally:
         bar.close()
         tb.close()
-    if not evaluate or learner.step_count < total or not main:
+    if not evaluate or (learner.step_count < total and not out_of_time) or not main:
         return {}
     from metaprox.evaluate import evaluate_run
     from metaprox.plots import plot_run

@@ -9,6 +9,7 @@ expected and where. Checksums are sha256; downloads are opt-in. Nothing here eve
 - :mod:`.checksum`, :mod:`.download` — sha256 verification and verified opt-in downloads.
 - :mod:`.omniglot` — official PNG folders, the compact ``omniglot28.npz``, Vinyals split lists, download.
 - :mod:`.miniimagenet` — Ravi & Larochelle CSV splits + ``images/``, or ``.npz`` arrays.
+- :mod:`.image_cache` — decode image files once into a memory-mapped uint8 cache, keyed by the sources.
 - :mod:`.tieredimagenet` — class folders + the specific → general class hierarchy.
 - :mod:`.cifarfs` — CIFAR-FS and FC100 from the CIFAR-100 *binary* release.
 """

@@ -8,6 +8,10 @@ Folder layout (``root`` default ``$METAPROX_DATA/miniimagenet``)::
 Array layout (:func:`load_miniimagenet_npz`): one ``.npz`` per split with ``images`` uint8 ``(N, H, W, 3)`` or
 ``(N, 3, H, W)``, integer ``labels`` ``(N,)`` and optionally ``class_names`` (str, one per label value).
 Result: RGB ``(N, 3, H, W)`` uint8, class names = WordNet ids, class metadata ``split``.
+
+The CSV reader decodes the images once into a cache outside the data folder and memory-maps it afterwards
+(:mod:`metaprox.data.image_cache`); it refuses a missing folder, a missing CSV, rows naming absent files, a file
+listed twice and a damaged image, naming the file.
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ import numpy as np
 
 from metaprox.data.labelled import DatasetLayoutError, LabelledImages, data_root, read_image, resize_area
 
-__all__ = ["read_miniimagenet", "load_miniimagenet_npz", "read_split_csv", "load_rgb_folder_images"]
+__all__ = ["read_miniimagenet", "load_miniimagenet_npz", "read_split_csv", "read_split_rows",
+           "load_rgb_folder_images"]
 
 SPLITS = ("train", "val", "test")
 
 
 def read_split_csv(path: Path, header: tuple[str, str] = ("filename", "label")) -> list[tuple[str, str]]:
     """Rows ``(filename, label)`` of a split CSV whose first line is the given header."""
+    return [(f, label) for _, f, label in read_split_rows(path, header)]
+
+
+def read_split_rows(path: Path, header: tuple[str, str] = ("filename", "label")) -> list[tuple[int, str, str]]:
+    """Rows ``(line number, filename, label)`` of a split CSV whose first line is the given header."""
     if not path.is_file():
         raise DatasetLayoutError(
             f"expected the split file {path} (CSV with header '{','.join(header)}')."
@@ -45,7 +55,7 @@ def read_split_csv(path: Path, header: tuple[str, str] = ("filename", "label")) 
             continue
         if len(row) < 2:
             raise DatasetLayoutError(f"{path}:{n}: expected 'filename,label', got {row}.")
-        out.append((row[0].strip(), row[1].strip()))
+        out.append((n, row[0].strip(), row[1].strip()))
     return out
 
 
@@ -81,24 +91,72 @@ def _splits(split: str | Sequence[str]) -> list[str]:
     return splits
 
 
+def _check_folder(base: Path, splits: Sequence[str]) -> None:
+    if not base.is_dir():
+        raise DatasetLayoutError(
+            f"miniImageNet: no folder at {base}; expected images/ and train.csv, val.csv, test.csv there "
+            f"(set task.data_path or $METAPROX_DATA/miniimagenet)."
+        )
+    if not (base / "images").is_dir():
+        raise DatasetLayoutError(
+            f"miniImageNet: {base} has no images/ folder (it holds {sorted(p.name for p in base.iterdir())[:6]}); "
+            f"the dataset is incomplete — expected images/<filename> for every row of the split CSVs."
+        )
+    for s in splits:
+        if not (base / f"{s}.csv").is_file():
+            raise DatasetLayoutError(f"miniImageNet: {base} has no {s}.csv (the Ravi & Larochelle split list).")
+
+
+def _check_unique(rows: list[tuple[str, str, int]]) -> None:
+    """A file listed twice (in one split or across splits) would duplicate an image or leak it between splits."""
+    seen: dict[str, tuple[str, int]] = {}
+    for fname, csv_name, line in rows:
+        if fname in seen:
+            first = seen[fname]
+            raise DatasetLayoutError(
+                f"miniImageNet: {fname} is listed twice ({first[0]} line {first[1]} and {csv_name} line {line}); "
+                f"remove the duplicated row."
+            )
+        seen[fname] = (csv_name, line)
+
+
 def read_miniimagenet(
-    root: str | os.PathLike | None = None, split: str | Sequence[str] = "train", size: int | None = 84
+    root: str | os.PathLike | None = None, split: str | Sequence[str] = "train", size: int | None = 84,
+    cache_dir: str | os.PathLike | None | bool = None, workers: int = 0,
 ) -> LabelledImages:
-    """Read the Ravi & Larochelle CSV split(s) and the images they name (classes in first-seen order)."""
+    """Read the Ravi & Larochelle CSV split(s) and the images they name (classes in first-seen order).
+
+    The decoded images are cached (see :mod:`metaprox.data.image_cache`): the first call decodes the JPEGs
+    (``workers`` processes, 0 = one per CPU) into ``cache_dir`` (default ``$METAPROX_CACHE`` or
+    ``~/.cache/metaprox``); later calls memory-map the cached array. ``cache_dir=False`` or ``size=None`` (keep
+    the files' own size) decode without a cache.
+    """
+    from metaprox.data.image_cache import cached_images
+
     base = data_root("miniimagenet", root)
-    files, labels, names, meta_split = [], [], [], []
+    splits = _splits(split)
+    _check_folder(base, splits)
+    files, labels, names, meta_split, rows = [], [], [], [], []
     index: dict[str, int] = {}
-    for s in _splits(split):
-        for fname, wnid in read_split_csv(base / f"{s}.csv"):
+    source = b""
+    for s in splits:
+        source += (base / f"{s}.csv").read_bytes()
+        for line, fname, wnid in read_split_rows(base / f"{s}.csv"):
             if wnid not in index:
                 index[wnid] = len(names)
                 names.append(wnid)
                 meta_split.append(s)
+            rows.append((fname, f"{s}.csv", line))
             files.append(base / "images" / fname)
             labels.append(index[wnid])
     if not files:
         raise DatasetLayoutError(f"miniImageNet: the split files under {base} list no images.")
-    images = load_rgb_folder_images(files, size)
+    _check_unique(rows)
+    if cache_dir is False or size is None:
+        images = load_rgb_folder_images(files, size)
+    else:
+        images = cached_images("miniimagenet", "+".join(splits), files, int(size), source,
+                               cache_dir or None, workers)
     return LabelledImages(
         images, np.asarray(labels, dtype=np.int64), names, {"split": meta_split}, "miniimagenet"
     )

@@ -128,7 +128,11 @@ class EpisodeSampler:
             np.arange(max_count)[None, :], np.maximum(counts[:, None] - 1, 0)
         )
         self.device = torch.device(device)
-        self.data = torch.as_tensor(arr[flat]).to(self.device)
+        if flat.shape[0] == arr.shape[0] and np.array_equal(flat, np.arange(arr.shape[0])):
+            kept = arr  # rows already grouped by class (e.g. a memory-mapped image cache): no copy on CPU
+        else:
+            kept = arr[flat]
+        self.data = torch.as_tensor(kept).to(self.device)
         self.scale = 1.0 / 255.0 if self.data.dtype == torch.uint8 else 1.0
         self.table = torch.as_tensor(table, device=self.device)
         self.counts = torch.as_tensor(counts, device=self.device)

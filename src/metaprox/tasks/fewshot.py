@@ -36,8 +36,14 @@ def _root(cfg_path: str | None, dataset: str) -> Path:
     return Path(env) / dataset
 
 
-def load_split(dataset: str, root: Path, split_scheme: str, which: str, val_alphabets: int = 5):
-    """(images, class ids) of one split (``train``/``val``/``test``) of a dataset."""
+def load_split(dataset: str, root: Path, split_scheme: str, which: str, val_alphabets: int = 5,
+               cache_dir: str | None = None, decode_workers: int = 0):
+    """(images, class ids) of one split (``train``/``val``/``test``) of a dataset.
+
+    miniImageNet from CSVs + JPEGs is decoded once into an image cache (``cache_dir``, default ``$METAPROX_CACHE``
+    or ``~/.cache/metaprox``) with ``decode_workers`` processes (0: one per CPU); see
+    :mod:`metaprox.data.image_cache`.
+    """
     from metaprox.data import omniglot
 
     if dataset == "omniglot":
@@ -66,7 +72,9 @@ def load_split(dataset: str, root: Path, split_scheme: str, which: str, val_alph
         from metaprox.data.miniimagenet import load_miniimagenet_npz, read_miniimagenet
 
         npz = root / f"{which}.npz" if root.is_dir() else root
-        return (load_miniimagenet_npz(npz, which) if npz.is_file() else read_miniimagenet(root, which)), None
+        if npz.is_file():
+            return load_miniimagenet_npz(npz, which), None
+        return read_miniimagenet(root, which, cache_dir=cache_dir, workers=decode_workers), None
     if dataset == "tieredimagenet":
         from metaprox.data.tieredimagenet import load_tieredimagenet_npz, read_tieredimagenet
 
@@ -91,15 +99,21 @@ class FewShotTasks:
         self.device = cfg["device"]
         self.ways, self.shots = int(t["ways"]), int(t["shots"])
         self.train_shots = int(t["train_shots"] or t["shots"])
-        images, classes = load_split(self.dataset, self.root, t["split"], "train", t["val_alphabets"])
+        images, classes = self.load("train")
         self.train = EpisodeSampler(images, classes, self.ways, self.train_shots, int(t["queries"]),
                                     rotations=bool(t["rotations"]), device=self.device)
         self._eval: dict[str, EpisodeSampler] = {}
 
-    def _eval_sampler(self, split: str) -> EpisodeSampler:
+    def load(self, split: str):
+        """(images, class ids) of one split of this run's dataset."""
+        t = self.cfg["task"]
+        return load_split(self.dataset, self.root, t["split"], split, t["val_alphabets"], t["cache_dir"],
+                          int(t["decode_workers"]))
+
+    def eval_sampler(self, split: str) -> EpisodeSampler:
         if split not in self._eval:
             t = self.cfg["task"]
-            images, classes = load_split(self.dataset, self.root, t["split"], split, t["val_alphabets"])
+            images, classes = self.load(split)
             self._eval[split] = EpisodeSampler(images, classes, self.ways, self.shots, int(t["eval_queries"]),
                                                rotations=False, device=self.device)
         return self._eval[split]
@@ -116,4 +130,4 @@ class FewShotTasks:
         e = self.cfg["eval"]
         seed = e["seed"] if split == "test" else e["val_seed"]
         g = torch.Generator().manual_seed(seed)
-        return {f"{self.ways}-way {self.shots}-shot": self._eval_sampler(split).sample_batch(e["tasks"], g).tasks()}
+        return {f"{self.ways}-way {self.shots}-shot": self.eval_sampler(split).sample_batch(e["tasks"], g).tasks()}

@@ -15,6 +15,9 @@ falls after a large temporary is freed). This is process-wide, so the library ne
 out), and a program that owns its process may call it itself. On other C libraries (macOS, musl) it does
 nothing.
 The same effect before start-up: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
+A freed block is reused by a later request that fits in it; a request of exactly the same size can miss it by
+memalign's padding when a small allocation sits right after it (torch asks for 64-byte alignment), so an
+allocate-free loop of one size may still grow the heap — see tests/test_malloc.py.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _iterations(batch: int, iters: int, reducer, sharded: bool = False, warmup: 
             reduces.append(timed.seconds)
     med = statistics.median
     return {"sample_s": med(samples), "step_s": med(steps), "reduce_s": med(reduces),
-            "iter_s": med([a + b for a, b in zip(samples, steps)]), "cpu_share": med(shares),
+            "iter_s": med([a + b for a, b in zip(samples, steps, strict=True)]), "cpu_share": med(shares),
             "params": sum(p.numel() for p in learner.fmodel.params())}
 
 

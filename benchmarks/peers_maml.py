@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, fn in available.items():
         model = make_rule("maml", steps=args.steps, lr=args.lr).model  # same seed → same initial weights
         g = fn(model, tasks, args.lr, args.steps)
-        err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g, ref))
+        err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g, ref, strict=True))
         if err > 1e-3:
             raise SystemExit(f"{name}: meta-gradient differs from ours (max rel. error {err:.2e}); "
                              f"not timing.")

@@ -40,7 +40,7 @@ def _fit(points: list[dict]) -> tuple[float, float]:
     xs, ys = [p["steps"] for p in points], [p["peak_increase_mib"] for p in points]
     n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if n > 1 and sxx > 0 else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if n > 1 and sxx > 0 else 0.0
     return my - b * mx, b
 
 

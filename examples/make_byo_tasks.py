@@ -29,7 +29,7 @@ def rows(seed: int = 0) -> list[list[str]]:
         x = rng.normal(size=(n, len(FEATURES)))
         x[:, 3] = rng.random(n) < 0.15  # holiday: a 0/1 column
         y = level + x @ coef + 1.5 * rng.normal(size=n)
-        out += [[f"store_{s:02d}", *(f"{v:.4f}" for v in xi), f"{yi:.4f}"] for xi, yi in zip(x, y)]
+        out += [[f"store_{s:02d}", *(f"{v:.4f}" for v in xi), f"{yi:.4f}"] for xi, yi in zip(x, y, strict=True)]
     return out
 
 

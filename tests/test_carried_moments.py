@@ -23,12 +23,12 @@ def _reference_inner(center, task, state):
     w, b = (t.clone().requires_grad_(True) for t in center)
     opt = torch.optim.Adam([w, b], lr=LR, betas=(0.9, 0.999), eps=1e-8, foreach=False)
     if state is not None:
-        for p, m, s in zip((w, b), state["m"], state["s"]):
+        for p, m, s in zip((w, b), state["m"], state["s"], strict=True):
             opt.state[p] = {"step": torch.tensor(float(state["t"])), "exp_avg": m.clone(), "exp_avg_sq": s.clone()}
     for _ in range(STEPS):
         opt.zero_grad()
         loss = F.mse_loss(task.x @ w.T + b, task.y)
-        loss = loss + LAM / 2 * sum((p - c).square().sum() for p, c in zip((w, b), center))
+        loss = loss + LAM / 2 * sum((p - c).square().sum() for p, c in zip((w, b), center, strict=True))
         loss.backward()
         opt.step()
     st = [opt.state[p] for p in (w, b)]
@@ -49,12 +49,12 @@ def test_moments_carry_across_tasks_and_outer_steps_like_one_torch_adam(strategy
         ln.step(batch, monitor=False)
         # the prior moves along the mean envelope gradient; the moments become the tasks' mean final moments
         v_bar = [sum(r[0][i] for r in runs) / 2 for i in range(2)]
-        for p, c, v in zip(model.parameters(), center, v_bar):
+        for p, c, v in zip(model.parameters(), center, v_bar, strict=True):
             torch.testing.assert_close(p.detach(), c - OUTER * LAM * (c - v), rtol=1e-12, atol=1e-12)
         state = {"m": [sum(r[1][i] for r in runs) / 2 for i in range(2)],
                  "s": [sum(r[2][i] for r in runs) / 2 for i in range(2)], "t": runs[0][3]}
         assert ln.inner_moments.t == state["t"] == STEPS * (s + 1)
-        for got, want in zip(ln.inner_moments.m + ln.inner_moments.s, state["m"] + state["s"]):
+        for got, want in zip(ln.inner_moments.m + ln.inner_moments.s, state["m"] + state["s"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
@@ -72,7 +72,7 @@ def test_adaptation_reads_the_moments_and_leaves_them_alone():
     torch.testing.assert_close(got["weight"], want[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["bias"], want[1], rtol=1e-12, atol=1e-12)
     assert ln.inner_moments.t == before.t
-    assert all(torch.equal(a, b) for a, b in zip(ln.inner_moments.s, before.s))
+    assert all(torch.equal(a, b) for a, b in zip(ln.inner_moments.s, before.s, strict=True))
     # and the fresh-moment solver differs (the carried second moments change the step sizes)
     fresh = metaprox.MetaMinibatchProx(linear_model(), "mse", lam=LAM,
                                        inner=metaprox.Adam(lr=LR, steps=STEPS, beta1=0.9))

@@ -97,7 +97,7 @@ def test_periodic_validation_leaves_training_unchanged(tmp_path):
     train(plain, tmp_path / "a", progress=False, evaluate=False)
     train(with_val, tmp_path / "b", progress=False, evaluate=False)
     pa, pb = load_learner(tmp_path / "a")[0].center(), load_learner(tmp_path / "b")[0].center()
-    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
     rows = read_metrics(tmp_path / "b", VAL_CURVE)
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert set(rows[0]["sets"]) == {"5-shot", "10-shot"} and set(rows[0]["sets"]["5-shot"]) == {"0", "2"}

@@ -89,7 +89,7 @@ def test_shard_bounds_partition_contiguously():
         for world in range(1, 6):
             bounds = [shard_bounds(n, world, r) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
             sizes = [hi - lo for lo, hi in bounds]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
@@ -155,7 +155,7 @@ def _run_case(rule: str, batch: int, reducer, shared: bool = False) -> tuple[dic
         weights = torch.arange(1.0, batch + 1)  # unequal task weights (of the whole minibatch)
         where = GROUPS[:batch] if rule.endswith("_tree") else None
         diag = learner.step(tasks, weights=weights, monitor=True, where=where)
-    return {n: p.detach().clone() for n, p in zip(learner.names, learner.fmodel.params())}, diag
+    return {n: p.detach().clone() for n, p in zip(learner.names, learner.fmodel.params(), strict=True)}, diag
 
 
 def _spawned(rank: int, world: int, init_method: str, out_dir: str) -> None:
@@ -253,7 +253,7 @@ def test_cli_two_processes_equal_one_process(short_single, tmp_path):
     assert _rel(_params(short_single), _params(run)) <= 1e-6
     a, b = _metrics(short_single), _metrics(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in ra:
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     # rank 0 wrote the whole run directory, once; no temporary files left behind

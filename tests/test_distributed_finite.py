@@ -63,7 +63,7 @@ def learner(store=None, reducer=None, variant: str = "gradient") -> FiniteMMP:
 
 
 def center(fm: FiniteMMP) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in zip(fm.names, fm.fmodel.params())}
+    return {n: p.detach().clone() for n, p in zip(fm.names, fm.fmodel.params(), strict=True)}
 
 
 def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -32,7 +32,7 @@ def test_strategies_agree_on_parameters_and_diagnostics():
         out[s] = ([p.detach() for p in lr.model.parameters()], diags[-1])
     ref_p, ref_d = out["loop"]
     for s in STRATS:
-        for a, b in zip(out[s][0], ref_p):
+        for a, b in zip(out[s][0], ref_p, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         for k in ("meta_grad_norm", "inner_stationarity", "sigma2", "phi"):
             assert out[s][1][k] == pytest.approx(ref_d[k], rel=1e-9)
@@ -48,7 +48,7 @@ def test_strategies_agree_for_cross_entropy_and_momentum():
         lr.step(tasks)
         res[s] = [p.detach() for p in lr.model.parameters()]
     for s in STRATS:
-        for a, b in zip(res[s], res["loop"]):
+        for a, b in zip(res[s], res["loop"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -63,7 +63,7 @@ def test_custom_callable_loss_runs_batched_through_vmap():
         lr.step(tasks)
         res[s] = [p.detach() for p in lr.model.parameters()]
     for s in res:
-        for a, b in zip(res[s], res["loop"]):
+        for a, b in zip(res[s], res["loop"], strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -76,7 +76,7 @@ def test_ragged_tasks_are_grouped_and_match_one_by_one():
     for s in solved:
         for j, i in enumerate(s.indices):
             (one,) = _learner("loop").solve([tasks[i]])
-            for a, b in zip(one.result.params, s.result.params):
+            for a, b in zip(one.result.params, s.result.params, strict=True):
                 torch.testing.assert_close(a[0], b[j])
 
 
@@ -139,7 +139,7 @@ def test_bf16_autocast_gradients_track_fp32_and_state_stays_float32():
         assert all(t.dtype == torch.float32 for t in gr)
         grads[strategy, precision] = torch.cat([t.flatten(1) for t in gr], 1)
     ref = grads["loop", "fp32"]
-    head = sum(p.numel() for n, p in zip(fm.names, fm.params()) if n.startswith("head"))
+    head = sum(p.numel() for n, p in zip(fm.names, fm.params(), strict=True) if n.startswith("head"))
     for key, got in grads.items():
         cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
         assert float(cos.min()) > 0.9, (key, cos)

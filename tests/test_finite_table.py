@@ -32,7 +32,7 @@ def write_table(path: Path, test_noise: float | None = None) -> Path:
         w = np.array([1.0, -2.0, 0.5]) + 0.3 * rng.normal(size=3)
         x = rng.normal(size=(n, 3)) * [1.0, 3.0, 0.2] + [0.0, 5.0, 1.0]
         y = x @ w + t + 0.1 * rng.normal(size=n)
-        rows += [[f"t{t}", *xi, yi] for xi, yi in zip(x, y)]
+        rows += [[f"t{t}", *xi, yi] for xi, yi in zip(x, y, strict=True)]
         task += [t] * n
     if test_noise is not None:
         labels = split_rows(np.array(task), 0.75, 0.25, 3)
@@ -170,7 +170,7 @@ def write_binary(path: Path, one_class_task: bool = False) -> Path:
         y = (x[:, 0] + 0.5 * t + 0.3 * rng.normal(size=40) > 0).astype(int)
         if one_class_task and t == 2:
             y[:] = 1
-        rows += [[f"field{t}", *xi, "mine" if yi else "clear"] for xi, yi in zip(x, y)]
+        rows += [[f"field{t}", *xi, "mine" if yi else "clear"] for xi, yi in zip(x, y, strict=True)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["field", "a", "b", "label"])

@@ -22,7 +22,7 @@ def problem(seed=0):
     xs = [torch.randn(n, D, generator=g, dtype=torch.float64) * 2 + 1 for n in SIZES]
     ys = [x @ torch.randn(D, K, generator=g, dtype=torch.float64) + torch.randn(n, K, generator=g,
                                                                                  dtype=torch.float64)
-          for x, n in zip(xs, SIZES)]
+          for x, n in zip(xs, SIZES, strict=True)]
     s = torch.rand(len(SIZES), generator=g, dtype=torch.float64) * 3 + 0.2   # per-task pull factors λ_t/λ
     w = torch.rand(len(SIZES), generator=g, dtype=torch.float64) + 0.5       # task weights
     # weight row 0 pulled with 2, row 1 with 0.3; bias of output 0 private, of output 1 pulled with 5
@@ -33,7 +33,7 @@ def problem(seed=0):
 def joint_objective(center, rows, xs, ys, s, w, lam):
     """J written out from its definition (no H_t, b_t)."""
     total = 0.0
-    for t, (x, y) in enumerate(zip(xs, ys)):
+    for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
         W, b = rows[t, :K * D].view(K, D), rows[t, K * D:]
         total = total + w[t] * (((x @ W.T + b) - y).square().mean() + 0.5 * s[t] * (lam * (rows[t] - center)
                                                                                    .square()).sum())
@@ -69,7 +69,7 @@ def test_reduced_solve_matches_the_full_joint_system():
 
 def test_finite_learner_reaches_the_optimum_and_stays_there():
     xs, ys, _, w, _ = problem(1)
-    tasks = TaskSet([Task(x, y) for x, y in zip(xs, ys)], weights=w)
+    tasks = TaskSet([Task(x, y) for x, y in zip(xs, ys, strict=True)], weights=w)
 
     def learner():
         torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_two_level_tree_matches_the_full_joint_system():
     assert sol.objective == pytest.approx(float(J(theta)), rel=1e-10)
 
     # through the learner: the optimum is the exact block-coordinate sweeps' fixed point
-    tasks = TaskSet([Task(x, y) for x, y in zip(xs, ys)], weights=w)
+    tasks = TaskSet([Task(x, y) for x, y in zip(xs, ys, strict=True)], weights=w)
     fm = FiniteMMP(torch.nn.Linear(D, K).double(), tasks, lam={"weight": 2.0, "bias": 0.5}, task_lam="size",
                    inner=ExactLeastSquares(), center_update="exact", prior=tree)
     best = apply_to(fm)

@@ -91,7 +91,7 @@ def test_pretrained_backbone_starts_meta_training_and_is_reused(mini_root, tmp_p
 
     learner = build_learner(cfg)
     start_from_backbone(learner, backbone)
-    for name, p in zip(learner.names, learner.fmodel.params()):
+    for name, p in zip(learner.names, learner.fmodel.params(), strict=True):
         if name.startswith("head."):
             assert not p.any()
         else:

@@ -41,20 +41,20 @@ def test_penalty_gradients_match_autograd(make):
     pen = make(["w", "b"])
     v, c = vc()
     gv, gc = autograd_grads(pen, v, c)
-    assert all(torch.allclose(a, b) for a, b in zip(pen.grad_v(v, c), gv))
+    assert all(torch.allclose(a, b) for a, b in zip(pen.grad_v(v, c), gv, strict=True))
     # grad_c is per task (no sum over the task axis)
-    assert all(torch.allclose(a.sum(0), b) for a, b in zip(pen.grad_c(v, c), gc))
+    assert all(torch.allclose(a.sum(0), b) for a, b in zip(pen.grad_c(v, c), gc, strict=True))
     g = [torch.zeros_like(t) for t in v]
     pen.add_grad_v_(g, v, c)
-    assert all(torch.allclose(a, b) for a, b in zip(g, gv))
+    assert all(torch.allclose(a, b) for a, b in zip(g, gv, strict=True))
 
 
 def test_robust_envelope_gradient_is_paper_formula():
     v, c = vc(b=1)
-    sq = sum(float((a - b).square().sum()) for a, b in zip(v, c))
+    sq = sum(float((a - b).square().sum()) for a, b in zip(v, c, strict=True))
     pen = RobustL2(3.0, ["w", "b"])
     assert float(pen.value(v, c)) == pytest.approx(1.5 * math.log1p(sq))
-    for g, a, b in zip(pen.grad_c(v, c), v, c):
+    for g, a, b in zip(pen.grad_c(v, c), v, c, strict=True):
         assert torch.allclose(g[0], 3.0 * (b - a[0]) / (1 + sq))
     # bounded: ‖∂_c D‖ ≤ λ/2 however far the task is
     far = [t * 1e4 for t in v]

@@ -29,9 +29,9 @@ def test_exact_least_squares_matches_closed_form(lam):
     tasks, model = linear_tasks(), linear_model()
     prob, fm = _problem(model, tasks, lam)
     res = metaprox.ExactLeastSquares().solve(prob)
-    c = theta(dict(zip(fm.names, prob.center)))
+    c = theta(dict(zip(fm.names, prob.center, strict=True)))
     for i, t in enumerate(tasks):
-        got = theta({n: p[i] for n, p in zip(fm.names, res.params)})
+        got = theta({n: p[i] for n, p in zip(fm.names, res.params, strict=True)})
         torch.testing.assert_close(got, _closed_form(t, c, lam), rtol=1e-10, atol=1e-10)
     assert float(res.stationarity.max()) < 1e-10
 
@@ -43,9 +43,9 @@ def test_exact_least_squares_per_group_lambda():
     res = metaprox.ExactLeastSquares().solve(prob)
     a, b = quad_terms(tasks[0])
     lam_diag = torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.3], dtype=torch.float64))
-    c = theta(dict(zip(fm.names, prob.center)))
+    c = theta(dict(zip(fm.names, prob.center, strict=True)))
     want = torch.linalg.solve(a + lam_diag, b + lam_diag @ c)
-    torch.testing.assert_close(theta({n: p[0] for n, p in zip(fm.names, res.params)}), want)
+    torch.testing.assert_close(theta({n: p[0] for n, p in zip(fm.names, res.params, strict=True)}), want)
 
 
 @pytest.mark.parametrize("solver,tol", [
@@ -60,9 +60,9 @@ def test_iterative_solvers_converge_to_the_prox_point(solver, tol):
     tasks, model = linear_tasks(), linear_model()
     prob, fm = _problem(model, tasks, 1.0)
     res = solver.solve(prob)
-    c = theta(dict(zip(fm.names, prob.center)))
+    c = theta(dict(zip(fm.names, prob.center, strict=True)))
     for i, t in enumerate(tasks):
-        got = theta({n: p[i] for n, p in zip(fm.names, res.params)})
+        got = theta({n: p[i] for n, p in zip(fm.names, res.params, strict=True)})
         torch.testing.assert_close(got, _closed_form(t, c, 1.0), rtol=tol, atol=tol)
     assert float(res.stationarity.max()) < 10 * tol
 
@@ -72,8 +72,8 @@ def test_stationarity_is_the_residual_norm():
     prob, fm = _problem(model, tasks, 0.7)
     res = metaprox.SGD(lr=0.01, steps=3).solve(prob)
     a, b = quad_terms(tasks[1])
-    v = theta({n: p[1] for n, p in zip(fm.names, res.params)})
-    c = theta(dict(zip(fm.names, prob.center)))
+    v = theta({n: p[1] for n, p in zip(fm.names, res.params, strict=True)})
+    c = theta(dict(zip(fm.names, prob.center, strict=True)))
     want = torch.linalg.norm(a @ v - b + 0.7 * (v - c))
     torch.testing.assert_close(res.stationarity[1], want)
 
@@ -85,7 +85,7 @@ def test_minibatch_sgd_is_seeded_and_differs_from_full_batch():
     a = s.solve(prob, generator=torch.Generator().manual_seed(1)).params
     b = s.solve(prob, generator=torch.Generator().manual_seed(1)).params
     full = metaprox.SGD(lr=0.05, steps=5).solve(prob).params
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.allclose(a[0], full[0])
 
 

@@ -25,7 +25,7 @@ def rows(n, seed=0):
 def test_layout_round_trip():
     v = [torch.randn(4, 2, 3), torch.randn(4, 2)]
     back = LAYOUT.unflatten(LAYOUT.flatten(v))
-    assert all(torch.equal(a, b) for a, b in zip(v, back))
+    assert all(torch.equal(a, b) for a, b in zip(v, back, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["memory", "memmap"])

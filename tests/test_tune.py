@@ -104,7 +104,7 @@ def test_finds_closed_form_optimum_and_never_builds_test_tasks(tmp_path, monkeyp
     w, b = (p.detach() for p in learner.center())
     for t in complete[1:]:
         other, _, _ = load_learner(tmp_path / "out" / t.user_attrs["run_dir"])
-        assert all(torch.equal(p, q) for p, q in zip(learner.center(), other.center()))
+        assert all(torch.equal(p, q) for p, q in zip(learner.center(), other.center(), strict=True))
     val = original(SineTasks(cfg), "val")["5-shot"]
     truth = {t.number: ridge_val_loss(w, b, val, t.params["eval.lam"]) for t in trials}
     for t in trials:  # the objective is exactly the validation loss of the trained prior

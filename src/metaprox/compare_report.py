@@ -38,7 +38,7 @@ def plot_test_curves(results: dict[str, Any], path: Path) -> None:
     """Mean test MSE against test-time steps, one panel per shot setting, 95% CI bars at the reported steps."""
     sets = _sets(results)
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
-    for ax, name in zip(axes[0], sets):
+    for ax, name in zip(axes[0], sets, strict=True):
         for label, a in results["algorithms"].items():
             s = a["test"]["sets"][name]
             (line,) = ax.plot(range(len(s["curve"])), s["curve"], label=label)

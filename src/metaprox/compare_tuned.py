@@ -114,7 +114,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         out[name] = {}
         for s in steps:
             runs = [r["sets"][name][s] for r in per_seed]
-            per_task = [_mean(list(vals)) for vals in zip(*runs)]
+            per_task = [_mean(list(vals)) for vals in zip(*runs, strict=True)]
             m, ci = mean_ci(per_task)
             out[name][s] = {"mean": m, "ci95": ci, "seed_means": [_mean(r) for r in runs], "per_task": per_task,
                             "tasks": len(per_task)}
@@ -135,7 +135,7 @@ def verdicts(tuned: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
             for lab, st in stats.items():
                 if lab == best:
                     continue
-                diff = [x - y for x, y in zip(st["per_task"], stats[best]["per_task"])]
+                diff = [x - y for x, y in zip(st["per_task"], stats[best]["per_task"], strict=True)]
                 m, ci = mean_ci(diff)
                 seeds_apart = (min(st["seed_means"]) > max(stats[best]["seed_means"]) if metric == "loss" else
                                max(st["seed_means"]) < min(stats[best]["seed_means"]))

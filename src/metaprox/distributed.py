@@ -142,7 +142,7 @@ class AllReduceReducer(Reducer):
         for t in tensors:
             out.append(buf[i:i + t.numel()].view_as(t).to(t.device, t.dtype))
             i += t.numel()
-        return out, {k: float(v) for k, v in zip(keys, buf[i:].tolist())}
+        return out, {k: float(v) for k, v in zip(keys, buf[i:].tolist(), strict=True)}
 
     def check_same(self, value: float, what: str) -> None:
         """Raise on every rank unless all ranks hold the same ``value`` (startup consistency check; also a

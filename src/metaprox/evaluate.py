@@ -114,7 +114,8 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
                 return
             with torch.no_grad():
                 if own_predict:
-                    pred = torch.stack([module.predict(x[b], xq[b], {nm: t[b] for nm, t in zip(learner.names, v)})
+                    named = dict(zip(learner.names, v, strict=True))
+                    pred = torch.stack([module.predict(x[b], xq[b], {nm: t[b] for nm, t in named.items()})
                                         for b in range(len(x))])
                 else:
                     pred = oracle.predict(v, xq)

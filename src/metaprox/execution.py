@@ -58,7 +58,7 @@ class FunctionalModel:
         return [named[n] for n in self.names]
 
     def single(self, params: Tensors | dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        p = params if isinstance(params, dict) else dict(zip(self.names, params))
+        p = params if isinstance(params, dict) else dict(zip(self.names, params, strict=True))
         return functional_call(self.module, ({**p, **self.frozen}, self.buffers), (x,), strict=True)
 
     def batched_ok(self, x: torch.Tensor) -> bool:
@@ -105,12 +105,12 @@ class Oracle:
             vs = [t.detach().requires_grad_(True) for t in v]
             with torch.enable_grad():
                 with self._autocast():
-                    out = self.fmodel.batched(dict(zip(self.fmodel.names, vs)), x)
+                    out = self.fmodel.batched(dict(zip(self.fmodel.names, vs, strict=True)), x)
                 losses = self.loss.batched(out.to(vs[0].dtype), y)
                 grads = torch.autograd.grad(losses.sum(), vs)
             return losses.detach(), list(grads)
         if self.strategy == "vmap":
-            grads, losses = self._vgrad(dict(zip(self._names, [t.detach() for t in v])), x, y)
+            grads, losses = self._vgrad(dict(zip(self._names, [t.detach() for t in v], strict=True)), x, y)
             return losses.detach(), [grads[n] for n in self._names]
         losses_l, grads_l = [], []
         for b in range(self.num_tasks):
@@ -121,7 +121,7 @@ class Oracle:
                 lb = self.loss.single(out.to(vs[0].dtype), y[b])
                 grads_l.append(torch.autograd.grad(lb, vs))
             losses_l.append(lb.detach())
-        return torch.stack(losses_l), [torch.stack(g) for g in zip(*grads_l)]
+        return torch.stack(losses_l), [torch.stack(g) for g in zip(*grads_l, strict=True)]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """bf16: the model's forward (and so its backward) under ``torch.autocast`` — convolutions and matmuls in
@@ -134,9 +134,9 @@ class Oracle:
         """Per-task predictions on ``x`` (B, m, ...) with per-task parameters ``v``; no graph."""
         with torch.no_grad():
             if self.strategy in ("batched", "fused"):
-                return self.fmodel.batched(dict(zip(self.fmodel.names, v)), x)
+                return self.fmodel.batched(dict(zip(self.fmodel.names, v, strict=True)), x)
             if self.strategy == "vmap":
-                return vmap(self.fmodel.single)(dict(zip(self.fmodel.names, v)), x)
+                return vmap(self.fmodel.single)(dict(zip(self.fmodel.names, v, strict=True)), x)
             return torch.stack([self.fmodel.single([t[b] for t in v], x[b]) for b in range(len(x))])
 
 

@@ -74,7 +74,7 @@ def evaluate_split(learner: Any, fd: FiniteData, split: str, metrics: list[str] 
     preds, ys = _predictions(learner, fd, split), _targets(fd, split)
     train_rows = np.bincount(fd.data.task[fd.rows("train")], minlength=len(fd.names))
     per_task = []
-    for t, (p, y) in enumerate(zip(preds, ys)):
+    for t, (p, y) in enumerate(zip(preds, ys, strict=True)):
         row: dict[str, Any] = {"task": fd.names[t], "rows": len(y), "train_rows": int(train_rows[t])}
         row.update({m: f(p, y) for m, f in fns.items()})
         per_task.append(row)

@@ -30,7 +30,7 @@ def plot_task_metrics(tasks_csv: Path, result: dict[str, Any], path: Path) -> No
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
     size = [int(r["train_rows"]) for r in rows]
     ev = result["eval"]
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         ax.scatter(size, [float(r[m]) for r in rows], s=14)
         ax.axhline(ev["pooled"][m], color="gray", ls="--", lw=1, label=f"pooled {ev['pooled'][m]:.3g}")
         ax.set_xscale("log")

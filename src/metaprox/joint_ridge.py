@@ -65,7 +65,7 @@ class JointQuadratic:
         H = torch.zeros(n, P, P, dtype=DT)
         b = torch.zeros(n, P, dtype=DT)
         c = torch.zeros(n, dtype=DT)
-        for t, (x, y) in enumerate(zip(xs, ys)):
+        for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
             x, y = x.to(DT), y.to(DT).reshape(len(x), k)
             z = torch.cat([x, torch.ones(len(x), 1, dtype=DT)], 1)
             scale = 2.0 / (len(x) * k)
@@ -228,7 +228,7 @@ def apply_to(learner: Any, owned: tuple[int, int] | None = None) -> JointSolutio
     if sol.theta is not None:
         learner.theta = sol.theta.to(learner.dtype)
     with torch.no_grad():
-        for p, t in zip(learner.fmodel.params(), learner.layout.unflatten(sol.center.unsqueeze(0))):
+        for p, t in zip(learner.fmodel.params(), learner.layout.unflatten(sol.center.unsqueeze(0)), strict=True):
             p.copy_(t[0].to(p.dtype))
     lo, hi = owned or (0, len(learner.tasks))
     for start in range(lo, hi, 4096):

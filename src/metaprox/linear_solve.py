@@ -18,12 +18,12 @@ MatVec = Callable[[Tensors], Tensors]
 
 def task_dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """Per-task inner product ``⟨a_b, b_b⟩`` over all parameter entries, shape ``(B,)``."""
-    return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b))  # type: ignore[return-value]
+    return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def _axpy_(y: Tensors, alpha: torch.Tensor, x: Tensors) -> None:
     """y += alpha[b]·x, with a per-task scalar alpha (B,)."""
-    for yi, xi in zip(y, x):
+    for yi, xi in zip(y, x, strict=True):
         yi.add_(alpha.view(-1, *([1] * (xi.dim() - 1))) * xi)
 
 
@@ -57,6 +57,6 @@ def conjugate_gradient(matvec: MatVec, b: Tensors, steps: int) -> Tensors:
         rr_new = task_dot(r, r)
         live = rr > 0
         beta = torch.where(live, rr_new / torch.where(live, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = [ri + beta.view(-1, *([1] * (ri.dim() - 1))) * pi for ri, pi in zip(r, p)]
+        p = [ri + beta.view(-1, *([1] * (ri.dim() - 1))) * pi for ri, pi in zip(r, p, strict=True)]
         rr = rr_new
     return x

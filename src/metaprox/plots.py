@@ -81,11 +81,13 @@ def plot_sine_fits(learner: Any, cfg: dict[str, Any], path: Path, task_index: in
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     lam = e["lam"] if e["lam"] is not None else cfg["prox"]["lam"]
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
-    for ax, (name, tasks) in zip(axes[0], sets.items()):
+    for ax, (name, tasks) in zip(axes[0], sets.items(), strict=True):
         t = tasks[task_index]
         ax.plot(t.x_query.flatten(), t.y_query.flatten(), color="black", lw=2, label="ground truth")
         ax.scatter(t.x.flatten(), t.y.flatten(), color="red", zorder=5, label=f"{t.num_examples} support points")
-        for k, color in zip(sorted(set(e["steps"])), plt.cm.viridis(torch.linspace(0, 0.9, len(e["steps"])).numpy())):
+        colors = plt.cm.viridis(torch.linspace(0, 0.9, len(e["steps"])).numpy())
+        # steps may repeat: the ramp has a colour per listed step, so it can outnumber the distinct steps drawn
+        for k, color in zip(sorted(set(e["steps"])), colors, strict=False):
             with torch.no_grad():
                 params = learner.adapt(t, steps=k, lam=e["lam"], inner=inner)
                 pred = learner.predict(params, t.x_query.to(learner.center()[0].device)).cpu()

@@ -226,7 +226,7 @@ def start_from_backbone(learner: Any, backbone: dict[str, torch.Tensor]) -> None
     if sorted(names) != sorted(backbone):
         raise ConfigError(f"the pretrained backbone has parameters {sorted(backbone)}, the model {sorted(names)}.")
     with torch.no_grad():
-        for name, param in zip(learner.names, learner.fmodel.params()):
+        for name, param in zip(learner.names, learner.fmodel.params(), strict=True):
             if name.startswith(HEAD_PREFIX):
                 param.zero_()
             else:

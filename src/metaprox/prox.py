@@ -98,7 +98,7 @@ class SquaredL2(Penalty):
 
     def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
         diff = torch._foreach_sub(v, c)
-        return 0.5 * sum(lam * d.square().flatten(1).sum(1) for lam, d in zip(self.lams, diff))
+        return 0.5 * sum(lam * d.square().flatten(1).sum(1) for lam, d in zip(self.lams, diff, strict=True))
 
     def grad_v(self, v: Tensors, c: Tensors) -> Tensors:
         return torch._foreach_mul(torch._foreach_sub(v, c), self.lams)
@@ -172,7 +172,7 @@ class GroupL2(SquaredL2):
         self.group_lams = [self._lookup_group(lam, n) for n in self.names]
         self.shared = [math.isinf(v) for v in self.group_lams]
         self.private = [v == 0.0 for v in self.group_lams]
-        self.lams = [0.0 if sh else v for sh, v in zip(self.shared, self.group_lams)]
+        self.lams = [0.0 if sh else v for sh, v in zip(self.shared, self.group_lams, strict=True)]
 
     @staticmethod
     def _lookup_group(lam: float | str | Mapping[str, float | str], name: str) -> float:
@@ -209,7 +209,7 @@ class GroupL2(SquaredL2):
 
     def mask_shared_(self, g: Tensors) -> None:
         """Zero the gradient entries of shared groups in place (the inner solver then never moves them)."""
-        for gi, sh in zip(g, self.shared):
+        for gi, sh in zip(g, self.shared, strict=True):
             if sh:
                 gi.zero_()
 

@@ -48,7 +48,7 @@ class ProxProblem:
         b = self.oracle.num_tasks
         src = self.center if self.init is None else self.init
         shapes = [p.shape for p in self.oracle.fmodel.params()]
-        return [t.detach().expand(b, *s).clone() for t, s in zip(src, shapes)]
+        return [t.detach().expand(b, *s).clone() for t, s in zip(src, shapes, strict=True)]
 
     def stationarity(self, v: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """(data loss, ‖∇L(v) + ∂_v D(v, c)‖) per task, on each task's full data."""
@@ -192,8 +192,8 @@ class Adam(InnerSolver):
             s = [torch.zeros_like(t) for t in v]
             t0 = 0
         else:
-            m = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.m, v)]
-            s = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.s, v)]
+            m = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.m, v, strict=True)]
+            s = [a.to(t.dtype).expand_as(t).clone() for a, t in zip(start.s, v, strict=True)]
             t0 = int(start.t)
         if callback:
             callback(0, v)
@@ -255,8 +255,8 @@ class ExactLeastSquares(InnerSolver):
             raise ValueError("ExactLeastSquares needs inputs (n, features) and targets (n, outputs) per task.")
         bsz, n, d = x.shape
         o = y.shape[2]
-        lam = dict(zip(names, problem.prox.lams))
-        center = dict(zip(names, problem.center))
+        lam = dict(zip(names, problem.prox.lams, strict=True))
+        center = dict(zip(names, problem.center, strict=True))
         xa = torch.cat([x, torch.ones(bsz, n, 1, dtype=x.dtype, device=x.device)], 2) if bname else x
         p = xa.shape[2]
         scale = 2.0 / (n * o)

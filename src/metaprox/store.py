@@ -65,7 +65,7 @@ class ParamLayout:
     def unflatten(self, rows: torch.Tensor) -> Tensors:
         """Rows ``(B, P)`` → stacked tensors with a leading task axis."""
         parts = torch.split(rows, self.sizes, dim=1)
-        return [p.reshape(rows.shape[0], *s) for p, s in zip(parts, self.shapes)]
+        return [p.reshape(rows.shape[0], *s) for p, s in zip(parts, self.shapes, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         return {"names": self.names, "shapes": [list(s) for s in self.shapes]}
@@ -108,7 +108,8 @@ class TaskStore:
     def get(self, idx: Any, default: Tensors) -> tuple[Tensors, torch.Tensor]:
         """Like :meth:`read`, unflattened; ``default`` is a list of tensors (the center, task axis optional)."""
         b = _index(idx).size
-        flat = self.layout.flatten([d.reshape(-1, *s).expand(b, *s) for d, s in zip(default, self.layout.shapes)])
+        flat = self.layout.flatten([d.reshape(-1, *s).expand(b, *s)
+                                    for d, s in zip(default, self.layout.shapes, strict=True)])
         rows, mask = self.read(idx, flat)
         return self.layout.unflatten(rows), mask
 

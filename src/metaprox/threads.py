@@ -49,7 +49,7 @@ def _model_params(cfg: dict[str, Any]) -> int | None:
         return 0  # a few hundred at most: always small
     if m["kind"] == "mlp":
         sizes = m["sizes"]
-        return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+        return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     return None
 
 

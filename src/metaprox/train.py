@@ -221,7 +221,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                 if main:
                     write_metrics(run_dir, rows)
                 raise TrainingDiverged(diverged_message(s, str(e).rstrip("."), run_dir)) from e
-            bad = first_nonfinite(zip(learner.names, learner.fmodel.params()))  # same on every rank
+            bad = first_nonfinite(zip(learner.names, learner.fmodel.params(), strict=True))  # same on every rank
             if bad is not None:  # caught before any checkpoint holds it: the last one written is finite
                 if main:
                     write_metrics(run_dir, rows)

@@ -131,7 +131,7 @@ def _guarded_step(learner: Any, monitor: bool, run_dir: Path) -> dict[str, float
         diag = learner.step(monitor=monitor)
     except NonFiniteError as e:
         raise TrainingDiverged(diverged_message(s, str(e).rstrip("."), run_dir)) from e
-    bad = first_nonfinite(zip(learner.names, learner.fmodel.params()))
+    bad = first_nonfinite(zip(learner.names, learner.fmodel.params(), strict=True))
     if bad is not None:
         raise TrainingDiverged(diverged_message(s, f"center parameter {bad} is not finite after outer step "
                                                    f"{s + 1} (outer.lr too large?)", run_dir))

@@ -14,7 +14,7 @@ def test_query_gradient_at_fine_tuned_parameters():
     fo = metaprox.FOMAML(tiny_mlp(), "mse", inner=metaprox.SGD(lr=lr, steps=steps))
     g = flat(meta_grad(fo, tasks, weights))
     ref = 0
-    for a, t in zip(weights, tasks):
+    for a, t in zip(weights, tasks, strict=True):
         m = tiny_mlp()
         opt = torch.optim.SGD(m.parameters(), lr=lr)
         for _ in range(steps):

@@ -83,5 +83,5 @@ def test_node_centers_survive_a_checkpoint(tmp_path):
         resumed.step(ts, gs, monitor=False)
     assert list(resumed.nodes) == list(full.nodes)
     for path in full.nodes:
-        assert all(torch.equal(a, b) for a, b in zip(resumed.nodes[path], full.nodes[path]))
-    assert all(torch.equal(a, b) for a, b in zip(resumed.center(), full.center()))
+        assert all(torch.equal(a, b) for a, b in zip(resumed.nodes[path], full.nodes[path], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.center(), full.center(), strict=True))

@@ -62,7 +62,7 @@ def stationary_point(tasks, paths, lam_levels) -> dict[tuple, torch.Tensor]:
     def blk(i, j):
         return slice(i * p_dim, (i + 1) * p_dim), slice(j * p_dim, (j + 1) * p_dim)
 
-    for t, path in zip(tasks, paths):
+    for t, path in zip(tasks, paths, strict=True):
         A, b = quad(t)
         inv = torch.linalg.inv(A + LAM * eye)
         i = at[path]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from _helpers import DTYPE, flat, linear_tasks, meta_grad, sine_tasks, tiny_mlp
@@ -22,7 +24,7 @@ def _closed_form(model: nn.Linear, tasks, weights, lam: float) -> torch.Tensor:
     """
     c = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
     out = torch.zeros_like(c)
-    for a, t in zip(weights, tasks):
+    for a, t in zip(weights, tasks, strict=True):
         xa = torch.cat([t.x, torch.ones(len(t.x), 1, dtype=DTYPE)], 1)
         hess = 2.0 / len(t.x) * xa.T @ xa
         eye = torch.eye(len(c), dtype=DTYPE)
@@ -55,7 +57,7 @@ def test_cg_error_decreases_monotonically_per_task():
     for k in range(1, 6):
         im = metaprox.IMAML(_linear(), "mse", lam=lam, cg_steps=k, inner=metaprox.ExactLeastSquares())
         errors.append(float((flat(meta_grad(im, [task])) - truth).norm()))
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-10 * truth.norm()
 
 
@@ -83,7 +85,7 @@ def test_same_inner_solution_as_mmp():
     im = metaprox.IMAML(tiny_mlp(), "mse", lam=0.8, inner=sgd, seed=3)
     (a,) = mmp.solve(tasks)
     (b,) = im.solve(tasks)
-    for x, y in zip(a.result.params, b.result.params):
+    for x, y in zip(a.result.params, b.result.params, strict=True):
         assert torch.equal(x, y)
     assert torch.equal(a.result.stationarity, b.result.stationarity)
 

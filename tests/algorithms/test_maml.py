@@ -18,15 +18,16 @@ def _post_adaptation_query_loss(model, names, w_flat, tasks, weights, lr, steps,
         w.append(w_flat[i:i + s.numel()].view(s))
         i += s.numel()
     total = torch.zeros((), dtype=DTYPE)
-    for a, t in zip(weights, tasks):
+    for a, t in zip(weights, tasks, strict=True):
         v = [p.clone().requires_grad_(True) for p in w]
         for _ in range(steps):
-            out = functional_call(model, dict(zip(names, v)), (t.x,))
+            out = functional_call(model, dict(zip(names, v, strict=True)), (t.x,))
             g = torch.autograd.grad(((out - t.y) ** 2).mean(), v)
             v = [(vi - lr * (gi + (lam or 0.0) * (vi - wi))).detach().requires_grad_(True)
-                 for vi, gi, wi in zip(v, g, w)]
+                 for vi, gi, wi in zip(v, g, w, strict=True)]
         with torch.no_grad():
-            total += a * ((functional_call(model, dict(zip(names, v)), (t.x_query,)) - t.y_query) ** 2).mean()
+            pred = functional_call(model, dict(zip(names, v, strict=True)), (t.x_query,))
+            total += a * ((pred - t.y_query) ** 2).mean()
     return total
 
 
@@ -70,7 +71,7 @@ def test_zero_inner_steps_is_query_gradient_at_the_prior():
     for t in tasks:
         model.zero_grad()
         (0.5 * ((model(t.x_query) - t.y_query) ** 2).mean()).backward()
-        ref = [r + p.grad for r, p in zip(ref, model.parameters())]
+        ref = [r + p.grad for r, p in zip(ref, model.parameters(), strict=True)]
     torch.testing.assert_close(flat(g), flat(ref), rtol=1e-12, atol=1e-12)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from _helpers import DTYPE, flat, linear_tasks, meta_grad, sine_tasks, tiny_mlp
@@ -21,7 +23,7 @@ def test_large_lambda_approaches_joint_training_gradient():
     tasks, weights = linear_tasks(3), [0.2, 0.3, 0.5]
     model = _linear()
     joint = 0
-    for a, t in zip(weights, tasks):
+    for a, t in zip(weights, tasks, strict=True):
         model.zero_grad()
         ((model(t.x) - t.y) ** 2).mean().backward()
         joint = joint + a * flat([p.grad.clone() for p in model.parameters()])
@@ -29,7 +31,7 @@ def test_large_lambda_approaches_joint_training_gradient():
     for lam in (1e3, 1e4, 1e5, 1e6):
         mmp = metaprox.MetaMinibatchProx(_linear(), "mse", lam=lam, inner=metaprox.ExactLeastSquares())
         errs.append(float((flat(meta_grad(mmp, tasks, weights)) - joint).norm() / joint.norm()))
-    assert all(a / 12 < b < a / 8 for a, b in zip(errs, errs[1:])), errs
+    assert all(a / 12 < b < a / 8 for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 1e-4
 
 

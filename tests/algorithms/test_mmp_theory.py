@@ -36,7 +36,7 @@ def test_outer_lr_one_over_lambda_moves_w_to_the_mean_prox_solution():
     (group,) = mmp.solve(tasks)
     mean_v = [p.mean(0) for p in group.result.params]
     mmp.step(tasks)
-    for p, v in zip(model.parameters(), mean_v):
+    for p, v in zip(model.parameters(), mean_v, strict=True):
         torch.testing.assert_close(p.detach(), v)
 
 
@@ -48,7 +48,7 @@ def test_task_weights_give_the_weighted_mean():
     weights = torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64)
     want = [torch.tensordot(weights / 4, p, dims=1) for p in group.result.params]
     mmp.step(tasks, weights=weights)
-    for p, v in zip(model.parameters(), want):
+    for p, v in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.detach(), v)
     with pytest.raises(ValueError, match="not all zero"):
         mmp.step(tasks, weights=[0, 0, 0])
@@ -98,7 +98,7 @@ def test_meta_gradient_is_written_to_grad_for_any_torch_optimizer():
     (group,) = mmp.solve(tasks)
     w = [p.detach().clone() for p in model.parameters()]
     mmp.step(tasks)
-    for gr, wi, v in zip(seen["grads"], w, group.result.params):
+    for gr, wi, v in zip(seen["grads"], w, group.result.params, strict=True):
         torch.testing.assert_close(gr, 2.0 * (wi - v.mean(0)))
 
 
@@ -129,7 +129,7 @@ def test_nonfinite_loss_stops_without_touching_parameters():
     with pytest.raises(metaprox.NonFiniteError, match="non-finite"):
         for _ in range(5):
             mmp.step([metaprox.Task(x, 100 * x)])
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_inexact_inner_solve_warns():

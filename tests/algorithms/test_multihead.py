@@ -111,9 +111,9 @@ def test_mixed_meta_batch_equals_weighted_average_of_shape_groups():
     w0 = [p.detach().clone() for p in model.trunk.parameters()]
     mixed = MultiHeadMMP(copy.deepcopy(model), lam=0.7, inner=inner)
     mixed.step(tasks, kinds, weights)
-    delta = [p.detach() - q for p, q in zip(mixed.shared_model.trunk.parameters(), w0)]
+    delta = [p.detach() - q for p, q in zip(mixed.shared_model.trunk.parameters(), w0, strict=True)]
     groups = {}
-    for i, (t, kd) in enumerate(zip(tasks, kinds)):
+    for i, (t, kd) in enumerate(zip(tasks, kinds, strict=True)):
         groups.setdefault((kd, t.x.shape[0]), []).append(i)
     assert len(groups) == 3
     expect = [torch.zeros_like(d) for d in delta]
@@ -121,13 +121,13 @@ def test_mixed_meta_batch_equals_weighted_average_of_shape_groups():
         sep = MultiHeadMMP(copy.deepcopy(model), lam=0.7, inner=inner)
         sep.step([tasks[i] for i in idx], [kinds[i] for i in idx], weights[idx])
         frac = float(weights[idx].sum() / weights.sum())
-        for e, p, q in zip(expect, sep.shared_model.trunk.parameters(), w0):
+        for e, p, q in zip(expect, sep.shared_model.trunk.parameters(), w0, strict=True):
             e.add_(frac * (p.detach() - q))
-    for d, e in zip(delta, expect):
+    for d, e in zip(delta, expect, strict=True):
         torch.testing.assert_close(d, e, atol=1e-6, rtol=1e-5)
     # the head modules (private, λ = 0) are never averaged into anything
     for kd in ("w3", "w5"):
-        for p, q in zip(mixed.shared_model.heads[kd].parameters(), model.heads[kd].parameters()):
+        for p, q in zip(mixed.shared_model.heads[kd].parameters(), model.heads[kd].parameters(), strict=True):
             assert torch.equal(p, q)
 
 
@@ -138,7 +138,7 @@ def test_meta_gradient_is_the_envelope_gradient_of_the_trunk():
     v = learner.adapt(tasks[1], "w5")
     w0 = [p.detach().clone() for p in learner.center()]
     learner.step([tasks[1]], ["w5"])
-    for name, p, q in zip(learner.names, learner.center(), w0):
+    for name, p, q in zip(learner.names, learner.center(), w0, strict=True):
         torch.testing.assert_close(p, q - 0.5 * (q - v["trunk." + name]), atol=1e-6, rtol=1e-5)
     assert v["head.weight"].shape == (5, 6)
 
@@ -154,14 +154,14 @@ def test_shared_trunk_is_joint_training_and_heads_persist():
     grads = [torch.zeros_like(p) for p in w0]
     for t, kd in enumerate(kinds):
         p = fm.task_params(t)
-        for nm, w in zip(fm.names, w0):
+        for nm, w in zip(fm.names, w0, strict=True):
             torch.testing.assert_close(p["trunk." + nm], w)  # tied to the (old) center
         q = {k: v.clone().requires_grad_(k.startswith("trunk.")) for k, v in p.items()}
         out = torch.func.functional_call(fm.kinds[kd].fmodel.module, q, (tasks[t].x,))
         loss = nn.functional.cross_entropy(out, tasks[t].y)
-        for acc, gr in zip(grads, torch.autograd.grad(loss, [q["trunk." + nm] for nm in fm.names])):
+        for acc, gr in zip(grads, torch.autograd.grad(loss, [q["trunk." + nm] for nm in fm.names]), strict=True):
             acc.add_(gr / len(kinds))
-    for p, w, gr in zip(fm.center(), w0, grads):
+    for p, w, gr in zip(fm.center(), w0, grads, strict=True):
         torch.testing.assert_close(p, w - gr, atol=1e-6, rtol=1e-5)
     head_before = fm.task_params(1)["head.weight"].clone()
     assert head_before.shape == (5, 6) and fm.task_params(0)["head.weight"].shape == (3, 6)

@@ -20,7 +20,7 @@ def test_one_inner_step_is_a_joint_training_gradient():
     tasks, weights = sine_tasks(3, query=False), [0.1, 0.6, 0.3]
     model = tiny_mlp()
     g = flat(meta_grad(metaprox.Reptile(model, "mse", inner=metaprox.SGD(lr=0.07, steps=1)), tasks, weights))
-    joint = sum(a * _task_gradient(model, t.x, t.y) for a, t in zip(weights, tasks))
+    joint = sum(a * _task_gradient(model, t.x, t.y) for a, t in zip(weights, tasks, strict=True))
     torch.testing.assert_close(g, joint, rtol=1e-10, atol=1e-12)
 
 

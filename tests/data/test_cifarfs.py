@@ -23,7 +23,7 @@ def _coarse_of(fine: int) -> int:
 
 def _write_bins(root, per_class=(1, 1)):
     root.mkdir(parents=True, exist_ok=True)
-    for fname, n in zip(("train.bin", "test.bin"), per_class):
+    for fname, n in zip(("train.bin", "test.bin"), per_class, strict=True):
         recs = np.zeros((100 * n, RECORD_BYTES), dtype=np.uint8)
         fine = np.repeat(np.arange(100), n)
         recs[:, 0] = [_coarse_of(f) for f in fine]

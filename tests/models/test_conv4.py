@@ -42,7 +42,7 @@ def test_forward_batched_matches_loop_with_gradients(bn, training, channels, siz
         ref = functional_call(model, pt, (x[t],))
         torch.testing.assert_close(out[t], ref, rtol=1e-4, atol=1e-5)
         grads_t = torch.autograd.grad(ref.square().sum(), list(pt.values()))
-        for name, gb, gt in zip(pt, grads_b, grads_t):
+        for name, gb, gt in zip(pt, grads_b, grads_t, strict=True):
             torch.testing.assert_close(gb[t], gt, rtol=1e-3, atol=1e-5, msg=name)
 
 
@@ -110,5 +110,5 @@ def test_mmp_step_agrees_with_loop(execution):
         )
         mmp.step(tasks, monitor=False)
         results[ex] = [p.detach().clone() for p in model.parameters()]
-    for a, b in zip(results["loop"], results[execution]):
+    for a, b in zip(results["loop"], results[execution], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

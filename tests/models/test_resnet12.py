@@ -17,7 +17,7 @@ def test_standard_shapes_and_parameter_count():
     model = ResNet12(3, 5)
     # 4 blocks of three 3×3 convs + a 1×1 shortcut, BN affine, 640 → 5 head: the standard 12.4M parameters
     expected = 0
-    for cin, cout in zip((3, 64, 160, 320), (64, 160, 320, 640)):
+    for cin, cout in zip((3, 64, 160, 320), (64, 160, 320, 640), strict=True):
         expected += 9 * cin * cout + 2 * 9 * cout * cout + cin * cout + 4 * 2 * cout
     expected += 640 * 5 + 5
     assert sum(p.numel() for p in model.parameters()) == expected
@@ -64,7 +64,7 @@ def test_forward_batched_matches_loop_with_gradients(bn, training, layout):
         ref = functional_call(model, pt, (x[t],))
         torch.testing.assert_close(out[t], ref, rtol=1e-10, atol=1e-12)
         grads_t = torch.autograd.grad(ref.square().sum(), list(pt.values()))
-        for name, gb, gt in zip(pt, grads_b, grads_t):
+        for name, gb, gt in zip(pt, grads_b, grads_t, strict=True):
             torch.testing.assert_close(gb[t], gt, rtol=1e-9, atol=1e-11, msg=name)
 
 

@@ -25,8 +25,9 @@ def _tensors(task: Task) -> list[torch.Tensor]:
 
 def _same(a: list[Task], b: list[Task]) -> bool:
     return len(a) == len(b) and all(
-        len(_tensors(s)) == len(_tensors(t)) and all(torch.equal(u, v) for u, v in zip(_tensors(s), _tensors(t)))
-        for s, t in zip(a, b))
+        len(_tensors(s)) == len(_tensors(t))
+        and all(torch.equal(u, v) for u, v in zip(_tensors(s), _tensors(t), strict=True))
+        for s, t in zip(a, b, strict=True))
 
 
 def _check(draw, part: slice) -> None:

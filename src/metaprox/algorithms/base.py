@@ -437,13 +437,13 @@ class MetaLearner:
     # ----- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {"step": self.step_count,
-                 "params": {n: p.detach().clone() for n, p in zip(self.names, self.fmodel.params())},
+                 "params": {n: p.detach().clone() for n, p in zip(self.names, self.fmodel.params(), strict=True)},
                  "optimizer": self.optimizer.state_dict(), "base_lrs": list(self._base_lrs),
                  "generator": self.generator.get_state().clone()}
         if self.inner_moments is not None:
             mo = self.inner_moments
-            state["inner_moments"] = {"t": mo.t, "m": {n: t.clone() for n, t in zip(self.names, mo.m)},
-                                      "s": {n: t.clone() for n, t in zip(self.names, mo.s)}}
+            state["inner_moments"] = {"t": mo.t, "m": {n: t.clone() for n, t in zip(self.names, mo.m, strict=True)},
+                                      "s": {n: t.clone() for n, t in zip(self.names, mo.s, strict=True)}}
         if self.hierarchy is not None:
             state["buffers"] = self.hierarchy.state_dict()
         return state
@@ -453,7 +453,7 @@ class MetaLearner:
         if set(params) != set(self.names):
             raise KeyError(f"state has parameters {sorted(params)} but the model has {sorted(self.names)}.")
         with torch.no_grad():
-            for n, p in zip(self.names, self.fmodel.params()):
+            for n, p in zip(self.names, self.fmodel.params(), strict=True):
                 if params[n].shape != p.shape:
                     raise ValueError(f"parameter {n!r}: state shape {tuple(params[n].shape)} != model "
                                      f"shape {tuple(p.shape)}.")

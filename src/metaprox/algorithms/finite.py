@@ -173,10 +173,10 @@ class FiniteMMP(MetaLearner):
         self.sampler = sampler or TaskSampler(n)
         self.shared_groups = list(getattr(self.prox, "shared", [False] * len(self.names)))
         self.any_shared = any(self.shared_groups)
-        entries = [torch.full((s,), float(lv)) for s, lv in zip(self.layout.sizes, self.prox.lams)]
+        entries = [torch.full((s,), float(lv)) for s, lv in zip(self.layout.sizes, self.prox.lams, strict=True)]
         self.lam_entries = torch.cat(entries).to(self.dtype)   # λ_g per flat entry (shared → 0)
         self.shared_entries = torch.cat([torch.full((s,), sh) for s, sh in zip(self.layout.sizes,
-                                                                              self.shared_groups)])
+                                                                              self.shared_groups, strict=True)])
         self.theta = None if prior is None else self.w_row().expand(len(prior.nodes), -1).clone()
 
     # ----- rows ---------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class FiniteMMP(MetaLearner):
     def task_params(self, i: int) -> dict[str, torch.Tensor]:
         """The parameters v_t of task ``i`` (a name → tensor dict, for :meth:`predict`)."""
         v = self.layout.unflatten(self.rows([i]))
-        return {n: t[0] for n, t in zip(self.names, v)}
+        return {n: t[0] for n, t in zip(self.names, v, strict=True)}
 
     def _oracle(self, x: torch.Tensor, y: torch.Tensor) -> Oracle:
         x = x.to(self.device, self.dtype)
@@ -426,7 +426,7 @@ class FiniteMMP(MetaLearner):
             new = torch.where(den[0] > 0, num[0] / den[0].clamp_min(1e-300), w)
         new = torch.where(self.shared_entries | (self.lam_entries == 0), w, new)
         with torch.no_grad():
-            for p, t in zip(self.fmodel.params(), self.layout.unflatten(new.unsqueeze(0))):
+            for p, t in zip(self.fmodel.params(), self.layout.unflatten(new.unsqueeze(0)), strict=True):
                 p.copy_(t[0])
 
     # ----- the joint objective ---------------------------------------------------------------------------
@@ -549,7 +549,7 @@ class FiniteMMP(MetaLearner):
                              f"{depth}, or adapt from a higher parent.")
         level = tree.lam_levels[depth - 1]
         lams = {glob.escape(n): "shared" if sh else springs_in_series(lam, level)
-                for n, lam, sh in zip(self.names, self.prox.lams, self.shared_groups)}
+                for n, lam, sh in zip(self.names, self.prox.lams, self.shared_groups, strict=True)}
         return theta[tree.index[up]], GroupL2(lams, self.names)
 
     def commit(self, extra: dict[str, Any] | None = None) -> None:

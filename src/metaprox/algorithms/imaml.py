@@ -36,7 +36,7 @@ Tensors = list[torch.Tensor]
 
 
 def _fill(gs: Sequence[torch.Tensor | None], like: Tensors) -> Tensors:
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, like)]
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, like, strict=True)]
 
 
 def hessian_vector_product(oracle: Oracle, v: Tensors) -> Callable[[Tensors], Tensors]:
@@ -54,13 +54,13 @@ def hessian_vector_product(oracle: Oracle, v: Tensors) -> Callable[[Tensors], Te
             return jvp(lambda q: task_grad(q, xb, yb), (params,), (tangent,))[1]
 
         vh = vmap(hvp_one)
-        primal = dict(zip(fm.names, [t.detach() for t in v]))
-        return lambda p: [vh(primal, dict(zip(fm.names, p)), x, y)[n] for n in fm.names]
+        primal = dict(zip(fm.names, [t.detach() for t in v], strict=True))
+        return lambda p: [vh(primal, dict(zip(fm.names, p, strict=True)), x, y)[n] for n in fm.names]
 
     if oracle.strategy == "batched":
         vs = [t.detach().requires_grad_(True) for t in v]
         with torch.enable_grad():
-            total = loss.batched(fm.batched(dict(zip(fm.names, vs)), x), y).sum()
+            total = loss.batched(fm.batched(dict(zip(fm.names, vs, strict=True)), x), y).sum()
             g = torch.autograd.grad(total, vs, create_graph=True)
 
         def hvp(p: Tensors) -> Tensors:  # tasks are independent: the Hessian of the sum is block diagonal
@@ -77,7 +77,7 @@ def hessian_vector_product(oracle: Oracle, v: Tensors) -> Callable[[Tensors], Te
     def hvp_loop(p: Tensors) -> Tensors:
         out = [_fill(torch.autograd.grad(g, vs, grad_outputs=[t[b] for t in p], retain_graph=True,
                                          allow_unused=True), vs) for b, (vs, g) in enumerate(per_task)]
-        return [torch.stack(ts) for ts in zip(*out)]
+        return [torch.stack(ts) for ts in zip(*out, strict=True)]
     return hvp_loop
 
 
@@ -130,7 +130,7 @@ class IMAML(MetaLearner):
             hvp = hessian_vector_product(s.oracle, v)
 
             def matvec(p: Tensors, hvp=hvp) -> Tensors:  # (H + Λ) p, symmetric
-                return [hp + lam * pi for hp, pi, lam in zip(hvp(p), p, lams)]
+                return [hp + lam * pi for hp, pi, lam in zip(hvp(p), p, lams, strict=True)]
 
             y = conjugate_gradient(matvec, gq, self.cg_steps)
             torch._foreach_add_(total, task_weighted_sum(weights[s.indices], torch._foreach_mul(y, lams)))

@@ -44,7 +44,7 @@ Tensors = list[torch.Tensor]
 def _step(v, g, w, lr: float, lams: Sequence[float]):
     """One differentiable inner step ``v − lr·(g + λ(v − w))`` (the λ term only where λ ≠ 0)."""
     return [vi - lr * (gi + lam * (vi - wi)) if lam else vi - lr * gi
-            for vi, gi, wi, lam in zip(v, g, w, lams)]
+            for vi, gi, wi, lam in zip(v, g, w, lams, strict=True)]
 
 
 def _unroll_batched(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, steps, lams):
@@ -55,10 +55,10 @@ def _unroll_batched(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, st
         w_b = [t.expand(xs.shape[0], *t.shape) for t in wl]
         v = w_b
         for _ in range(steps):
-            total = loss.batched(fm.batched(dict(zip(names, v)), xs), ys).sum()
+            total = loss.batched(fm.batched(dict(zip(names, v, strict=True)), xs), ys).sum()
             g = torch.autograd.grad(total, v, create_graph=True)  # block-diagonal: per-task gradients
             v = _step(v, g, w_b, lr, lams)
-        q = loss.batched(fm.batched(dict(zip(names, v)), xq), yq)
+        q = loss.batched(fm.batched(dict(zip(names, v, strict=True)), xq), yq)
         meta = torch.autograd.grad((a * q).sum(), wl)
     return list(meta), [t.detach() for t in v]
 
@@ -72,15 +72,15 @@ def _unroll_vmap(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, steps
     def task(wd: dict, xs, ys, xq, yq):
         v = [wd[n] for n in names]
         for _ in range(steps):
-            g = grad(support_loss)(dict(zip(names, v)), xs, ys)
+            g = grad(support_loss)(dict(zip(names, v, strict=True)), xs, ys)
             v = _step(v, [g[n] for n in names], [wd[n] for n in names], lr, lams)
-        return loss.single(fm.single(dict(zip(names, v)), xq), yq), v
+        return loss.single(fm.single(dict(zip(names, v, strict=True)), xq), yq), v
 
     def outer(wd: dict):
         q, v = vmap(task, in_dims=(None, 0, 0, 0, 0))(wd, *data)
         return (a * q).sum(), v
 
-    meta, v = grad(outer, has_aux=True)(dict(zip(names, [t.detach() for t in w])))
+    meta, v = grad(outer, has_aux=True)(dict(zip(names, [t.detach() for t in w], strict=True)))
     return [meta[n] for n in names], [t.detach() for t in v]
 
 
@@ -98,7 +98,7 @@ def _unroll_loop(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, steps
             gb = torch.autograd.grad(a[b] * loss.single(fm.single(v, xq[b]), yq[b]), wl)
         torch._foreach_add_(meta, gb)
         vs.append([t.detach() for t in v])
-    return meta, [torch.stack(ts) for ts in zip(*vs)]
+    return meta, [torch.stack(ts) for ts in zip(*vs, strict=True)]
 
 
 _UNROLL = {"batched": _unroll_batched, "vmap": _unroll_vmap, "loop": _unroll_loop}

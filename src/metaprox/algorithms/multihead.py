@@ -121,13 +121,14 @@ class MultiHeadMMP(MetaLearner):
         if missing:
             raise ValueError(f"kind {kind!r}: trunk parameters {missing} are frozen in the member model.")
         trunk_pos = [pos["trunk." + n] for n in self.names]
-        lams: dict[str, float | str] = {"trunk." + n: gl for n, gl in zip(self.names, self.prox.group_lams)}
+        lams: dict[str, float | str] = {"trunk." + n: gl
+                                        for n, gl in zip(self.names, self.prox.group_lams, strict=True)}
         lams["*"] = self.head_lam
         prox = GroupL2(lams, fm.names)
         params = fm.params()
         tp = set(trunk_pos)
         private_init = {}
-        for i, (n, p) in enumerate(zip(fm.names, params)):
+        for i, (n, p) in enumerate(zip(fm.names, params, strict=True)):
             if i in tp:
                 continue
             zero = self.head_init == "zero" and n.startswith("head.")
@@ -237,7 +238,7 @@ class MultiHeadMMP(MetaLearner):
         """Output of ``kind``'s member with ``params`` (from :meth:`adapt`); kind inferred if unambiguous."""
         if kind is None:
             fits = [kd for kd, k in self.kinds.items() if set(k.names) == set(params)
-                    and all(params[n].shape == s for n, s in zip(k.names, k.layout.shapes))]
+                    and all(params[n].shape == s for n, s in zip(k.names, k.layout.shapes, strict=True))]
             if len(fits) != 1:
                 raise ValueError("cannot infer the task kind from the parameters; pass kind=.")
             kind = fits[0]
@@ -300,7 +301,7 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         kd = str(self.task_kinds[i])
         k = self.kinds[kd]
         rows = self.stores[kd].read(self.row[[i]], self._center_row(kd))[0]
-        return {n: t[0] for n, t in zip(k.names, k.layout.unflatten(rows))}
+        return {n: t[0] for n, t in zip(k.names, k.layout.unflatten(rows), strict=True)}
 
     def predict_task(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.predict(self.task_params(i), x, str(self.task_kinds[i]))

@@ -147,7 +147,7 @@ def load_omniglot_npz(
         )
     alph = [str(alphabet_names[alphabet[i]]) for i in first]
     chars = [int(character[i]) for i in first]
-    names = [f"{a}/character{c:02d}" for a, c in zip(alph, chars)]
+    names = [f"{a}/character{c:02d}" for a, c in zip(alph, chars, strict=True)]
     meta = {"alphabet": alph, "character": chars, "split": [str(split_names[split[i]]) for i in first]}
     return LabelledImages(images, labels, names, meta, "omniglot")
 
@@ -194,7 +194,7 @@ def vinyals_split(
     counts = images.class_counts()
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     imgs, labels = [], []
-    for k, (bid, (_, rot)) in enumerate(zip(base_ids, pairs)):
+    for k, (bid, (_, rot)) in enumerate(zip(base_ids, pairs, strict=True)):
         rows = order[starts[bid] : starts[bid] + counts[bid]]
         imgs.append(np.rot90(images.images[rows], k=rot // 90, axes=(-2, -1)))
         labels.append(np.full(len(rows), k, dtype=np.int64))

@@ -64,7 +64,7 @@ def check_split_sizes(task: np.ndarray, labels: np.ndarray, names: Sequence[str]
     bad = np.flatnonzero((counts == 0).any(axis=1))
     if len(bad):
         t = int(bad[0])
-        have = ", ".join(f"{s} {c}" for s, c in zip(present, counts[t]))
+        have = ", ".join(f"{s} {c}" for s, c in zip(present, counts[t], strict=True))
         raise ConfigError(f"{where}: task {names[t]!r} has {int(counts[t].sum())} row(s) ({have}); every task needs "
                           f"at least one row in each of {present} ({len(bad)} task(s) fall short). Drop tasks that "
                           f"small, or change task.val_frac / task.test_frac (or the split column).")

@@ -56,7 +56,7 @@ def class_hierarchy(images: LabelledImages) -> dict[str, str]:
     """Mapping class name → parent (general category) from a tieredImageNet :class:`LabelledImages`."""
     if "parent" not in images.class_meta:
         raise KeyError(f"{images.name} carries no class hierarchy (class_meta['parent']).")
-    return dict(zip(images.class_names, images.class_meta["parent"]))
+    return dict(zip(images.class_names, images.class_meta["parent"], strict=True))
 
 
 def read_tieredimagenet(

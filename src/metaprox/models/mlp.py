@@ -24,7 +24,7 @@ def MLP(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(int(a), int(b)))
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())

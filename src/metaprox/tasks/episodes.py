@@ -91,7 +91,7 @@ class EpisodeSampler:
             if classes
             else np.zeros(0, dtype=np.int64)
         )
-        short = [c for c, k in zip(classes, counts) if k < per]
+        short = [c for c, k in zip(classes, counts, strict=True) if k < per]
         if short:
             raise ValueError(
                 f"{len(short)} classes have fewer than shots + queries = {per} images (e.g. class "
@@ -119,7 +119,7 @@ class EpisodeSampler:
         starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
         max_count = int(counts.max()) if len(counts) else 0
         rows = [
-            order[starts[c] : starts[c] + n] for c, n in zip(classes, counts)
+            order[starts[c] : starts[c] + n] for c, n in zip(classes, counts, strict=True)
         ]  # once per class, at build time
         flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)

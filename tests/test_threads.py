@@ -16,7 +16,7 @@ from metaprox.cli import main
 from metaprox.config import ConfigError, apply_overrides, resolve
 from metaprox.execution import FunctionalModel
 from metaprox.losses import resolve_loss
-from metaprox.threads import SMALL_PARAMS, _cores, apply_threads, auto_threads, process_threads
+from metaprox.threads import SMALL_PARAMS, apply_threads, auto_threads, process_threads, usable_cores
 from test_finite_table import write_config, write_table
 
 
@@ -28,8 +28,8 @@ def test_small_models_get_one_thread_large_ones_every_core():
     assert auto_threads(cfg()) == 1  # the sine MLP 1-40-40-1
     assert auto_threads(cfg('model.kind="linear"')) == 1
     wide = cfg("model.sizes=[1, 400, 400, 1]")
-    assert (1 + 1) * 400 + 401 * 400 + 401 > SMALL_PARAMS and auto_threads(wide) == _cores()
-    assert auto_threads(cfg('model.kind="conv4"', 'task.family="fewshot"')) == _cores()
+    assert (1 + 1) * 400 + 401 * 400 + 401 > SMALL_PARAMS and auto_threads(wide) == usable_cores()
+    assert auto_threads(cfg('model.kind="conv4"', 'task.family="fewshot"')) == usable_cores()
 
 
 def test_config_and_flag_override_and_the_count_is_applied():

@@ -24,7 +24,7 @@ from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
 
 __all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "rule_options", "FAMILIES",
-           "ALGORITHMS"]
+           "ALGORITHMS", "optimizer_factory"]
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -107,7 +107,7 @@ def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None 
     raise ConfigError(f"unknown inner.solver {i['solver']!r}; choose 'sgd', 'adam' or 'exact_least_squares'.")
 
 
-def _optimizer_factory(cfg: dict[str, Any]) -> Callable[..., torch.optim.Optimizer]:
+def optimizer_factory(cfg: dict[str, Any]) -> Callable[..., torch.optim.Optimizer]:
     o = cfg["outer"]
     if o["optimizer"] == "sgd":
         return lambda p: torch.optim.SGD(p, lr=o["lr"])
@@ -130,7 +130,7 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     lam = cfg["prox"]["lam"]
     return ALGORITHMS[cfg["algorithm"]](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
-        meta_optimizer=_optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
+        meta_optimizer=optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
         schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
         seed=cfg["seed"], **rule_options(cfg, cfg["algorithm"]))
 

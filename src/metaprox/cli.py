@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval(args: argparse.Namespace) -> int:
     from metaprox.config import apply_overrides, resolve
-    from metaprox.evaluate import _table, evaluate_run
+    from metaprox.evaluate import eval_table, evaluate_run
     from metaprox.rundir import load_learner, read_config
     from metaprox.runlock import run_lock
     from metaprox.threads import apply_threads
@@ -112,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(_table(result), end="")
+        print(eval_table(result), end="")
     return 0
 
 
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             from metaprox.config import load_config
-            from metaprox.evaluate import _table
+            from metaprox.evaluate import eval_table
             from metaprox.threads import apply_threads
             from metaprox.train import train
 
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = train(cfg, args.out, resume="auto" if args.auto_resume else args.resume,
                            progress=not args.quiet, evaluate=not args.no_eval, resume_from=args.resume_from)
             if result and "sets" in result:  # rank 0 only under torchrun
-                print(_table(result), end="")
+                print(eval_table(result), end="")
                 print(f"run directory: {args.out} (plots in {args.out}/plots)")
             elif result:  # a finite task set (algorithm = "finite_mmp"): its validation rows if it has any
                 from metaprox.finite_eval import markdown

@@ -6,7 +6,6 @@ nothing is typed by hand. ``write_report(json.load(open("results.json")), out_di
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from metaprox.bench.memory import memory_markdown, plot_memory  # noqa: E402
+from metaprox.plots import save_figure  # noqa: E402
 
 __all__ = ["write_report", "report_markdown"]
 
 FIGURES = {"test": "test_mse_vs_steps.png", "time": "val_mse_vs_time.png", "memory": "memory_vs_steps.png"}
-
-
-def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
 
 
 def _sets(results: dict[str, Any]) -> list[str]:
@@ -50,7 +43,7 @@ def plot_test_curves(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("mean test MSE (95% CI at reported steps)")
         ax.set_title(f"{name}, {int(s[str(steps[0])]['tasks'])} test tasks")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
@@ -72,7 +65,7 @@ def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
             ax.set_ylabel(f"val MSE after {step} steps")
             ax.set_title(f"{name} (validation tasks)")
             ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def _cpu_note(results: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ def plot_tuning_curves(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from metaprox.compare_report import _save
+    from metaprox.plots import save_figure
     from metaprox.tune_report import best_so_far
 
     tuned = results["tuned"]
@@ -34,7 +34,7 @@ def plot_tuning_curves(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("validation objective: best so far (line), each trial (dots)")
     ax.set_title(f"equal tuning budget: {tuned['budget']['trials']} trials × {tuned['budget']['steps']} iterations")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def _cell(v: float, ci: float, scale: float) -> str:

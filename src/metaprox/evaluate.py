@@ -23,7 +23,8 @@ from metaprox.algorithms.base import MetaLearner
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
-__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol"]
+__all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol",
+           "eval_table"]
 
 
 @contextmanager
@@ -128,7 +129,7 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
     return AdaptationCurve(loss, acc)
 
 
-def _table(result: dict[str, Any]) -> str:
+def eval_table(result: dict[str, Any]) -> str:
     steps = result["steps"]
     metric = "accuracy" if result["metric"] == "accuracy" else "loss"
     name = "accuracy (%)" if metric == "accuracy" else "MSE"
@@ -180,7 +181,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if write:
         stem = ("eval" if split == "test" else "eval-val") + (f"-bn_{e['bn']}" if e["bn"] else "")
         atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1))
-        atomic_write(run_dir / f"{stem}.md", _table(result))
+        atomic_write(run_dir / f"{stem}.md", eval_table(result))
     return result
 
 

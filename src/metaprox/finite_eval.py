@@ -133,7 +133,7 @@ def evaluate_finite_run(run_dir: str | Path, split: str = "test", metrics: list[
     from metaprox.distributed import LocalReducer
     from metaprox.finite_data import load_finite_data
     from metaprox.rundir import read_config
-    from metaprox.train_finite import _model, build_finite, finite_result
+    from metaprox.train_finite import build_finite, finite_model, finite_result
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -142,7 +142,7 @@ def evaluate_finite_run(run_dir: str | Path, split: str = "test", metrics: list[
     fd = load_finite_data(cfg)
     train = fd.tasks("train")
     reducer = LocalReducer()
-    layout = sharded.layout_of(_model(cfg, train[0].x.shape[1], fd.outputs))
+    layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
     store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=True)
     learner = build_finite(cfg, train, fd, store)
     learner.reducer = reducer

@@ -17,7 +17,7 @@ from typing import Any
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from metaprox.finite_eval import LABELS
-from metaprox.plots import _save, plt
+from metaprox.plots import plt, save_figure
 from metaprox.rundir import read_metrics
 
 __all__ = ["plot_finite_run", "plot_task_metrics", "plot_objective"]
@@ -40,7 +40,7 @@ def plot_task_metrics(tasks_csv: Path, result: dict[str, Any], path: Path) -> No
         ax.set_ylabel(f"{LABELS[m]} on its {ev['split']} rows")
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['dataset']}: {len(rows)} tasks, step {result['step']} ({ev['split']} split)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_objective(rows: list[dict[str, Any]], path: Path) -> None:
@@ -52,7 +52,7 @@ def plot_objective(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("outer step")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_finite_run(run_dir: str | Path) -> list[Path]:

@@ -25,14 +25,15 @@ import torch  # noqa: E402
 from metaprox.checkpoint import atomic_write  # noqa: E402
 from metaprox.rundir import read_metrics  # noqa: E402
 
-__all__ = ["plot_run", "plot_learning_curve", "plot_sine_fits", "plot_adaptation", "plot_val_curve"]
+__all__ = ["plot_run", "plot_learning_curve", "plot_sine_fits", "plot_adaptation", "plot_val_curve", "save_figure"]
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Render ``fig`` to PNG in memory, close it, and write the file atomically (no half-written PNG on a crash)."""
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buf.getvalue())
 
@@ -70,7 +71,7 @@ def plot_learning_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: P
         a.set_xlabel("outer iteration")
         a.legend(fontsize=8)
     fig.suptitle(_subtitle(cfg), fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sine_fits(learner: Any, cfg: dict[str, Any], path: Path, task_index: int = 0) -> None:
@@ -95,7 +96,7 @@ def plot_sine_fits(learner: Any, cfg: dict[str, Any], path: Path, task_index: in
         ax.set_title(f"{name}: test-time {cfg['inner']['solver']} lr={inner.__dict__.get('lr')}, λ={lam}")
         ax.legend(fontsize=8)
     fig.suptitle(_subtitle(cfg), fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_adaptation(result: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
@@ -108,7 +109,7 @@ def plot_adaptation(result: dict[str, Any], cfg: dict[str, Any], path: Path) -> 
     ax.set_yscale("log")
     ax.legend()
     ax.set_title(_subtitle(cfg), fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_val_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: Path,
@@ -134,7 +135,7 @@ def plot_val_curve(rows: list[dict[str, Any]], cfg: dict[str, Any], path: Path,
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_run(run_dir: str | Path, learner: Any = None, cfg: dict[str, Any] | None = None) -> list[Path]:

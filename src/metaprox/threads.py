@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SMALL_PARAMS", "auto_threads", "process_threads", "apply_threads", "choose_threads", "limited_threads",
-           "gradient_flops", "solve_threads", "set_auto", "FLOPS_PER_THREAD"]
+__all__ = ["SMALL_PARAMS", "usable_cores", "auto_threads", "process_threads", "apply_threads", "choose_threads",
+           "limited_threads", "gradient_flops", "solve_threads", "set_auto", "FLOPS_PER_THREAD"]
 
 SMALL_PARAMS = 100_000  # below this many model parameters one thread is fastest (see the module doc)
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
@@ -56,7 +56,7 @@ def _model_params(cfg: dict[str, Any]) -> int | None:
 def auto_threads(cfg: dict[str, Any]) -> int:
     """1 for small linear/MLP models, else every available core."""
     params = _model_params(cfg)
-    return 1 if params is not None and params < SMALL_PARAMS else _cores()
+    return 1 if params is not None and params < SMALL_PARAMS else usable_cores()
 
 
 def process_threads(cfg: dict[str, Any], requested: int | None = None) -> int:

@@ -44,7 +44,7 @@ from metaprox.rundir import read_config, read_metrics, write_config, write_metri
 from metaprox.runlock import run_lock
 from metaprox.validate import validate_run
 
-__all__ = ["train", "TrainingDiverged", "VAL_CURVE"]
+__all__ = ["train", "TrainingDiverged", "VAL_CURVE", "config_diff"]
 
 VAL_CURVE = "val_curve.jsonl"  # periodic validation rows (log.eval_every > 0)
 
@@ -53,9 +53,9 @@ class TrainingDiverged(RuntimeError):
     """Training hit a NaN/inf; the run directory keeps its last good checkpoint."""
 
 
-def _diff(a: Any, b: Any, where: str = "") -> list[str]:
+def config_diff(a: Any, b: Any, where: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}{k}.")]
+        return [d for k in sorted(set(a) | set(b)) for d in config_diff(a.get(k), b.get(k), f"{where}{k}.")]
     return [] if a == b else [f"{where[:-1]}: {a!r} → {b!r}"]
 
 
@@ -127,7 +127,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                           f"another --out.{hint}")
     if resume and has_ckpt:
         stored = read_config(run_dir)
-        changed = [d for d in _diff(stored, cfg) if not d.startswith(("log.", "eval.", "threads:"))]
+        changed = [d for d in config_diff(stored, cfg) if not d.startswith(("log.", "eval.", "threads:"))]
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
 

@@ -37,7 +37,7 @@ from metaprox import sharded
 from metaprox.algorithms import ALGORITHMS
 from metaprox.algorithms.base import NonFiniteError
 from metaprox.algorithms.finite import FiniteMMP
-from metaprox.build import _optimizer_factory, build_inner, build_prior, rule_options
+from metaprox.build import build_inner, build_prior, optimizer_factory, rule_options
 from metaprox.checkpoint import CheckpointError
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer
@@ -49,13 +49,13 @@ from metaprox.stability import DivergenceGuard, check_outer_step
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSampler, TaskSet
 
-__all__ = ["train_finite", "build_finite", "finite_result"]
+__all__ = ["train_finite", "build_finite", "finite_result", "finite_model"]
 
 DT = torch.float64
 GAP_BUDGET = 50_000_000  # float64 entries (400 MB) of the per-task systems H_t for logging the gap J − J*
 
 
-def _model(cfg: dict[str, Any], features: int, outputs: int) -> nn.Module:
+def finite_model(cfg: dict[str, Any], features: int, outputs: int) -> nn.Module:
     kind = cfg["model"]["kind"]
     if kind == "linear":
         model = nn.Linear(features, outputs)
@@ -89,13 +89,13 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
     batch = None if f["sample"] == "all" else o["meta_batch"]
     sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    model = _model(cfg, train[0].x.shape[1], fd.outputs)
+    model = finite_model(cfg, train[0].x.shape[1], fd.outputs)
     tasks = TaskSet(train)
     if f["rule"] != "mmp":
         lam = cfg["prox"]["lam"]
         learner = ALGORITHMS[f["rule"]](
             model, "cross_entropy" if fd.classify else "mse", lam=None if lam == 0 else _lam(cfg),
-            inner=build_inner(cfg), meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
+            inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
             schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"], **rule_options(cfg, f["rule"]))
         try:
             TaskMemory(learner, tasks, store=store, sampler=sampler, task_lam=f["task_lam"])
@@ -106,7 +106,7 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
     return FiniteMMP(model, tasks, "cross_entropy" if fd.classify else "mse", lam=_lam(cfg),
                      **build_prior(cfg, len(tasks), tasks.weights), task_lam=f["task_lam"], inner=build_inner(cfg),
                      store=store, center_update=center,
-                     sampler=sampler, meta_optimizer=_optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
+                     sampler=sampler, meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
                      schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])
 
 
@@ -176,7 +176,7 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
                  stop_at: int | None, reducer: Reducer) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from metaprox.train import TrainingDiverged, _diff
+    from metaprox.train import TrainingDiverged, config_diff
 
     main = reducer.rank == 0
     has_ckpt = (run_dir / "checkpoint.json").is_file()
@@ -188,13 +188,13 @@ def train_finite(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progres
     if resume and not has_ckpt:
         raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
     if resume:
-        changed = [d for d in _diff(read_config(run_dir), cfg) if not d.startswith(("log.", "eval.", "threads:"))]
+        changed = [d for d in config_diff(read_config(run_dir), cfg) if not d.startswith(("log.", "eval.", "threads:"))]
         if changed:
             raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
     fd = load_finite_data(cfg)
     check_auc_classes(fd, cfg["eval"]["metrics"])
     train = fd.tasks("train")
-    layout = sharded.layout_of(_model(cfg, train[0].x.shape[1], fd.outputs))
+    layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
     store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=bool(resume))
     learner = build_finite(cfg, train, fd, store)
     learner.reducer = reducer

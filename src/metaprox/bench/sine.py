@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["bench_sine"]
+__all__ = ["bench_sine", "sine_learner", "sine_tasks"]
 
 STRATEGIES = ("fused", "batched", "vmap", "loop")
 
 
-def _learner(strategy: str, steps: int = 15, batch_size: int | None = None, outer_lr: float = 0.8):
+def sine_learner(strategy: str, steps: int = 15, batch_size: int | None = None, outer_lr: float = 0.8):
     import metaprox
 
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def _learner(strategy: str, steps: int = 15, batch_size: int | None = None, oute
                                       outer_lr=outer_lr, total_steps=10**9, execution=strategy)
 
 
-def _tasks(b: int, k: int, seed: int = 0):
+def sine_tasks(b: int, k: int, seed: int = 0):
     from metaprox.tasks.sine import SineFamily
 
     return SineFamily().sample(b, k, torch.Generator().manual_seed(seed))
@@ -45,8 +45,8 @@ def _tasks(b: int, k: int, seed: int = 0):
 def _throughput(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for b in (10, 100):
-        tasks = _tasks(b, 10)
-        learners = {s: _learner(s) for s in STRATEGIES}
+        tasks = sine_tasks(b, 10)
+        learners = {s: sine_learner(s) for s in STRATEGIES}
         times: dict[str, list[float]] = {s: [] for s in STRATEGIES}
         for lr in learners.values():  # warm-up
             lr.step(tasks, monitor=False)
@@ -70,7 +70,7 @@ def _schedule(quick: bool) -> dict[str, Any]:
     from metaprox.tasks.sine import SineFamily
 
     fam, g = SineFamily(), torch.Generator().manual_seed(1)
-    lr = _learner("auto", batch_size=2, outer_lr=3.2)
+    lr = sine_learner("auto", batch_size=2, outer_lr=3.2)
     for _ in range(20):
         lr.step(fam.sample(5, 50, g), monitor=False)
     n = 200 if quick else 1000
@@ -92,9 +92,9 @@ def _rss_kb(field: str) -> int:
 def memory_probe(steps: int, strategy: str) -> dict[str, Any]:
     """Run in a fresh process: peak RSS growth (MiB) of one outer iteration with ``steps`` inner steps."""
     torch.set_num_threads(1)
-    lr = _learner(strategy, steps)
-    tasks = _tasks(1000, 100)
-    lr.step(_tasks(2, 100), monitor=False)  # import/initialise lazily-loaded kernels first
+    lr = sine_learner(strategy, steps)
+    tasks = sine_tasks(1000, 100)
+    lr.step(sine_tasks(2, 100), monitor=False)  # import/initialise lazily-loaded kernels first
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss_kb("VmRSS")

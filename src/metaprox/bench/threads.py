@@ -34,9 +34,9 @@ def _rate(learner: Any, tasks: list, seconds: float) -> float:
 
 def _measure(quick: bool) -> dict[str, float]:
     from metaprox import threads
-    from metaprox.bench.sine import _learner, _tasks
+    from metaprox.bench.sine import sine_learner, sine_tasks
 
-    tasks, learner = _tasks(100, 10), _learner("fused")
+    tasks, learner = sine_tasks(100, 10), sine_learner("fused")
     learner.step(tasks, monitor=False)
     rates: dict[str, list[float]] = {"fixed": [], "auto": []}
     try:
@@ -68,9 +68,9 @@ def bench_threads(quick: bool = False, load_processes: int | None = None) -> dic
         for p in procs:
             p.kill()
             p.wait()
-    from metaprox.bench.sine import _learner, _tasks
+    from metaprox.bench.sine import sine_learner, sine_tasks
 
-    learner, x = _learner("fused"), _tasks(100, 10)
+    learner, x = sine_learner("fused"), sine_tasks(100, 10)
     xs, ys = learner.execution.stack(x)
     work = gradient_flops(learner.fmodel, learner.loss, xs, ys)
     md = [f"Sine MMP, fused, B = 100, K = 10, 15 inner SGD steps: tasks/s (median of interleaved repeats). "

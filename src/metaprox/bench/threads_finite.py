@@ -45,9 +45,9 @@ def bench_finite_threads(quick: bool = False, tasks: int = 140, rounds: int | No
                   counts: list[int] | None = None) -> dict[str, Any]:
     """Median ms per outer step for each thread count (default: 1 and every core), and the ratio to 1 thread."""
     from metaprox import threads
-    from metaprox.threads import _cores
+    from metaprox.threads import usable_cores
 
-    many = _cores()
+    many = usable_cores()
     counts = counts or ([1] if many == 1 else [1, many])
     if counts[0] != 1:
         raise ValueError(f"bench threads: the first count is the 1-thread reference, got {counts}.")

@@ -79,17 +79,17 @@ def resolve_compare(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> di
 
     Returns the config with defaults filled in and ``runs``: ``{label: resolved run config}``.
     """
-    raw = copy.deepcopy(dict(raw))
+    table: dict[str, Any] = copy.deepcopy(dict(raw))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. shared.outer.steps=100).")
         key, text = item.split("=", 1)
-        _set_path(raw, key.strip(), parse_value(text.strip()))
-    unknown = sorted(set(raw) - set(COMPARE_DEFAULTS))
+        _set_path(table, key.strip(), parse_value(text.strip()))
+    unknown = sorted(set(table) - set(COMPARE_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown compare config key(s) {unknown}; valid top-level keys: "
                           f"{sorted(COMPARE_DEFAULTS)} (run settings go under [shared] or [per_algorithm.NAME]).")
-    cfg = {**copy.deepcopy(COMPARE_DEFAULTS), **raw}
+    cfg = {**copy.deepcopy(COMPARE_DEFAULTS), **table}
     bench = cfg["bench"]
     if not isinstance(bench, Mapping) or set(bench) - set(COMPARE_DEFAULTS["bench"]):
         bad = sorted(set(bench) - set(COMPARE_DEFAULTS["bench"])) if isinstance(bench, Mapping) else bench

@@ -157,7 +157,7 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
         for name, rows in a["test"]["sets"].items():
             md.append(f"| {label} | {name} | " + " | ".join(_fmt(rows[str(s)]["loss"], rows[str(s)]["loss_ci95"])
                                                         for s in steps) + " |")
-    best = {name: min(algos, key=lambda lab, n=name: algos[lab]["test"]["sets"][n][str(steps[-1])]["loss"])
+    best = {name: min(algos, key=lambda lab: algos[lab]["test"]["sets"][name][str(steps[-1])]["loss"])
             for name in first["test"]["sets"]}
     md += ["", "Lowest mean test MSE after " + f"{steps[-1]} steps: "
            + "; ".join(f"{n}: **{lab}**" for n, lab in best.items()) + " (overlapping CIs are not a difference).", "",

@@ -131,7 +131,7 @@ def verdicts(tuned: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
     for name, steps in first.items():
         for s in steps:
             stats = {lab: a["summary"][name][s] for lab, a in tuned.items()}
-            best = better(stats, key=lambda lab, st=stats: st[lab]["mean"])
+            best = better(stats, key=lambda lab: stats[lab]["mean"])
             for lab, st in stats.items():
                 if lab == best:
                     continue
@@ -152,12 +152,15 @@ def run_tuned(cfg: dict[str, Any], out: Path, train: Callable[[dict[str, Any], P
     from metaprox.tune_report import write_outputs
 
     spec = cfg["tune"]
+
+    def log_as(label: str) -> Callable[[str], None]:  # one study's progress lines, indented and labelled
+        return lambda m: say(f"      {label} {m}")
     studies = {}
     for i, (label, run) in enumerate(cfg["runs"].items()):  # first all tuning, then any test task is built
         t = spec["algorithms"][label]
         tdir = out / "tune" / label
         say(f"[tune {i + 1}/{len(cfg['runs'])}] {label}: {t['trials']} trials × {t['steps']} iterations in {tdir}")
-        study = run_study(run, t, tdir, study_name=label, log=lambda m, lab=label: say(f"      {lab} {m}"))
+        study = run_study(run, t, tdir, study_name=label, log=log_as(label))
         studies[label] = (study, write_outputs(study, run, t, tdir))
         if studies[label][1]["best"] is None:
             raise RuntimeError(f"tuning {label!r}: no trial completed (all pruned or failed); see {tdir}/trials.md.")

@@ -202,9 +202,9 @@ def process_group(device: str = "cpu") -> Iterator[Reducer]:
         # torchrun's agent keeps one TCPStore server across elastic restarts, so the keys a failed attempt's
         # workers wrote (gloo's peer addresses) are still there when the restarted workers rendezvous: they
         # read a dead peer's address and time out ("Connect timeout"). A key prefix per restart isolates them.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              _env_int("WORLD_SIZE", 1), is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"metaprox/restart-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                    _env_int("WORLD_SIZE", 1), is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"metaprox/restart-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", agent_store)
         dist.init_process_group(backend=backend, store=store, rank=_env_int("RANK", 0),
                                 world_size=_env_int("WORLD_SIZE", 1), timeout=timeout)
     else:

@@ -44,11 +44,12 @@ def bn_protocol(module: torch.nn.Module, bn: str) -> Iterator[str]:
 
         raise ConfigError(f"eval.bn = {bn!r} needs a model trained with batch statistics (model.bn = 'batch' or "
                           f"'transductive'); this one has model.bn = {own!r}.")
-    module.bn = bn
+    model: Any = module  # its ``bn`` is a plain str attribute (nn.Module's __setattr__ is typed for tensors/modules)
+    model.bn = bn
     try:
         yield bn
     finally:
-        module.bn = own
+        model.bn = own
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -104,7 +105,8 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
     acc = torch.full((steps + 1, n), float("nan"), dtype=torch.float64) if learner.loss.name == "cross_entropy" \
         else None
     module = learner.fmodel.module
-    own_predict = callable(getattr(module, "predict", None))
+    module_predict: Any = getattr(module, "predict", None)  # a model's own predict(x, x_query, params), if any
+    own_predict = callable(module_predict)
 
     def on_group(idx: Any, x: torch.Tensor, oracle: Any) -> Any:
         xq, yq = learner.execution.stack([tasks[i] for i in idx], query=True)
@@ -116,7 +118,7 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
             with torch.no_grad():
                 if own_predict:
                     named = dict(zip(learner.names, v, strict=True))
-                    pred = torch.stack([module.predict(x[b], xq[b], {nm: t[b] for nm, t in named.items()})
+                    pred = torch.stack([module_predict(x[b], xq[b], {nm: t[b] for nm, t in named.items()})
                                         for b in range(len(x))])
                 else:
                     pred = oracle.predict(v, xq)
@@ -163,7 +165,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     e = cfg["eval"]
     steps = sorted(set(e["steps"]))
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
-    sets = {}
+    sets: dict[str, dict[str, Any]] = {}
     with bn_protocol(learner.fmodel.module, e["bn"]) as bn:
         for set_name, tasks in build_family(cfg).eval_sets(split).items():
             record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported

@@ -61,6 +61,12 @@ class FunctionalModel:
         p = params if isinstance(params, dict) else dict(zip(self.names, params, strict=True))
         return functional_call(self.module, ({**p, **self.frozen}, self.buffers), (x,), strict=True)
 
+    def run_batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The task-batched forward (for callers that checked :meth:`batched_ok`): a leading task axis throughout."""
+        if self.batched is None:
+            raise RuntimeError(f"{type(self.module).__name__} has no task-batched forward; use execution='vmap'.")
+        return self.batched(params, x)
+
     def batched_ok(self, x: torch.Tensor) -> bool:
         custom = hasattr(self.module, "forward_batched")
         return self.batched is not None and (custom or x.dim() == 3) and not self.frozen
@@ -86,7 +92,11 @@ class Oracle:
         self.precision = precision
         self.num_tasks, self.num_examples = int(x.shape[0]), int(x.shape[1])
         if strategy == "fused":
-            self.fused = fused_value_and_grad(fmodel.module, loss.name, fmodel.names)
+            fused = fused_value_and_grad(fmodel.module, loss.name, fmodel.names)
+            if fused is None:
+                raise ValueError("execution='fused' needs a Linear/activation stack with the mse or cross_entropy "
+                                 "loss.")
+            self.fused = fused
         if strategy == "vmap":
             names, single, lossf = fmodel.names, fmodel.single, loss.single
 
@@ -105,7 +115,7 @@ class Oracle:
             vs = [t.detach().requires_grad_(True) for t in v]
             with torch.enable_grad():
                 with self._autocast():
-                    out = self.fmodel.batched(dict(zip(self.fmodel.names, vs, strict=True)), x)
+                    out = self.fmodel.run_batched(dict(zip(self.fmodel.names, vs, strict=True)), x)
                 losses = self.loss.batched(out.to(vs[0].dtype), y)
                 grads = torch.autograd.grad(losses.sum(), vs)
             return losses.detach(), list(grads)
@@ -134,7 +144,7 @@ class Oracle:
         """Per-task predictions on ``x`` (B, m, ...) with per-task parameters ``v``; no graph."""
         with torch.no_grad():
             if self.strategy in ("batched", "fused"):
-                return self.fmodel.batched(dict(zip(self.fmodel.names, v, strict=True)), x)
+                return self.fmodel.run_batched(dict(zip(self.fmodel.names, v, strict=True)), x)
             if self.strategy == "vmap":
                 return vmap(self.fmodel.single)(dict(zip(self.fmodel.names, v, strict=True)), x)
             return torch.stack([self.fmodel.single([t[b] for t in v], x[b]) for b in range(len(x))])
@@ -183,11 +193,13 @@ class Execution:
         return Oracle(self.fmodel, self.loss, x, y, self.resolve(x), self.precision)
 
     def stack(self, tasks: Sequence[Task], query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.fmodel.names and self.fmodel.params()[0].device
+        device = self.fmodel.params()[0].device  # (a FunctionalModel has ≥ 1 parameter)
         if query:
             if any(not t.has_query for t in tasks):
                 raise ValueError("this operation needs query sets, but a task has none (Task(x, y, x_query, y_query)).")
-            xs, ys = [t.x_query for t in tasks], [t.y_query for t in tasks]
+            # (every task has both, checked above: the filters only tell the type checker so)
+            xs = [t.x_query for t in tasks if t.x_query is not None]
+            ys = [t.y_query for t in tasks if t.y_query is not None]
         else:
             xs, ys = [t.x for t in tasks], [t.y for t in tasks]
         dtype = self.fmodel.params()[0].dtype

@@ -86,11 +86,11 @@ class Tree:
         self.depth: dict[str, int] = {}
         for n in self.nodes:
             d, m, seen = 0, n, set()
-            while self.parent[m] is not None:
+            while (up := self.parent[m]) is not None:
                 if m in seen:
                     raise ValueError(f"the parent map has a cycle through {m!r}.")
                 seen.add(m)
-                m, d = self.parent[m], d + 1  # type: ignore[assignment]
+                m, d = up, d + 1
             self.depth[n] = d
         self.lam_levels = [float(v) for v in lam_levels]
         if len(self.lam_levels) < max(self.depth.values()) or any(v <= 0 for v in self.lam_levels):
@@ -104,10 +104,10 @@ class Tree:
         self.weights = w  # the node masses m_n below come from these: they must be the task set's weights
         self.mass = torch.zeros(len(self.nodes), dtype=torch.float64)
         for t, node in enumerate(task_node):
-            m: str | None = node
-            while m is not None:
-                self.mass[self.index[m]] += w[t]
-                m = self.parent[m]
+            at: str | None = node
+            while at is not None:
+                self.mass[self.index[at]] += w[t]
+                at = self.parent[at]
         self.children = {n: [c for c in self.nodes if self.parent[c] == n] for n in self.nodes}
         self.order = sorted(self.nodes, key=lambda n: -self.depth[n])  # leaves first
 
@@ -281,12 +281,12 @@ class TreePrior:
         t = tree if isinstance(tree, Tree) else Tree(tree, [], self.lam_levels)  # validates root and cycles
         if max(t.depth.values()) > self.depth:
             raise ValueError(f"the tree is {max(t.depth.values())} levels deep but lam_levels has {self.depth}.")
-        paths = {}
+        paths: dict[str, Path] = {}
         for n in t.nodes:
             p, m = [], n
-            while t.parent[m] is not None:
+            while (up := t.parent[m]) is not None:
                 p.append(m)
-                m = t.parent[m]
+                m = up
             paths[n] = tuple(reversed(p))
         return paths
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -31,9 +32,9 @@ __all__ = ["Penalty", "SquaredL2", "NoProx", "GroupL2", "TaskScaled", "RobustL2"
 Tensors = list[torch.Tensor]
 
 
-def _per_task_sqnorm(diff: Tensors) -> torch.Tensor:
+def _per_task_sqnorm(diff: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ over all parameter entries of diff², one value per task (leading axis)."""
-    return sum(d.square().flatten(1).sum(1) for d in diff)  # type: ignore[return-value]
+    return cast(torch.Tensor, sum(d.square().flatten(1).sum(1) for d in diff))  # ≥ 1 group: a tensor, not 0
 
 
 class Penalty:
@@ -41,6 +42,11 @@ class Penalty:
 
     names: list[str]
     lams: list[float]
+
+    @property
+    def uniform(self) -> float | None:
+        """The one λ of every parameter group, or None (per-group, per-task or non-quadratic pulls)."""
+        return None
 
     def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
         raise NotImplementedError
@@ -98,17 +104,18 @@ class SquaredL2(Penalty):
 
     def value(self, v: Tensors, c: Tensors) -> torch.Tensor:
         diff = torch._foreach_sub(v, c)
-        return 0.5 * sum(lam * d.square().flatten(1).sum(1) for lam, d in zip(self.lams, diff, strict=True))
+        return 0.5 * cast(torch.Tensor, sum(lam * d.square().flatten(1).sum(1)
+                                           for lam, d in zip(self.lams, diff, strict=True)))
 
     def grad_v(self, v: Tensors, c: Tensors) -> Tensors:
-        return torch._foreach_mul(torch._foreach_sub(v, c), self.lams)
+        return list(torch._foreach_mul(torch._foreach_sub(v, c), self.lams))
 
     def add_grad_v_(self, g: Tensors, v: Tensors, c: Tensors) -> None:
         """g += ∂_v D(v, c), in place (hot path of every inner step)."""
         torch._foreach_add_(g, torch._foreach_mul(torch._foreach_sub(v, c), self.lams))
 
     def grad_c(self, v: Tensors, c: Tensors) -> Tensors:
-        return torch._foreach_mul(torch._foreach_sub(c, v), self.lams)
+        return list(torch._foreach_mul(torch._foreach_sub(c, v), self.lams))
 
     def sqdist(self, v: Tensors, c: Tensors) -> torch.Tensor:
         return _per_task_sqnorm(torch._foreach_sub(v, c))
@@ -133,7 +140,7 @@ class NoProx(SquaredL2):
         """No penalty, nothing to add."""
 
 
-def make_prox(lam: float | Mapping[str, float] | Penalty | None, names: Sequence[str]) -> SquaredL2:
+def make_prox(lam: float | Mapping[str, float] | Penalty | None, names: Sequence[str]) -> Penalty:
     """The penalty for ``lam``: :class:`SquaredL2` (a number or ``{glob: λ}``), :class:`NoProx` for None,
     or a ready :class:`Penalty` (e.g. :class:`RobustL2`, :class:`GroupL2`) built for the same names."""
     if lam is None:
@@ -141,7 +148,7 @@ def make_prox(lam: float | Mapping[str, float] | Penalty | None, names: Sequence
     if isinstance(lam, Penalty):
         if lam.names != list(names):
             raise ValueError("the prox penalty was built for other parameter names than the model's.")
-        return lam  # type: ignore[return-value]
+        return lam
     return SquaredL2(lam, names)
 
 
@@ -222,6 +229,9 @@ class TaskScaled(Penalty):
     with task size, user-given) and how graph coupling passes the summed pull ``λ_t + Σ_s λ_ts``.
     """
 
+    base: Penalty
+    scale: torch.Tensor
+
     def __init__(self, base: Penalty, scale: torch.Tensor):
         if isinstance(base, TaskScaled):
             scale, base = scale * base.scale, base.base
@@ -277,7 +287,7 @@ class RobustL2(Penalty):
     def uniform(self) -> float | None:
         return None
 
-    def _factor(self, diff: Tensors) -> torch.Tensor:
+    def _factor(self, diff: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.lam / (1.0 + _per_task_sqnorm(diff) / self.delta2)
 
     def value(self, v: Tensors, c: Tensors) -> torch.Tensor:

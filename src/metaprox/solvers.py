@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
 
 from metaprox.execution import Oracle
-from metaprox.prox import SquaredL2
+from metaprox.prox import Penalty, SquaredL2
 
 __all__ = ["ProxProblem", "InnerResult", "InnerSolver", "SGD", "Adam", "AdamMoments", "ExactLeastSquares"]
 
@@ -37,7 +38,7 @@ class ProxProblem:
     """The inner problem of a stack of tasks: data oracle, penalty and center (broadcast over tasks)."""
 
     oracle: Oracle
-    prox: SquaredL2
+    prox: Penalty
     center: Tensors
     init: Tensors | None = None
     keys: torch.Tensor | None = None  # (B, steps, ≥ n) uniforms choosing inner minibatches (see MetaLearner.step)
@@ -54,7 +55,7 @@ class ProxProblem:
         """(data loss, ‖∇L(v) + ∂_v D(v, c)‖) per task, on each task's full data."""
         losses, g = self.oracle(v)
         self.prox.add_grad_v_(g, v, self.center)
-        sq = sum(t.square().flatten(1).sum(1) for t in g)
+        sq = cast(torch.Tensor, sum(t.square().flatten(1).sum(1) for t in g))  # ≥ 1 group: a tensor, not 0
         return losses, sq.sqrt()
 
 

@@ -44,7 +44,7 @@ import math
 import os
 import socket
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -479,7 +479,7 @@ def run_study(cfg: dict[str, Any], tune: dict[str, Any], out_dir: str | Path, st
 
 
 def tune_command(config: str | Path, out_dir: str | Path | None = None, trials: int | None = None,
-                 storage: str | None = None, study_name: str | None = None, overrides: tuple[str, ...] = (),
+                 storage: str | None = None, study_name: str | None = None, overrides: Sequence[str] = (),
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``metaprox tune``: validate everything (config, space, storage) before any trial, run or join the study,
     then write its outputs; returns the summary."""

@@ -140,3 +140,9 @@ def test_episodes_index_the_mapped_cache(root, tmp_path):
         for x, y in ((batch.x[t], batch.y[t]), (batch.x_query[t], batch.y_query[t])):
             colour = torch.as_tensor(np.stack([class_colour(int(k)) for k in batch.classes[t][y]])).float() / 255
             assert (x.mean((-2, -1)) - colour).abs().max() < 4 / 255
+
+
+def test_cache_dir_true_means_the_default_cache_folder(root, tmp_path, monkeypatch):
+    monkeypatch.setenv(image_cache.CACHE_ENV_VAR, str(tmp_path / "default"))  # (was Path(True): a TypeError)
+    d = read_miniimagenet(root, "val", size=6, cache_dir=True, workers=1)
+    assert d.images.shape[-2:] == (6, 6) and _cached_files(tmp_path / "default", "val")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from torch import nn
 from metaprox.distributed import LocalReducer, Reducer
 from metaprox.execution import Execution, FunctionalModel
 from metaprox.losses import Loss, LossFn, resolve_loss
-from metaprox.prox import SquaredL2, make_prox
+from metaprox.prox import Penalty, make_prox
 from metaprox.solve import INNER_DATA, SolvedGroup, solve_groups, stacked
 from metaprox.solvers import SGD, AdamMoments, InnerSolver
 from metaprox.tasks.share import TaskShare
@@ -86,7 +86,7 @@ class MetaLearner:
     rule_name: str | None = None
 
     def __init__(self, model: nn.Module, loss: str | LossFn | Loss = "mse",
-                 lam: float | Mapping[str, float] | SquaredL2 | None = 1.0, inner: InnerSolver | None = None,
+                 lam: float | Mapping[str, float] | Penalty | None = 1.0, inner: InnerSolver | None = None,
                  meta_optimizer: OptimizerSpec = None, outer_lr: float = 1.0, total_steps: int | None = None,
                  schedule: str = "linear", execution: str = "auto", seed: int = 0,
                  stationarity_warn_ratio: float = 10.0, inner_data: str = "support", precision: str = "fp32"):
@@ -147,8 +147,13 @@ class MetaLearner:
         if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):  # a class, e.g. torch.optim.SGD:
             if not outer_lr > 0:                                  # built with outer_lr, not its own default lr
                 raise ValueError(f"outer_lr = {outer_lr}: must be > 0.")
-            return spec(params, lr=outer_lr)
-        opt = spec if isinstance(spec, torch.optim.Optimizer) else spec(params)
+            optimizer_class: Callable[..., torch.optim.Optimizer] = spec  # a subclass: takes lr (the base does not)
+            return optimizer_class(params, lr=outer_lr)
+        if isinstance(spec, torch.optim.Optimizer):
+            opt = spec
+        else:
+            factory: Callable[..., Any] = spec  # a user's callable params -> Optimizer; its result is checked below
+            opt = factory(params)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError("meta_optimizer must be a torch.optim.Optimizer or a callable params -> Optimizer.")
         given = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -173,7 +178,7 @@ class MetaLearner:
         return [p.detach() for p in self.fmodel.params()]
 
     def solve(self, tasks: Sequence[Task], *, center: Tensors | None = None, inner: InnerSolver | None = None,
-              prox: SquaredL2 | None = None, monitor: bool = True, data: str = "support",
+              prox: Penalty | None = None, monitor: bool = True, data: str = "support",
               scale: torch.Tensor | None = None, on_group: Any = None,
               init: Tensors | None = None) -> list[SolvedGroup]:
         """Solve every task's prox problem (batched by shape, :func:`metaprox.solve.solve_groups`); returns the
@@ -283,8 +288,8 @@ class MetaLearner:
             grads, m_sum, s_sum = grads[:n_grads], grads[n_grads:n_grads + len(w)], grads[n_grads + len(w):]
             n = sums["moment_tasks"]
             t = (0 if self.inner_moments is None else self.inner_moments.t) + int(self.inner.steps)
-            self.inner_moments = AdamMoments(torch._foreach_div(m_sum, n), torch._foreach_div(s_sum, n), t)
-        grads = torch._foreach_div(grads, sums["weight"])
+            self.inner_moments = AdamMoments(list(torch._foreach_div(m_sum, n)), list(torch._foreach_div(s_sum, n)), t)
+        grads = list(torch._foreach_div(grads, sums["weight"]))
         also = None
         if tree is not None:  # the chain rule to w and the nodes, plus the tree's own pulls
             grads, also = tree.outer(grads, a / a.sum())
@@ -362,7 +367,8 @@ class MetaLearner:
             r, c, pen = s.result, s.center, s.penalty
             assert r.loss is not None and r.stationarity is not None and c is not None and pen is not None
             stat += float(r.stationarity.sum())
-            tgrad += float(sum(g.square().flatten(1).sum(1) for g in pen.grad_c(r.params, c)).sqrt().sum())
+            tgrad_sq = cast(torch.Tensor, sum(g.square().flatten(1).sum(1) for g in pen.grad_c(r.params, c)))
+            tgrad += float(tgrad_sq.sqrt().sum())
             sq += float(pen.sqdist(r.params, c).sum())
             phi += float((r.loss + pen.value(r.params, c)).sum())
             loss += float(r.loss.sum())
@@ -392,7 +398,7 @@ class MetaLearner:
 
     # ----- using the prior ----------------------------------------------------------------------------
     def test_prior(self, tasks: Sequence[Task], lam: float | None = None,
-                   where: Any = None) -> tuple[Tensors, SquaredL2, torch.Tensor | None]:
+                   where: Any = None) -> tuple[Tensors, Penalty, torch.Tensor | None]:
         """(center, penalty, per-task pull factors or None) of new ``tasks`` at test time: w and the training
         penalty (``lam``: another λ for every group). Priors with more than one center (a tree) override this;
         ``where`` says where each task sits in them (e.g. its group)."""

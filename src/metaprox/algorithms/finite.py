@@ -228,7 +228,8 @@ class FiniteMMP(MetaLearner):
         grad = self._center_gradient(v, c, s, self._estimator_weights(idx, indices is None), data_grad)
         return self._finish_step(grad, len(idx), float(stat.mean()) if monitor else None)
 
-    def _solve_batch(self, idx: np.ndarray, rows_of: Any, monitor: bool) -> tuple[torch.Tensor, ...]:
+    def _solve_batch(self, idx: np.ndarray, rows_of: Any, monitor: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Solve tasks ``idx`` warm-started from the store (a graph: one Jacobi sweep with the neighbours' rows
         from ``rows_of(ids)``): (centers c, pull factors s_t, rows v, data gradients, stationarity)."""
         c = self.centers(idx)
@@ -491,7 +492,7 @@ class FiniteMMP(MetaLearner):
             return self.predict(self.task_params(i), x.to(self.device, self.dtype))
 
     # ----- a new task, adapted from the prior ----------------------------------------------------------------
-    def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,  # type: ignore[override]
+    def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
               inner: InnerSolver | None = None, *, node: str | None = None,
               parent: str | None = None) -> dict[str, torch.Tensor]:
         """Parameters of a new ``task`` (not one of the task set): its prox problem solved from the prior.
@@ -506,7 +507,7 @@ class FiniteMMP(MetaLearner):
         inner solver; ``node``/``parent`` are keyword-only, the positional order is :meth:`MetaLearner.adapt`'s."""
         return self._first(self.adapt_tasks([task], steps, lam, inner, where=(node, parent)))
 
-    def test_prior(self, tasks: Any, lam: float | None, where: Any) -> tuple[Tensors, Penalty, None]:
+    def test_prior(self, tasks: Any, lam: float | None = None, where: Any = None) -> tuple[Tensors, Penalty, None]:
         """(center, penalty) of new tasks (:meth:`adapt`); ``where = (node, parent)``, the same for all tasks."""
         node, parent = (None, None) if where is None else where
         w, prox = self.w_row(), self.prox

@@ -39,7 +39,7 @@ def query_gradient(learner: MetaLearner, tasks: Sequence[Task], solved: SolvedGr
     return oracle(solved.result.params if params is None else params)
 
 
-def task_weighted_sum(weights: torch.Tensor, per_task: Tensors) -> Tensors:
+def task_weighted_sum(weights: torch.Tensor, per_task: Sequence[torch.Tensor]) -> Tensors:
     """``Σ_b a_b t[b]`` for every tensor ``t`` of ``per_task`` (leading task axis)."""
     a = weights.to(per_task[0].dtype).to(per_task[0].device)
     return [torch.tensordot(a, t, dims=1) for t in per_task]

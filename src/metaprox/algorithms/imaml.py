@@ -60,7 +60,7 @@ def hessian_vector_product(oracle: Oracle, v: Tensors) -> Callable[[Tensors], Te
     if oracle.strategy == "batched":
         vs = [t.detach().requires_grad_(True) for t in v]
         with torch.enable_grad():
-            total = loss.batched(fm.batched(dict(zip(fm.names, vs, strict=True)), x), y).sum()
+            total = loss.batched(fm.run_batched(dict(zip(fm.names, vs, strict=True)), x), y).sum()
             g = torch.autograd.grad(total, vs, create_graph=True)
 
         def hvp(p: Tensors) -> Tensors:  # tasks are independent: the Hessian of the sum is block diagonal

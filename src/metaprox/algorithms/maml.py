@@ -55,10 +55,10 @@ def _unroll_batched(fm: FunctionalModel, loss: Loss, w: Tensors, data, a, lr, st
         w_b = [t.expand(xs.shape[0], *t.shape) for t in wl]
         v = w_b
         for _ in range(steps):
-            total = loss.batched(fm.batched(dict(zip(names, v, strict=True)), xs), ys).sum()
+            total = loss.batched(fm.run_batched(dict(zip(names, v, strict=True)), xs), ys).sum()
             g = torch.autograd.grad(total, v, create_graph=True)  # block-diagonal: per-task gradients
             v = _step(v, g, w_b, lr, lams)
-        q = loss.batched(fm.batched(dict(zip(names, v, strict=True)), xq), yq)
+        q = loss.batched(fm.run_batched(dict(zip(names, v, strict=True)), xq), yq)
         meta = torch.autograd.grad((a * q).sum(), wl)
     return list(meta), [t.detach() for t in v]
 
@@ -148,6 +148,7 @@ class MAML(MetaLearner):
     rule_name = "maml"
 
     needs_query = True
+    inner: SGD  # plain full-batch SGD, checked in __init__
 
     def __init__(self, model: nn.Module, loss="mse", inner: SGD | None = None, first_order: bool = False,
                  lam=None, **kwargs):

@@ -31,7 +31,7 @@ def envelope_gradient(solved: list[SolvedGroup], weights: torch.Tensor) -> list[
         g = s.penalty.grad_c(s.result.params, s.center)
         a = weights[s.indices].to(g[0].dtype).to(g[0].device)
         part = [torch.tensordot(a, t, dims=1) for t in g]
-        total = part if not total else torch._foreach_add(total, part)
+        total = part if not total else list(torch._foreach_add(total, part))
     return total
 
 

@@ -91,6 +91,7 @@ class MultiHeadMMP(MetaLearner):
 
     supports_carried_moments = False  # its own step(): the running moments would never be updated
     supports_shared = True
+    prox: GroupL2  # the trunk's penalty, built as a GroupL2 in __init__
 
     def __init__(self, model: SharedTrunk, loss: str | LossFn | Loss = "cross_entropy",
                  lam: float | str | Mapping[str, float | str] = 1.0, head_lam: float = 0.0,
@@ -233,7 +234,7 @@ class MultiHeadMMP(MetaLearner):
                 out.append(sg)
         return out
 
-    def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,  # type: ignore[override]
+    def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                 kind: str | None = None) -> torch.Tensor:
         """Output of ``kind``'s member with ``params`` (from :meth:`adapt`); kind inferred if unambiguous."""
         if kind is None:

@@ -75,4 +75,4 @@ class Reptile(MetaLearner):
             if isinstance(s.center, PerTask):  # a task's own center (a tree's node)
                 torch._foreach_add_(sum_c, torch._foreach_sub(task_weighted_sum(weights[s.indices], s.center),
                                                               torch._foreach_mul(w, float(weights[s.indices].sum()))))
-        return torch._foreach_mul(torch._foreach_sub(sum_c, sum_v), self.scale)
+        return list(torch._foreach_mul(torch._foreach_sub(sum_c, sum_v), self.scale))

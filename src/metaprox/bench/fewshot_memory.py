@@ -26,6 +26,7 @@ def fewshot_learner_and_tasks(setting: Mapping[str, Any], rule: str, steps: int,
 
     ways, c, s = int(setting["ways"]), int(setting.get("channels", 3)), int(setting.get("size", 84))
     torch.manual_seed(0)
+    model: torch.nn.Module
     if setting["model"] == "resnet12":
         model = ResNet12(c, ways, setting.get("widths", (64, 160, 320, 640)), bn="transductive")
     else:

@@ -177,8 +177,8 @@ def _bench_shape(name: str, shape: dict[str, int], variants: tuple[str, ...], re
         rows.append({"shape": name, "variant": v, **med, "cpu": cpu, "sys_share": med["sys"] / cpu,
                      "flops": flops, "flop_per_cpu_s": flops / cpu})
     base = next(r["cpu"] for r in rows if r["variant"] == "default")
-    for r in rows:
-        r["cpu_ratio_vs_default"] = r["cpu"] / base
+    for row in rows:
+        row["cpu_ratio_vs_default"] = row["cpu"] / base
     return rows
 
 

@@ -78,7 +78,7 @@ def time_rules(learners: Mapping[str, metaprox.MetaLearner], tasks: Sequence[met
 def throughput_rows(times: Mapping[str, list[float]], learners: Mapping[str, metaprox.MetaLearner],
                     num_tasks: int, reference: str | None = "mmp") -> list[dict[str, Any]]:
     """Median ms per meta-iteration, tasks/s and time relative to ``reference`` (if timed) per rule."""
-    ref = statistics.median(times[reference]) if reference in times else None
+    ref = statistics.median(times[reference]) if reference is not None and reference in times else None
     rows = []
     for n, ts in times.items():
         med = statistics.median(ts)

@@ -59,7 +59,7 @@ def bench_threads(quick: bool = False, load_processes: int | None = None) -> dic
     cores = os.cpu_count() or 1
     n_load = cores if load_processes is None else load_processes
     threads = torch.get_num_threads()
-    rows = [{"load": "none added", **_measure(quick), "loadavg": os.getloadavg()[0]}]
+    rows: list[dict[str, Any]] = [{"load": "none added", **_measure(quick), "loadavg": os.getloadavg()[0]}]
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_load)]
     try:
         time.sleep(1.0)

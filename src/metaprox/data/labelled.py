@@ -151,8 +151,8 @@ def read_image(path: str | os.PathLike, mode: str = "L") -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - depends on the environment
-        Image = None
-    if Image is not None:
+        pass
+    else:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     if Path(path).suffix.lower() != ".png":
@@ -162,7 +162,7 @@ def read_image(path: str | os.PathLike, mode: str = "L") -> np.ndarray:
         )
     import matplotlib.image as mpimg
 
-    arr = np.asarray(mpimg.imread(path), dtype=np.float32)
+    arr = np.asarray(mpimg.imread(Path(path)), dtype=np.float32)
     if arr.dtype != np.float32 or arr.max() > 1.0:
         arr = arr / 255.0
     if arr.ndim == 3 and arr.shape[2] == 4:

@@ -136,7 +136,11 @@ def read_miniimagenet(
     base = data_root("miniimagenet", root)
     splits = _splits(split)
     _check_folder(base, splits)
-    files, labels, names, meta_split, rows = [], [], [], [], []
+    files: list[Path] = []
+    labels: list[int] = []
+    names: list[str] = []
+    meta_split: list[str] = []
+    rows: list[tuple[str, str, int]] = []
     index: dict[str, int] = {}
     source = b""
     for s in splits:
@@ -155,8 +159,8 @@ def read_miniimagenet(
     if cache_dir is False or size is None:
         images = load_rgb_folder_images(files, size)
     else:
-        images = cached_images("miniimagenet", "+".join(splits), files, int(size), source,
-                               cache_dir or None, workers)
+        where = None if isinstance(cache_dir, bool) else cache_dir or None  # True: the default cache folder
+        images = cached_images("miniimagenet", "+".join(splits), files, int(size), source, where, workers)
     return LabelledImages(
         images, np.asarray(labels, dtype=np.int64), names, {"split": meta_split}, "miniimagenet"
     )

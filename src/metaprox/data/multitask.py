@@ -145,10 +145,10 @@ def load_parkinsons(path: str | os.PathLike | None = None, target: str = "total_
             arr[n - 2] = [float(v) for v in row]
         except ValueError as e:
             raise DatasetLayoutError(f"{file}, row {n}: {e} (every field must be a number).") from None
-    col = {name: i for i, name in enumerate(head)}
-    subj = arr[:, col["subject#"]].astype(np.int64)
+    at = {name: i for i, name in enumerate(head)}
+    subj = arr[:, at["subject#"]].astype(np.int64)
     _, task = np.unique(subj, return_inverse=True)
-    return MultitaskData(arr[:, [col[c] for c in features]], arr[:, col[target]], task.astype(np.int64),
+    return MultitaskData(arr[:, [at[c] for c in features]], arr[:, at[target]], task.astype(np.int64),
                          list(features), {"subject": subj})
 
 

@@ -13,7 +13,8 @@ the remaining ones (``round(val_frac·n_t)``, at least one when ``val_frac > 0``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
 STANDARDIZE = ("global", "per_task", "none")
 
 
-def labels_from_names(names: Sequence[str]) -> np.ndarray:
+def labels_from_names(names: Iterable[Any]) -> np.ndarray:
     """``train``/``val``/``test`` strings → labels."""
     return np.array([SPLITS[str(n)] for n in names], dtype=np.int8)
 

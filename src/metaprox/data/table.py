@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class TableError(ConfigError):
 class _Columns:
     """Raw columns of a table: names in file order, values (str lists or numpy arrays), how rows are named."""
 
-    def __init__(self, path: Path, names: list[str], values: dict[str, Sequence], csv_lines: bool):
+    def __init__(self, path: Path, names: list[str], values: Mapping[str, Sequence[Any] | np.ndarray], csv_lines: bool):
         self.path, self.names, self.values, self.csv_lines = path, names, values, csv_lines
         self.rows = len(next(iter(values.values()))) if values else 0
 

@@ -65,7 +65,11 @@ def read_tieredimagenet(
     """Read the class folders of the split(s), in hierarchy-file order, with their general categories."""
     base = data_root("tieredimagenet", root)
     splits = [split] if isinstance(split, str) else list(split)
-    files, labels, names, parents, meta_split = [], [], [], [], []
+    files: list[Path] = []
+    labels: list[int] = []
+    names: list[str] = []
+    parents: list[str] = []
+    meta_split: list[str] = []
     for s in splits:
         if s not in SPLITS:
             raise ValueError(f"unknown split {s!r}; choose from {SPLITS}.")

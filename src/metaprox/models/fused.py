@@ -20,7 +20,7 @@ FusedValueAndGrad = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor],
                              tuple[torch.Tensor, list[torch.Tensor]]]
 
 # activation → (forward, derivative expressed through the activation's *output*)
-_ACTS: dict[type, tuple[Callable, Callable]] = {
+_ACTS: dict[type, tuple[Callable, Callable | None]] = {
     nn.Tanh: (torch.tanh, lambda h: 1 - h * h),
     nn.Sigmoid: (torch.sigmoid, lambda h: h * (1 - h)),
     nn.ReLU: (torch.relu, lambda h: (h > 0).to(h.dtype)),
@@ -92,6 +92,6 @@ def fused_value_and_grad(model: nn.Module, loss_name: str, names: list[str]) -> 
             if i > 0:
                 d = torch.bmm(d, w)
         del bsz
-        return losses, grads  # type: ignore[return-value]
+        return losses, grads
 
     return value_and_grad

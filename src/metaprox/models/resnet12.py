@@ -90,9 +90,11 @@ class ResNet12(BatchNormProtocol):
         if self._use_batch_stats() and not update_stats:
             return F.batch_norm(h, None, None, gamma, beta, True, 0.0, self.eps)
         module = self.get_submodule(key)
-        mean, var = module.running_mean, module.running_var
+        assert isinstance(module, nn.BatchNorm2d)
+        mean, var = module.running_mean, module.running_var  # None unless bn == "running"
         if update_stats:  # b == 1: the buffers are updated in place, as nn.BatchNorm2d does in training
             return F.batch_norm(h, mean, var, gamma, beta, True, self.momentum, self.eps)
+        assert mean is not None and var is not None  # not batch statistics: bn == "running" keeps buffers
         return F.batch_norm(h, mean.repeat(b), var.repeat(b), gamma, beta, False, 0.0, self.eps)
 
     def _grouped(self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool = False) -> torch.Tensor:

@@ -34,7 +34,7 @@ def share_bounds(part: slice | None, total: int) -> tuple[int, int]:
 def _counts(task: Task) -> tuple[int, int]:
     if not isinstance(task, Task):
         raise TypeError(f"tasks must be metaprox.Task objects, got {type(task).__name__}.")
-    return task.num_examples, int(task.x_query.shape[0]) if task.has_query else 0
+    return task.num_examples, 0 if task.x_query is None else int(task.x_query.shape[0])
 
 
 @dataclass(frozen=True, eq=False)

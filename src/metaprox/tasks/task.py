@@ -82,7 +82,7 @@ class Task:
         _check_pair(self.x, self.y, "")
         if (self.x_query is None) != (self.y_query is None):
             raise TaskDataError("Task needs both x_query and y_query, or neither.")
-        if self.x_query is not None:
+        if self.x_query is not None and self.y_query is not None:  # (both or neither, checked above)
             object.__setattr__(self, "x_query", _as_tensor(self.x_query, "x_query"))
             object.__setattr__(self, "y_query", _as_tensor(self.y_query, "y_query"))
             _check_pair(self.x_query, self.y_query, "_query")
@@ -97,11 +97,12 @@ class Task:
 
     def shape_key(self) -> tuple:
         """Tasks with equal keys can be stacked along a task axis and solved together."""
-        q = None if self.x_query is None else (tuple(self.x_query.shape), tuple(self.y_query.shape))
+        q = None if self.x_query is None or self.y_query is None else (tuple(self.x_query.shape),
+                                                                       tuple(self.y_query.shape))
         return (tuple(self.x.shape), tuple(self.y.shape), self.x.dtype, self.y.dtype, q)
 
     def to(self, device: torch.device | str) -> Task:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Task(mv(self.x), mv(self.y), mv(self.x_query), mv(self.y_query), self.name)
+        return Task(self.x.to(device), self.y.to(device), mv(self.x_query), mv(self.y_query), self.name)

@@ -18,8 +18,9 @@ from metaprox.train import train
 LAM, LR, STEPS, OUTER = 0.7, 0.05, 4, 0.3
 
 
-def _reference_inner(center, task, state):
-    """``STEPS`` torch.optim.Adam steps on the prox objective from ``center``, starting from ``state``."""
+def _reference_inner(center, task, state, lam=LAM):
+    """``STEPS`` torch.optim.Adam steps on the prox objective (pull ``lam``) from ``center``, starting from
+    ``state``."""
     w, b = (t.clone().requires_grad_(True) for t in center)
     opt = torch.optim.Adam([w, b], lr=LR, betas=(0.9, 0.999), eps=1e-8, foreach=False)
     if state is not None:
@@ -28,7 +29,7 @@ def _reference_inner(center, task, state):
     for _ in range(STEPS):
         opt.zero_grad()
         loss = F.mse_loss(task.x @ w.T + b, task.y)
-        loss = loss + LAM / 2 * sum((p - c).square().sum() for p, c in zip((w, b), center, strict=True))
+        loss = loss + lam / 2 * sum((p - c).square().sum() for p, c in zip((w, b), center, strict=True))
         loss.backward()
         opt.step()
     st = [opt.state[p] for p in (w, b)]
@@ -54,6 +55,28 @@ def test_moments_carry_across_tasks_and_outer_steps_like_one_torch_adam(strategy
         state = {"m": [sum(r[1][i] for r in runs) / 2 for i in range(2)],
                  "s": [sum(r[2][i] for r in runs) / 2 for i in range(2)], "t": runs[0][3]}
         assert ln.inner_moments.t == state["t"] == STEPS * (s + 1)
+        for got, want in zip(ln.inner_moments.m + ln.inner_moments.s, state["m"] + state["s"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_reptile_carries_the_moments_too():
+    """Reptile (no pull): w moves by outer_lr·(w − v̄)/(α·M), and the moments become the tasks' mean final moments
+    (its meta-gradient came back as a tuple, which the moment all-reduce could not extend: a TypeError)."""
+    tasks = linear_tasks(n_tasks=4)
+    model = linear_model()
+    ln = metaprox.Reptile(model, "mse", outer_lr=OUTER, inner=metaprox.Adam(lr=LR, steps=STEPS, beta1=0.9,
+                                                                           carry_moments=True))
+    state = None
+    for s in range(2):
+        batch = tasks[2 * s: 2 * s + 2]
+        center = [p.detach().clone() for p in model.parameters()]
+        runs = [_reference_inner(center, t, state, lam=0.0) for t in batch]
+        ln.step(batch, monitor=False)
+        v_bar = [sum(r[0][i] for r in runs) / 2 for i in range(2)]
+        for p, c, v in zip(model.parameters(), center, v_bar, strict=True):
+            torch.testing.assert_close(p.detach(), c - OUTER * (c - v) / (LR * STEPS), rtol=1e-12, atol=1e-12)
+        state = {"m": [sum(r[1][i] for r in runs) / 2 for i in range(2)],
+                 "s": [sum(r[2][i] for r in runs) / 2 for i in range(2)], "t": runs[0][3]}
         for got, want in zip(ln.inner_moments.m + ln.inner_moments.s, state["m"] + state["s"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 

@@ -104,3 +104,30 @@ def test_periodic_validation_leaves_training_unchanged(tmp_path):
     assert not (tmp_path / "a" / VAL_CURVE).exists()
     with pytest.raises(ConfigError, match="eval_every"):
         resolve({"log": {"eval_every": -1}})
+
+
+def test_fewshot_compare_reports_accuracy_not_mse(tmp_path):
+    """A classification comparison is reported in accuracy (%), with the episode protocol — it was rendered as
+    "sine regression" with the cross-entropy under an "MSE" header."""
+    from _tiny_omniglot import make_omniglot
+
+    make_omniglot(tmp_path / "omniglot")
+    out = tmp_path / "report"
+    fewshot = [f"shared.task.data_path=\"{tmp_path / 'omniglot'}\"", "shared.task.split=\"background\"",
+               "shared.task.val_alphabets=1", "shared.task.ways=2", "shared.task.shots=1",
+               "shared.task.train_shots=1", "shared.task.queries=2", "shared.task.eval_queries=2",
+               "shared.model.filters=4", "shared.eval.tasks=4", "shared.eval.steps=[0,1,2]",
+               "shared.outer.steps=4", "shared.inner.steps=2", "shared.log.every=2", "shared.log.eval_every=2",
+               "shared.log.eval_tasks=2", "shared.log.checkpoint_every=4", "algorithms=[\"mmp\",\"fomaml\"]",
+               "bench.curve_step=2", "bench.memory_steps=[1]", "bench.memory_tasks=2", "bench.throughput_tasks=2",
+               "bench.throughput_steps=1", "bench.throughput_rounds=1", "tune=false"]
+    args = ["compare", str(Path(CONFIG).with_name("compare_omniglot.toml")), "--out", str(out)]
+    for o in fewshot:
+        args += ["--set", o]
+    assert main(args) == 0
+    md = (out / "README.md").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert "omniglot 2-way 1-shot classification" in md.splitlines()[0] and "MSE" not in md
+    row = res["algorithms"]["mmp"]["test"]["sets"]["2-way 1-shot"]["2"]
+    assert f"| {100 * row['accuracy']:.3f} ± {100 * row['accuracy_ci95']:.3f} |" in md  # the accuracy, in %
+    assert (out / "test_accuracy_vs_steps.png").is_file() and (out / "val_accuracy_vs_time.png").is_file()

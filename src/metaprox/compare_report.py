@@ -20,6 +20,35 @@ from metaprox.plots import save_figure  # noqa: E402
 __all__ = ["write_report", "report_markdown"]
 
 FIGURES = {"test": "test_mse_vs_steps.png", "time": "val_mse_vs_time.png", "memory": "memory_vs_steps.png"}
+ACCURACY_FIGURES = {"test": "test_accuracy_vs_steps.png", "time": "val_accuracy_vs_time.png",
+                    "memory": "memory_vs_steps.png"}
+
+
+class _Metric:
+    """What the report shows: the test loss as MSE (regression), or accuracy in % (classification)."""
+
+    def __init__(self, results: dict[str, Any]):
+        first = next(iter(results["algorithms"].values()))
+        self.accuracy = first["test"].get("metric") == "accuracy"
+        self.name = "accuracy (%)" if self.accuracy else "MSE"
+        self.short = "accuracy" if self.accuracy else "MSE"
+        self.scale = 100.0 if self.accuracy else 1.0
+
+    def test(self, row: dict[str, Any]) -> tuple[float, float]:
+        """(mean, 95 % CI) of one test row ``sets[name][str(step)]``."""
+        key = "accuracy" if self.accuracy else "loss"
+        return self.scale * row[key], self.scale * row[f"{key}_ci95"]
+
+    def curve(self, sets_row: dict[str, Any]) -> list[float]:
+        return [self.scale * v for v in sets_row["accuracy_curve" if self.accuracy else "curve"]]
+
+    def val(self, curve_row: dict[str, Any], name: str, step: int) -> float:
+        """One periodic-validation value: ``val_curve`` rows hold losses under "sets", accuracies under
+        "accuracy"."""
+        return self.scale * curve_row["accuracy" if self.accuracy else "sets"][name][str(step)]
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.accuracy else a < b
 
 
 def _sets(results: dict[str, Any]) -> list[str]:
@@ -28,41 +57,47 @@ def _sets(results: dict[str, Any]) -> list[str]:
 
 
 def plot_test_curves(results: dict[str, Any], path: Path) -> None:
-    """Mean test MSE against test-time steps, one panel per shot setting, 95% CI bars at the reported steps."""
-    sets = _sets(results)
+    """Mean test MSE (or accuracy) against test-time steps, one panel per shot setting, 95% CI bars at the reported
+    steps."""
+    sets, metric = _sets(results), _Metric(results)
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
     for ax, name in zip(axes[0], sets, strict=True):
         for label, a in results["algorithms"].items():
             s = a["test"]["sets"][name]
-            (line,) = ax.plot(range(len(s["curve"])), s["curve"], label=label)
+            curve = metric.curve(s)
+            (line,) = ax.plot(range(len(curve)), curve, label=label)
             steps = a["test"]["steps"]
-            ax.errorbar(steps, [s[str(k)]["loss"] for k in steps], yerr=[s[str(k)]["loss_ci95"] for k in steps],
+            points = [metric.test(s[str(k)]) for k in steps]
+            ax.errorbar(steps, [p[0] for p in points], yerr=[p[1] for p in points],
                         fmt="o", color=line.get_color(), capsize=3, ms=4)
-        ax.set_yscale("log")
+        if not metric.accuracy:
+            ax.set_yscale("log")
         ax.set_xlabel("test-time inner steps")
-        ax.set_ylabel("mean test MSE (95% CI at reported steps)")
+        ax.set_ylabel(f"mean test {metric.name} (95% CI at reported steps)")
         ax.set_title(f"{name}, {int(s[str(steps[0])]['tasks'])} test tasks")
         ax.legend(fontsize=8)
     save_figure(fig, path, dpi=100)
 
 
 def plot_val_vs_time(results: dict[str, Any], step: int, path: Path) -> None:
-    """Validation MSE after ``step`` test-time steps against training seconds (top) and tasks seen (bottom)."""
-    sets = _sets(results)
+    """Validation MSE (or accuracy) after ``step`` test-time steps against training seconds (top) and tasks seen
+    (bottom)."""
+    sets, metric = _sets(results), _Metric(results)
     fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 8.5), squeeze=False, layout="constrained")
     for j, name in enumerate(sets):
         for label, a in results["algorithms"].items():
             rows = a["val_curve"]
             if not rows:
                 continue
-            y = [r["sets"][name][str(step)] for r in rows]
+            y = [metric.val(r, name, step) for r in rows]
             axes[0][j].plot([r["time"] for r in rows], y, marker=".", label=label)
             axes[1][j].plot([r["tasks_seen"] for r in rows], y, marker=".", label=label)
         for i, xlabel in enumerate(("training wall-clock (s, validation excluded)", "meta-training tasks seen")):
             ax = axes[i][j]
-            ax.set_yscale("log")
+            if not metric.accuracy:
+                ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"val MSE after {step} steps")
+            ax.set_ylabel(f"val {metric.name} after {step} steps")
             ax.set_title(f"{name} (validation tasks)")
             ax.legend(fontsize=8)
     save_figure(fig, path, dpi=100)
@@ -81,18 +116,19 @@ def _cpu_note(results: dict[str, Any]) -> str:
 
 
 def _speed_lines(results: dict[str, Any], step: int) -> list[str]:
-    """Per shot setting: each algorithm's final validation MSE and the training seconds (and tasks) it needed to
-    first reach the level that every algorithm reaches (the worst final MSE among them)."""
+    """Per shot setting: each algorithm's final validation MSE (or accuracy) and the training seconds (and tasks)
+    it needed to first reach the level that every algorithm reaches (the worst final value among them)."""
     algos = {lab: a for lab, a in results["algorithms"].items() if a["val_curve"]}
     if not algos:
         return []
-    lines = ["| algorithm | shots | final val MSE | level | training s to reach it | tasks seen to reach it |",
-             "|---|---|---:|---:|---:|---:|"]
+    metric = _Metric(results)
+    lines = [f"| algorithm | shots | final val {metric.name} | level | training s to reach it | tasks seen to reach "
+             "it |", "|---|---|---:|---:|---:|---:|"]
     for name in _sets(results):
-        final = {lab: a["val_curve"][-1]["sets"][name][str(step)] for lab, a in algos.items()}
-        level = max(final.values())
+        final = {lab: metric.val(a["val_curve"][-1], name, step) for lab, a in algos.items()}
+        level = min(final.values()) if metric.accuracy else max(final.values())
         for lab, a in algos.items():
-            hit = next(r for r in a["val_curve"] if r["sets"][name][str(step)] <= level)
+            hit = next(r for r in a["val_curve"] if not metric.better(level, metric.val(r, name, step)))
             lines.append(f"| {lab} | {name} | {final[lab]:.3f} | {level:.3f} | {hit['time']:.1f} | "
                          f"{hit['tasks_seen']:,} |")
     return lines
@@ -120,16 +156,41 @@ def _hyper_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) -> str:
+def _protocol(shared: dict[str, Any]) -> list[str]:
+    """The task lines of the protocol section: sine regression, or few-shot classification episodes."""
+    t, e, mdl = shared["task"], shared["eval"], shared["model"]
+    if t["family"] == "fewshot":
+        model = f"{mdl['kind']} ({mdl['filters']} filters, BatchNorm {mdl['bn']})" if mdl["kind"] == "conv4" \
+            else mdl["kind"]
+        return [f"- the model: {model}, the same initialisation for everyone;",
+                f"- a meta-training episode: {t['dataset']} ({t['split']} split), {t['ways']}-way, "
+                f"{t['train_shots']} support + {t['queries']} query images per class;",
+                f"- test: {e['tasks']} episodes of the test classes ({t['ways']}-way {t['shots']}-shot, "
+                f"{t['eval_queries']} queries per class), seed {e['seed']}; validation episodes (seed "
+                f"{e['val_seed']}) of the validation classes are the only ones used for monitoring/tuning;"]
+    return [f"- the model: {mdl['kind']} {mdl['sizes']} {mdl['activation']}, the same initialisation for everyone;",
+            f"- a meta-training task has {t['train_points']} support + {t['query_points']} query points "
+            f"(amplitude U{t['amp_range']}, phase U[{t['phase_range'][0]:.3g}, {t['phase_range'][1]:.3g}], "
+            f"x U{t['x_range']});",
+            f"- test: {e['tasks']} tasks per shot setting ({', '.join(str(s) for s in e['shots'])} support points, "
+            f"MSE on {e['points']} evenly spaced points), seed {e['seed']}; validation tasks (seed {e['val_seed']}) "
+            f"are the only ones used for monitoring/tuning;"]
+
+
+def report_markdown(results: dict[str, Any], figures: dict[str, str] | None = None) -> str:
+    metric = _Metric(results)
+    figures = figures or (ACCURACY_FIGURES if metric.accuracy else FIGURES)
     algos = results["algorithms"]
     first = next(iter(algos.values()))
     shared = first["config"]
     t, o, e = shared["task"], shared["outer"], shared["eval"]
+    what = (f"{t['dataset']} {t['ways']}-way {t['shots']}-shot classification" if t["family"] == "fewshot"
+            else "sine regression")
     m = results["machine"]
     b = results["bench"]
     steps = first["test"]["steps"]
     cmd = results.get("command") or f"metaprox compare {results.get('config_path')} --out OUT"
-    md = [f"# {results['name']}: {', '.join(algos)} on sine regression", "",
+    md = [f"# {results['name']}: {', '.join(algos)} on {what}", "",
           "Regenerate this directory (every number and figure below is written by this command):", "",
           "```bash", cmd, "```", "",
           f"Run on {m['cpu']} with {m['threads']} torch thread(s), torch {m['torch']}, metaprox {m['metaprox']} "
@@ -138,30 +199,23 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
           "Raw numbers: [results.json](results.json).", "",
           "## Common budget and protocol", "",
           f"- every algorithm: {o['steps']} meta-iterations × meta-batch {o['meta_batch']} = "
-          f"{o['steps'] * o['meta_batch']:,} meta-training tasks, the same task stream (seed {shared['seed']}), the "
-          f"same model ({shared['model']['kind']} {shared['model']['sizes']} {shared['model']['activation']}, same "
-          f"initialisation) and {shared['inner']['steps']} inner steps;",
-          f"- a meta-training task has {t['train_points']} support + {t['query_points']} query points "
-          f"(amplitude U{t['amp_range']}, phase U[{t['phase_range'][0]:.3g}, {t['phase_range'][1]:.3g}], "
-          f"x U{t['x_range']});",
-          f"- test: {e['tasks']} tasks per shot setting ({', '.join(str(s) for s in e['shots'])} support points, "
-          f"MSE on {e['points']} evenly spaced points), seed {e['seed']}; validation tasks (seed {e['val_seed']}) "
-          f"are the only ones used for monitoring/tuning;",
+          f"{o['steps'] * o['meta_batch']:,} meta-training tasks, the same task stream (seed {shared['seed']}) and "
+          f"{shared['inner']['steps']} inner steps;", *_protocol(shared),
           f"- periodic validation every {shared['log']['eval_every']} iterations on {shared['log']['eval_tasks']} "
           f"validation tasks per shot setting; its time is excluded from the training clock.", "",
           "## Per-algorithm hyperparameters", "", *_hyper_rows(results), "",
-          f"## Test MSE (mean ± 95% CI over {e['tasks']} test tasks)", "",
+          f"## Test {metric.name} (mean ± 95% CI over {e['tasks']} test tasks)", "",
           "| algorithm | shots | " + " | ".join(f"after {s} steps" for s in steps) + " |",
           "|---|---|" + "---:|" * len(steps)]
     for label, a in algos.items():
         for name, rows in a["test"]["sets"].items():
-            md.append(f"| {label} | {name} | " + " | ".join(_fmt(rows[str(s)]["loss"], rows[str(s)]["loss_ci95"])
-                                                        for s in steps) + " |")
-    best = {name: min(algos, key=lambda lab: algos[lab]["test"]["sets"][name][str(steps[-1])]["loss"])
+            md.append(f"| {label} | {name} | " + " | ".join(_fmt(*metric.test(rows[str(s)])) for s in steps) + " |")
+    pick = max if metric.accuracy else min
+    best = {name: pick(algos, key=lambda lab: metric.test(algos[lab]["test"]["sets"][name][str(steps[-1])])[0])
             for name in first["test"]["sets"]}
-    md += ["", "Lowest mean test MSE after " + f"{steps[-1]} steps: "
+    md += ["", f"{'Highest' if metric.accuracy else 'Lowest'} mean test {metric.short} after {steps[-1]} steps: "
            + "; ".join(f"{n}: **{lab}**" for n, lab in best.items()) + " (overlapping CIs are not a difference).", "",
-           f"![test MSE vs test-time steps]({figures['test']})", "",
+           f"![test {metric.short} vs test-time steps]({figures['test']})", "",
            "## Training cost", "",
            "Wall-clock of the training loop (periodic validation excluded; monitors every "
            f"{shared['log']['every']} iterations and checkpoints included), measured one algorithm after the other; "
@@ -188,13 +242,13 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
            "subprocess: peak RSS increase over the RSS just before the iteration (after a warm-up step and a "
            "`clear_refs` reset of the high-water mark), glibc mmap threshold fixed at 128 KiB.", "",
            memory_markdown(results["memory"]["points"]), "", f"![memory vs inner steps]({figures['memory']})", "",
-           f"## Validation error vs training time (after {b['curve_step']} test-time steps)", "",
-           f"Mean MSE on {shared['log']['eval_tasks']} validation tasks per shot setting, recorded every "
+           f"## Validation {metric.short} vs training time (after {b['curve_step']} test-time steps)", "",
+           f"Mean {metric.name} on {shared['log']['eval_tasks']} validation tasks per shot setting, recorded every "
            f"{shared['log']['eval_every']} iterations (time = training seconds so far, validation excluded). "
-           "'Level' is the worst final validation MSE among the algorithms, a level all of them reach; the "
-           "time to first reach it measures who learns fastest per second on this machine.", "",
+           f"'Level' is the worst final validation {metric.short} among the algorithms, a level all of them reach; "
+           "the time to first reach it measures who learns fastest per second on this machine.", "",
            *_speed_lines(results, int(b["curve_step"])), "",
-           f"![validation MSE vs training time]({figures['time']})", ""]
+           f"![validation {metric.short} vs training time]({figures['time']})", ""]
     if results.get("tuned"):
         from metaprox.compare_tuned_report import tuned_markdown
 
@@ -204,8 +258,9 @@ def report_markdown(results: dict[str, Any], figures: dict[str, str] = FIGURES) 
     return "\n".join(md)
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path, figures: dict[str, str] = FIGURES) -> list[Path]:
+def write_report(results: dict[str, Any], out_dir: str | Path, figures: dict[str, str] | None = None) -> list[Path]:
     """Write ``README.md`` and the figures into ``out_dir``; returns the paths written."""
+    figures = figures or (ACCURACY_FIGURES if _Metric(results).accuracy else FIGURES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_test_curves(results, out / figures["test"])

@@ -281,7 +281,8 @@ class MetaLearner:
         carry = bool(getattr(self.inner, "carry_moments", False))
         n_grads = len(grads)
         if carry:
-            grads = grads + self._moment_sums(solved, w)  # all-reduced with the meta-gradient (one call)
+            # all-reduced with the meta-gradient (one call); a rule may return a tuple (torch._foreach_*)
+            grads = [*grads, *self._moment_sums(solved, w)]
             sums["moment_tasks"] = float(len(local))
         grads, sums = self.reducer.sum(grads, sums)
         if carry:

@@ -121,9 +121,13 @@ def test_shipped_compare_configs_resolve_with_equal_tuning_budgets():
     from metaprox.compare import load_compare_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("compare_sine.toml", "compare_omniglot.toml"):
+    for name in ("compare_sine.toml", "compare_omniglot.toml", "compare_omniglot_cpu.toml"):
         cfg = load_compare_config(root / name)
         budgets = {json.dumps({k: v for k, v in t.items() if k not in ("dims", "space")}, sort_keys=True)
                    for t in cfg["tune"]["algorithms"].values()}
         assert len(budgets) == 1 and set(cfg["tune"]["algorithms"]) == set(cfg["algorithms"]), name
         assert len(cfg["tune"]["seeds"]) >= 3
+    # the CPU-sized Omniglot box of MMP lies inside ηλ < 2, so no sampled trial is refused as unstable
+    mmp = load_compare_config(root / "compare_omniglot_cpu.toml")["tune"]["algorithms"]["mmp"]
+    dims = {d.key: d for d in mmp["dims"]}
+    assert dims["outer.lr"].high * dims["prox.lam"].high < 2

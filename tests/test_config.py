@@ -51,3 +51,14 @@ def test_shipped_configs_load():
             load_compare_config(f)
         else:
             load_config(f)
+
+
+def test_cosine_scale_is_conv4_only():
+    from metaprox.build import build_model
+
+    cfg = resolve({"model": {"kind": "mlp", "cosine_scale": 10.0}})
+    with pytest.raises(ConfigError, match="cosine_scale applies to model.kind = 'conv4' only"):
+        build_model(cfg)
+    conv = resolve({"task": {"family": "fewshot", "dataset": "omniglot", "ways": 5},
+                    "model": {"kind": "conv4", "filters": 4, "cosine_scale": 10.0}})
+    assert build_model(conv).cosine_scale == 10.0

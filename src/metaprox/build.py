@@ -68,6 +68,9 @@ _IMAGE_SHAPES = {"omniglot": (1, 28), "miniimagenet": (3, 84), "tieredimagenet":
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     m = cfg["model"]
+    if m["cosine_scale"] and m["kind"] != "conv4":
+        raise ConfigError(f"model.cosine_scale applies to model.kind = 'conv4' only, not {m['kind']!r}; "
+                          f"remove it or set it to 0.")
     if m["kind"] == "mlp":
         return MLP(m["sizes"], m["activation"])
     if m["kind"] == "conv4":
@@ -77,7 +80,7 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
             raise ConfigError("model.kind = 'conv4' needs task.family = 'fewshot' (image episodes).")
         channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
         return Conv4(channels, int(cfg["task"]["ways"]), int(m["filters"]), size, bn=m["bn"],
-                     channels_last=bool(m["channels_last"]))
+                     channels_last=bool(m["channels_last"]), cosine_scale=float(m["cosine_scale"]))
     if m["kind"] == "resnet12":
         from metaprox.models.resnet12 import ResNet12
 

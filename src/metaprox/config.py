@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "widths": [64, 160, 320, 640],  # resnet12: channels of its four residual blocks
         "bn": "transductive",      # conv4, resnet12: "batch" | "transductive" | "running"
         "channels_last": True,     # conv4, resnet12
+        "cosine_scale": 0.0,       # conv4: s > 0 = the head sees s·h/‖h‖ (L2-normalised features); 0 = plain
     },
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)

@@ -112,3 +112,30 @@ def test_mmp_step_agrees_with_loop(execution):
         results[ex] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(results["loop"], results[execution], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cosine_head_sees_scaled_unit_features(channels_last):
+    """cosine_scale = s: the head's input has norm s, is invariant to the features' scale, batched == per task."""
+    torch.manual_seed(0)
+    s = 10.0
+    model = Conv4(3, 4, filters=4, image_size=20, bn="batch", channels_last=channels_last, cosine_scale=s)
+    x = torch.rand(6, 3, 20, 20)
+    width = model.head.in_features
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    identity = {**params, "head.weight": torch.eye(width), "head.bias": torch.zeros(width)}
+    feats = functional_call(model, identity, (x,))
+    torch.testing.assert_close(feats.norm(dim=1), torch.full((6,), s))
+    # the last block is positively homogeneous in (γ, β) of norm3: doubling both doubles h, not the logits
+    doubled = {**params, "norm3.weight": 2 * params["norm3.weight"], "norm3.bias": 2 * params["norm3.bias"]}
+    torch.testing.assert_close(functional_call(model, doubled, (x,)), functional_call(model, params, (x,)))
+    plain = Conv4(3, 4, filters=4, image_size=20, bn="batch", channels_last=channels_last)
+    raw = functional_call(plain, identity, (x,))
+    torch.testing.assert_close(feats, s * raw / raw.norm(dim=1, keepdim=True))
+    stacked = _stacked(model, 2)
+    out = model.forward_batched(stacked, x.view(2, 3, 3, 20, 20))
+    for t in range(2):
+        ref = functional_call(model, {k: v[t] for k, v in stacked.items()}, (x.view(2, 3, 3, 20, 20)[t],))
+        torch.testing.assert_close(out[t], ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cosine_scale"):
+        Conv4(cosine_scale=-1.0)

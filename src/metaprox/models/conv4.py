@@ -56,6 +56,10 @@ class Conv4(BatchNormProtocol):
         channels_last: compute in channels-last memory format (speed only; default True, faster on CPU).
         task_layout: ``"auto"``, ``"grouped"`` or ``"per_task"``: how :meth:`forward_batched` stacks tasks
             (speed only; see the module docstring).
+        cosine_scale: 0 (default) = the plain linear head on the flattened features; s > 0 = the head sees the
+            features L2-normalised and scaled by s, ``logits = W (s·h/‖h‖) + b`` (a cosine-similarity head with
+            a fixed temperature, as in Baseline++ / SimpleShot's L2N: on pretrained Conv-4 features it raised
+            5-way 1-shot prototype accuracy by 4.7 points, reports/miniimagenet).
 
     Parameter names: ``conv{i}.weight``, ``norm{i}.weight/bias`` (i = 0..3), ``head.weight/bias``. The
     convs have no bias: BatchNorm's shift makes it redundant, and with batch statistics its gradient is
@@ -73,8 +77,12 @@ class Conv4(BatchNormProtocol):
         eps: float = 1e-5,
         channels_last: bool = True,
         task_layout: str = "auto",
+        cosine_scale: float = 0.0,
     ):
         super().__init__()
+        if not cosine_scale >= 0:
+            raise ValueError(f"cosine_scale must be ≥ 0 (0 = plain linear head), got {cosine_scale}.")
+        self.cosine_scale = float(cosine_scale)
         if bn not in BN_MODES:
             raise ValueError(f"unknown BatchNorm mode {bn!r}; choose one of {BN_MODES}.")
         if task_layout not in TASK_LAYOUTS:
@@ -131,6 +139,12 @@ class Conv4(BatchNormProtocol):
             return x.device.type == "cpu" and self.in_channels >= 2
         return self.task_layout == "per_task"
 
+    def _features(self, h: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the flattened features, L2-normalised and scaled when ``cosine_scale`` > 0."""
+        if self.cosine_scale == 0:
+            return h
+        return F.normalize(h, dim=-1, eps=1e-12) * self.cosine_scale
+
     def _layout(self, h: torch.Tensor) -> torch.Tensor:
         return h.contiguous(memory_format=torch.channels_last) if self.channels_last else h
 
@@ -169,7 +183,7 @@ class Conv4(BatchNormProtocol):
                     self.eps,
                 )
             h = F.relu(F.max_pool2d(h, 2))
-        return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+        return F.linear(self._features(h.flatten(1)), p["head.weight"], p["head.bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, num_classes)`` for images ``(n, C, H, W)`` (``(n, H, W)`` when C = 1)."""
@@ -214,7 +228,7 @@ class Conv4(BatchNormProtocol):
                     self.eps,
                 )
             h = F.relu(F.max_pool2d(h, 2))
-        feats = h.reshape(n, b, -1).transpose(0, 1)
+        feats = self._features(h.reshape(n, b, -1).transpose(0, 1))
         return torch.baddbmm(
             params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)
         )

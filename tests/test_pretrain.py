@@ -18,7 +18,7 @@ from metaprox.build import build_family, build_learner, build_model
 from metaprox.cli import main
 from metaprox.config import ConfigError, apply_overrides, load_config, resolve
 from metaprox.evaluate import bn_protocol
-from metaprox.pretrain import _augment, _embed, pretrain_backbone, prototype_accuracy, start_from_backbone
+from metaprox.pretrain import _augment, embed, pretrain_backbone, prototype_accuracy, start_from_backbone
 from metaprox.rundir import read_metrics
 from metaprox.train import train
 
@@ -64,12 +64,12 @@ def test_features_and_prototype_score_match_direct_computation(mini_root):
     model = build_model(cfg)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x = torch.rand(7, 3, 84, 84)
-    feats = _embed(model, params, x)
+    feats = embed(model, params, x)
     torch.testing.assert_close(feats @ params["head.weight"].T + params["head.bias"], model(x))
     batch = build_family(cfg).eval_sampler("val").sample_batch(5, torch.Generator().manual_seed(1))
     want = []
     for t in range(5):  # nearest centroid, written out
-        fs, fq = _embed(model, params, batch.x[t]), _embed(model, params, batch.x_query[t])
+        fs, fq = embed(model, params, batch.x[t]), embed(model, params, batch.x_query[t])
         cents = torch.stack([fs[batch.y[t] == k].mean(0) for k in range(3)])
         d = ((fq[:, None] - cents[None]) ** 2).sum(-1)
         want.append(float((d.argmin(1) == batch.y_query[t]).double().mean()))

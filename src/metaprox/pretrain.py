@@ -42,14 +42,14 @@ from metaprox.checkpoint import atomic_write
 from metaprox.config import ConfigError
 from metaprox.rundir import write_metrics
 
-__all__ = ["pretrain_backbone", "start_from_backbone", "prototype_accuracy", "load_backbone", "PRETRAIN_CURVE",
+__all__ = ["pretrain_backbone", "start_from_backbone", "prototype_accuracy", "load_backbone", "embed", "PRETRAIN_CURVE",
            "HEAD_PREFIX"]
 
 PRETRAIN_CURVE = "pretrain_curve.jsonl"
 HEAD_PREFIX = "head."  # the classifier's parameters (replaced after pretraining); the rest is the backbone
 
 
-def _embed(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def embed(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Features before the linear head: the head replaced by the identity (exact: F.linear(h, I, 0) = h)."""
     width = params["head.weight"].shape[1]
     eye = torch.eye(width, device=x.device, dtype=params["head.weight"].dtype)
@@ -65,7 +65,7 @@ def prototype_accuracy(model: torch.nn.Module, params: dict[str, torch.Tensor], 
     out = []
     for t in range(batch.x.shape[0]):
         ways = int(batch.y[t].max()) + 1
-        fs, fq = _embed(model, params, batch.x[t]), _embed(model, params, batch.x_query[t])
+        fs, fq = embed(model, params, batch.x[t]), embed(model, params, batch.x_query[t])
         centroids = torch.zeros(ways, fs.shape[1], device=fs.device).index_add_(0, batch.y[t], fs)
         centroids /= torch.bincount(batch.y[t], minlength=ways).unsqueeze(1)
         pred = torch.cdist(fq, centroids).argmin(1)

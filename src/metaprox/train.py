@@ -340,8 +340,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     resume = _resuming(cfg, run_dir, resume)
     log = cfg["log"]
     show = bool(log["progress"] if progress is None else progress)
-    kind: type[Setting] = FiniteSetting if cfg["algorithm"] == "finite_mmp" else StreamSetting
-    setting = kind(cfg, run_dir, reducer, resume, resume_from, show)  # type: ignore[call-arg]
+    kind = FiniteSetting if cfg["algorithm"] == "finite_mmp" else StreamSetting
+    setting: Setting = kind(cfg, run_dir, reducer, resume, resume_from, show)
     learner: MetaLearner = setting.learner
     # training clock: pretraining (if any) + meta-training, in seconds
     elapsed0 = float(setting.meta.get("elapsed", 0.0))

@@ -148,7 +148,7 @@ class StreamSetting:
     log_first_step = True  # the learning curve starts at step 1
 
     def __init__(self, cfg: dict[str, Any], run_dir: Path, reducer: Reducer, resume: bool,
-                 resume_from: int | None, progress: bool):
+                 resume_from: int | None, progress: bool | None):
         self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
         self.learner = build_learner(cfg)
         self.learner.reducer = reducer
@@ -164,7 +164,7 @@ class StreamSetting:
             if reducer.world_size > 1:
                 raise ConfigError("pretraining runs in one process; pretrain first (a run with outer.steps = 1), "
                                   "then meta-train under torchrun.")
-            backbone, summary = pretrain_backbone(cfg, self.family, run_dir, progress=progress)
+            backbone, summary = pretrain_backbone(cfg, self.family, run_dir, progress=bool(progress))
             start_from_backbone(self.learner, backbone)
             self.meta = {"pretrain_seconds": float(summary["seconds"]), "elapsed": float(summary["seconds"])}
         self.validate: Callable[[], dict[str, Any]] | None = None
@@ -218,7 +218,7 @@ class FiniteSetting:
     log_first_step = False  # rows every log.every steps (a guard reference from the first of them)
 
     def __init__(self, cfg: dict[str, Any], run_dir: Path, reducer: Reducer, resume: bool,
-                 resume_from: int | None, progress: bool):
+                 resume_from: int | None, progress: bool | None):
         if resume_from is not None:  # its task stores hold the last checkpoint's step only
             raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
         self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
@@ -339,9 +339,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
                           "outer.steps (or stop_at) in distributed runs.")
     resume = _resuming(cfg, run_dir, resume)
     log = cfg["log"]
-    show = bool(log["progress"] if progress is None else progress)
+    show = log["progress"] if progress is None else progress
     kind = FiniteSetting if cfg["algorithm"] == "finite_mmp" else StreamSetting
-    setting: Setting = kind(cfg, run_dir, reducer, resume, resume_from, show)
+    setting: Setting = kind(cfg, run_dir, reducer, resume, resume_from, progress)
     learner: MetaLearner = setting.learner
     # training clock: pretraining (if any) + meta-training, in seconds
     elapsed0 = float(setting.meta.get("elapsed", 0.0))

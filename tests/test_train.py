@@ -1,6 +1,7 @@
 """The one training loop (:func:`metaprox.train.train`) gives a finite task set what it gives a task stream:
 periodic validation that leaves training unchanged, the ``outer.minutes`` budget, a session budget
-(``max_seconds``) after which ``--resume`` equals an uninterrupted run — on a 5-task table, seconds each."""
+(``max_seconds``) after which ``--resume`` equals an uninterrupted run, the NaN/inf guard (exit 3, the last
+finite checkpoint kept) — on a 5-task table, seconds each."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from metaprox.algorithms.base import MetaLearner
+from metaprox.checkpoint import load_checkpoint
+from metaprox.cli import main
 from metaprox.config import ConfigError, load_config
 from metaprox.rundir import read_metrics
 from metaprox.train import VAL_CURVE, train
-from test_finite_table import state, write_config, write_table
+from test_finite_table import SIZES, state, write_config, write_table
 
 
 def finite_cfg(tmp_path: Path, **over: str) -> dict:
@@ -66,3 +70,30 @@ def test_finite_session_budget_then_resume_equals_uninterrupted(tmp_path):
     a, b = state(tmp_path / "whole"), state(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [r["step"] for r in read_metrics(tmp_path / "whole")]
+
+
+def test_finite_run_stops_at_non_finite_parameters_keeping_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
+    """The center turned NaN by the outer step of step 3 (FiniteMMP steps through MetaLearner.apply_meta_gradient
+    too): exit 3 naming the step and parameter; the kept checkpoint is step 2's, its center and rows finite."""
+    real = MetaLearner.apply_meta_gradient
+
+    def poisoned(self, grads, **kw):
+        diag = real(self, grads, **kw)
+        if self.step_count == 3:
+            with torch.no_grad():
+                self.fmodel.params()[0].fill_(float("nan"))
+        return diag
+
+    monkeypatch.setattr(MetaLearner, "apply_meta_gradient", poisoned)
+    write_table(tmp_path / "t.csv")
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "t.csv", **{"log.checkpoint_every": "1", "log.every": "1"})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("metaprox: error: training stopped at step 2: parameter 'weight' (nan)"), err
+    assert "after outer step 3" in err and "last good checkpoint (step 2" in err, err
+    saved, _ = load_checkpoint(tmp_path / "run")
+    assert saved["step"] == 2 and all(bool(torch.isfinite(t).all()) for t in saved["params"].values())
+    rows = state(tmp_path / "run")["rows"]
+    assert rows.shape[0] == len(SIZES) and bool(torch.isfinite(rows).all())
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "eval-val.json").exists()

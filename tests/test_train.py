@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaprox.algorithms.base import MetaLearner
 from metaprox.checkpoint import load_checkpoint
 from metaprox.cli import main
 from metaprox.config import ConfigError, load_config
@@ -72,19 +71,11 @@ def test_finite_session_budget_then_resume_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [r["step"] for r in read_metrics(tmp_path / "whole")]
 
 
-def test_finite_run_stops_at_non_finite_parameters_keeping_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
+def test_finite_run_stops_at_non_finite_parameters_keeping_the_last_finite_checkpoint(tmp_path, poison_outer_step,
+                                                                                      capsys):
     """The center turned NaN by the outer step of step 3 (FiniteMMP steps through MetaLearner.apply_meta_gradient
     too): exit 3 naming the step and parameter; the kept checkpoint is step 2's, its center and rows finite."""
-    real = MetaLearner.apply_meta_gradient
-
-    def poisoned(self, grads, **kw):
-        diag = real(self, grads, **kw)
-        if self.step_count == 3:
-            with torch.no_grad():
-                self.fmodel.params()[0].fill_(float("nan"))
-        return diag
-
-    monkeypatch.setattr(MetaLearner, "apply_meta_gradient", poisoned)
+    poison_outer_step(3, 0)
     write_table(tmp_path / "t.csv")
     cfg = write_config(tmp_path / "c.toml", tmp_path / "t.csv", **{"log.checkpoint_every": "1", "log.every": "1"})
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 3

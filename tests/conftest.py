@@ -1,4 +1,5 @@
-"""Shared fixtures: small linear least-squares task sets with closed-form answers, tiny nonlinear tasks."""
+"""Shared fixtures: small linear least-squares task sets with closed-form answers, tiny nonlinear tasks, an outer
+step that poisons a parameter."""
 
 from __future__ import annotations
 
@@ -51,3 +52,25 @@ def _image_cache(tmp_path_factory, monkeypatch):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison_outer_step(monkeypatch):
+    """``poison_outer_step(step, index)``: from then on the outer step (``MetaLearner.apply_meta_gradient``, every
+    learner's) that makes the step count ``step`` leaves parameter ``index`` NaN — a finite meta-gradient, a
+    non-finite center."""
+    from metaprox.algorithms.base import MetaLearner
+
+    real = MetaLearner.apply_meta_gradient
+
+    def poison(step: int, index: int) -> None:
+        def poisoned(self, grads, **kw):
+            diag = real(self, grads, **kw)
+            if self.step_count == step:
+                with torch.no_grad():
+                    self.fmodel.params()[index].fill_(float("nan"))
+            return diag
+
+        monkeypatch.setattr(MetaLearner, "apply_meta_gradient", poisoned)
+
+    return poison

@@ -197,23 +197,14 @@ def test_loss_messages_say_what_is_wrong():
 
 # ----- divergence during training ----------------------------------------------------------------------------------
 
-def test_non_finite_parameters_stop_the_run_and_the_last_finite_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
+def test_non_finite_parameters_stop_the_run_and_the_last_finite_checkpoint_is_kept(tmp_path, poison_outer_step,
+                                                                                   capsys):
     """An update that leaves a parameter NaN (with a finite meta-gradient, which the old guard checked) stops
     the run at that step naming the parameter; the checkpoint of step 2 — not one of step 3 holding NaN — is
     kept, and every tensor in it is finite."""
-    from metaprox.algorithms.base import MetaLearner
     from metaprox.checkpoint import load_checkpoint
 
-    real = MetaLearner.apply_meta_gradient
-
-    def poisoned(self, grads, **kw):
-        diag = real(self, grads, **kw)
-        if self.step_count == 3:
-            with torch.no_grad():
-                self.fmodel.params()[2].fill_(float("nan"))
-        return diag
-
-    monkeypatch.setattr(MetaLearner, "apply_meta_gradient", poisoned)
+    poison_outer_step(3, 2)
     run = tmp_path / "run"
     assert main(["train", SINE, "--out", str(run), *TINY, "--set", "log.checkpoint_every=1"]) == 3
     err = capsys.readouterr().err

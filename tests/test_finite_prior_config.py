@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from metaprox.algorithms.finite import FiniteMMP
-from metaprox.build import build_prior
+from metaprox.build import build_finite, build_prior
 from metaprox.checkpoint import load_checkpoint
 from metaprox.config import ConfigError, apply_overrides, resolve
 from metaprox.finite_data import load_finite_data
 from metaprox.priors import Graph, Tree
 from metaprox.tasks.taskset import TaskSet
 from metaprox.train import train
-from metaprox.train_finite import build_finite
 from test_train_finite import TASKS, overrides, write_survey
 
 NODES = ["a/x", "a/x", "a/y", "a/y", "b", "b", "b", "a/x", "b"]

@@ -178,6 +178,21 @@ def test_two_torchrun_ranks_equal_one_process(data_dir, tmp_path, center_update)
         assert (tmp_path / "two" / f"store-rank{r}-of-2" / "index.json").is_file()
 
 
+@distributed
+def test_minutes_budget_under_torchrun_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    """outer.minutes on 2 ranks: both stop and checkpoint at the same step (their shards committed together) and
+    the run is evaluated. (The ranks agree on the clock; whether they would drift apart without that depends on
+    timing that this run does not force, so this is the end-to-end check of the budgeted stop under torchrun.)"""
+    run = tmp_path / "budget"
+    rc, log = finish(torchrun_finite(data_dir, run, **{"outer.steps": 1_000_000, "outer.minutes": 0.005}),
+                     timeout=120)
+    assert rc == 0, log[-3000:]
+    stopped = checkpoint_step(run)
+    assert 0 < stopped < 1_000_000
+    _state(run, world=2)  # both shards committed at the checkpoint's step, no commit left pending
+    assert json.loads((run / "eval.json").read_text())["step"] == stopped
+
+
 # ----- failures under torchrun: a few seconds of work, a checkpoint every 5 steps, rank 1 killed at ≥ KILL_AT ---
 LONG = {"outer.steps": 300, "log.every": 5, "log.checkpoint_every": 5}
 KILL_AT = 40

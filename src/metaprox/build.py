@@ -1,4 +1,6 @@
-"""Config → objects: the model, the task family, the inner solver and the meta-learner of a run.
+"""Config → objects: the model, the task family, the inner solver and the meta-learner of a run — for a task
+stream (:func:`build_learner`, :func:`build_family`) and for a finite task set (:func:`build_finite` on the tasks
+of :func:`metaprox.finite_data.load_finite_data`, its model :func:`finite_model`).
 
 Task families registered here give the trainer ``train_batch(n, generator)`` (meta-training tasks),
 ``train_share(n, generator, part)`` (only the tasks ``part`` of that minibatch, as a
@@ -16,15 +18,19 @@ from torch import nn
 
 from metaprox.algorithms import ALGORITHMS
 from metaprox.algorithms.base import MetaLearner
+from metaprox.algorithms.finite import FiniteMMP
 from metaprox.config import ConfigError
+from metaprox.finite_data import FiniteData
+from metaprox.memory import TaskMemory
 from metaprox.models.mlp import MLP
 from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerSolver
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
 from metaprox.tasks.task import Task
+from metaprox.tasks.taskset import TaskSampler, TaskSet
 
 __all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "rule_options", "FAMILIES",
-           "ALGORITHMS", "optimizer_factory"]
+           "ALGORITHMS", "optimizer_factory", "finite_model", "build_finite"]
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -121,8 +127,8 @@ def optimizer_factory(cfg: dict[str, Any]) -> Callable[..., torch.optim.Optimize
 
 def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLearner:
     if cfg["algorithm"] == "finite_mmp":
-        raise ConfigError("a finite_mmp run is trained by `metaprox train` (metaprox.train_finite) and scored by "
-                          "`metaprox eval DIR --split val|test` (metaprox.finite_eval).")
+        raise ConfigError("a finite_mmp run's learner is build_finite's; it is trained by `metaprox train` "
+                          "(metaprox.train) and scored by `metaprox eval DIR --split val|test` (metaprox.finite_eval).")
     if cfg["algorithm"] not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {cfg['algorithm']!r}; available: {sorted(ALGORITHMS)}.")
     if model is None:
@@ -218,3 +224,59 @@ def build_prior(cfg: dict[str, Any], num_tasks: int, weights: torch.Tensor) -> d
         except ValueError as e:
             raise ConfigError(f"prior (graph): {e}") from e
     return {"prior": None, "graph": None}
+
+
+def finite_model(cfg: dict[str, Any], features: int, outputs: int) -> nn.Module:
+    """The model of a finite task set (``model.kind`` linear, zero-initialised, or mlp), in float64."""
+    kind = cfg["model"]["kind"]
+    if kind == "linear":
+        model = nn.Linear(features, outputs)
+        nn.init.zeros_(model.weight)
+        nn.init.zeros_(model.bias)
+        return model.to(torch.float64)
+    if kind == "mlp":
+        sizes = [features, *cfg["model"]["sizes"][1:-1], outputs]
+        act = {"tanh": nn.Tanh, "relu": nn.ReLU}[cfg["model"]["activation"]]
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers += [nn.Linear(sizes[i], sizes[i + 1])] + ([act()] if i < len(sizes) - 2 else [])
+        torch.manual_seed(cfg["seed"])
+        return nn.Sequential(*layers).to(torch.float64)
+    raise ConfigError(f"model.kind = {kind!r} for a multitask run: use 'linear' or 'mlp'.")
+
+
+def _finite_lam(cfg: dict[str, Any]) -> Any:
+    lam = cfg["prox"]["lam"]
+    return dict(lam) if isinstance(lam, dict) else float(lam)
+
+
+def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: Any = None) -> Any:
+    """The config's learner on the training tasks (``store``: the run's shard; None: in memory): FiniteMMP
+    (``finite.rule = "mmp"``), or the rule's learner with a :class:`~metaprox.memory.TaskMemory`."""
+    f, o = cfg["finite"], cfg["outer"]
+    if cfg["precision"] != "fp32":
+        raise ConfigError(f"precision = {cfg['precision']!r}: finite_mmp has no reduced-precision path (its "
+                          f"linear and MLP models compute in float64); remove the precision setting.")
+    n = len(train)
+    batch = None if f["sample"] == "all" else o["meta_batch"]
+    sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = finite_model(cfg, train[0].x.shape[1], fd.outputs)
+    tasks = TaskSet(train)
+    if f["rule"] != "mmp":
+        lam = cfg["prox"]["lam"]
+        learner = ALGORITHMS[f["rule"]](
+            model, "cross_entropy" if fd.classify else "mse", lam=None if lam == 0 else _finite_lam(cfg),
+            inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
+            schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"], **rule_options(cfg, f["rule"]))
+        try:
+            TaskMemory(learner, tasks, store=store, sampler=sampler, task_lam=f["task_lam"])
+        except ValueError as e:
+            raise ConfigError(f"finite.rule = {f['rule']!r}: {e}") from e
+        return learner
+    center = "fixed" if f["center_update"] == "solve" else f["center_update"]  # solve: set once, then kept
+    return FiniteMMP(model, tasks, "cross_entropy" if fd.classify else "mse", lam=_finite_lam(cfg),
+                     **build_prior(cfg, len(tasks), tasks.weights), task_lam=f["task_lam"], inner=build_inner(cfg),
+                     store=store, center_update=center,
+                     sampler=sampler, meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
+                     schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"])

@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)
-    "finite": {                    # algorithm = "finite_mmp" (metaprox.train_finite)
+    "finite": {                    # algorithm = "finite_mmp" (metaprox.train.FiniteSetting)
         "rule": "mmp",             # the meta-gradient rule over the finite set: "mmp" (FiniteMMP) or another of
                                    # metaprox.ALGORITHMS with a TaskMemory (flat prior, gradient center step)
         "task_lam": "constant",    # per-task pull: "constant" | "size" (λ_t = λ·n̄/n_t: more data, weaker pull)

@@ -22,11 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from metaprox import sharded
+from metaprox.build import build_finite, finite_model
+from metaprox.checkpoint import atomic_write
 from metaprox.config import ConfigError
-from metaprox.finite_data import FiniteData
+from metaprox.distributed import LocalReducer
+from metaprox.finite_data import FiniteData, load_finite_data
+from metaprox.memory import keeper_of
 from metaprox.metrics import metric_functions
+from metaprox.rundir import read_config
 
-__all__ = ["evaluate_split", "check_auc_classes", "evaluate_finite_run", "markdown"]
+__all__ = ["evaluate_split", "check_auc_classes", "finite_result", "write_eval", "evaluate_finite_run", "markdown"]
 
 
 def check_auc_classes(fd: FiniteData, metrics: list[str] | None, splits: tuple[str, ...] = ("val", "test")) -> None:
@@ -115,10 +121,24 @@ def per_task_csv(result: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def finite_result(cfg: dict[str, Any], learner: Any, fd: FiniteData, split: str) -> dict[str, Any]:
+    """The evaluation record of ``split``: :func:`evaluate_split` under ``"eval"``, and under the split's name
+    the headline number (RMSE pooled over all rows; AUC averaged over tasks; else the first metric, pooled), with
+    the joint objective ``J`` where the learner has one (FiniteMMP; a rule's TaskMemory: None). A collective
+    under torchrun."""
+    ev = evaluate_split(keeper_of(learner), fd, split, cfg["eval"]["metrics"])
+    first = next(iter(ev["pooled"]))
+    headline = "rmse" if "rmse" in ev["pooled"] else "auc" if "auc" in ev["pooled"] else first
+    kind = "task_mean" if headline == "auc" else "pooled"
+    head = {"metric": headline, "value": ev[kind][headline], "rows": ev["rows"],
+            "tasks_scored": ev["tasks_scored"][headline]}
+    objective = learner.objective() if hasattr(learner, "objective") else None
+    return {"step": learner.step_count, "dataset": fd.source, "tasks": len(fd.names), "J": objective,
+            split: head, "eval": ev}
+
+
 def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
     """``eval.json``/``eval.md``/``tasks-test.csv`` (test) or ``eval-val.*``/``tasks-val.csv`` (validation)."""
-    from metaprox.checkpoint import atomic_write
-
     split = result["eval"]["split"]
     stem = "eval" if split == "test" else f"eval-{split}"
     atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1).encode())
@@ -129,12 +149,6 @@ def write_eval(run_dir: Path, result: dict[str, Any]) -> None:
 def evaluate_finite_run(run_dir: str | Path, split: str = "test", metrics: list[str] | None = None,
                         write: bool = True) -> dict[str, Any]:
     """Score a finite run's last checkpoint on ``split`` (one process; see the module doc for the files)."""
-    from metaprox import sharded
-    from metaprox.distributed import LocalReducer
-    from metaprox.finite_data import load_finite_data
-    from metaprox.rundir import read_config
-    from metaprox.train_finite import build_finite, finite_model, finite_result
-
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if metrics is not None:

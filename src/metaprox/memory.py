@@ -26,10 +26,17 @@ from metaprox.store import MemoryStore, ParamLayout, ShardedStore, TaskStore
 from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSampler, TaskSet, estimator_weights, task_lam_factors
 
-__all__ = ["TaskMemory", "WARM_STARTED"]
+__all__ = ["TaskMemory", "WARM_STARTED", "keeper_of"]
 
 #: rules whose inner problem has a unique solution that a warm start only reaches faster
 WARM_STARTED = ("mmp", "imaml")
+
+
+def keeper_of(learner: Any) -> Any:
+    """What holds a finite set's tasks, per-task parameters, store and sampler: the learner's task memory (any
+    rule), or the learner itself (:class:`~metaprox.algorithms.finite.FiniteMMP`)."""
+    memory = getattr(learner, "memory", None)
+    return learner if memory is None else memory
 
 
 class TaskMemory:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["first_nonfinite", "diverged_message", "nonfinite_evaluation"]
+__all__ = ["TrainingDiverged", "first_nonfinite", "diverged_message", "nonfinite_evaluation"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training hit a NaN/inf (or grew past :class:`~metaprox.stability.DivergenceGuard`'s limit); the run
+    directory keeps its last good checkpoint. ``metaprox train`` exits with status 3."""
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -25,7 +30,7 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
 
 def diverged_message(step: int, what: str, run_dir: Path) -> str:
-    """``training stopped at step S: WHAT. <which checkpoint is kept>`` for :class:`metaprox.train.TrainingDiverged`."""
+    """``training stopped at step S: WHAT. <which checkpoint is kept>`` for :class:`TrainingDiverged`."""
     try:
         kept = int(json.loads((run_dir / "checkpoint.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -35,6 +35,7 @@ from torch import nn
 
 from metaprox.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metaprox.distributed import LocalReducer, Reducer, shard_bounds
+from metaprox.memory import keeper_of
 from metaprox.store import MemmapStore, ParamLayout, ShardedStore, pending_meta
 
 __all__ = ["shard_path", "layout_of", "open_shard", "save", "load"]
@@ -135,7 +136,7 @@ def save(root: str | Path, learner: Any, extra: dict[str, Any] | None = None) ->
     """Checkpoint a sharded :class:`~metaprox.algorithms.finite.FiniteMMP` (a collective: every rank calls it):
     the shards and the meta state commit together (two-phase commit, see the module doc)."""
     root, reducer = Path(root), learner.reducer
-    keeper = _keeper(learner)
+    keeper = keeper_of(learner)
     store = keeper.store
     if not isinstance(store, ShardedStore) or not isinstance(store.base, MemmapStore):
         raise TypeError("save() needs the learner's store from open_shard().")
@@ -159,13 +160,8 @@ def load(root: str | Path, learner: Any) -> dict[str, Any]:
     if "finite" not in meta:
         raise CheckpointError(f"{Path(root) / 'checkpoint.json'} is not a sharded finite-task checkpoint.")
     learner.load_state_dict(state)
-    sampler = _keeper(learner).sampler
+    sampler = keeper_of(learner).sampler
     if meta.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict(meta["sampler"])
     return meta
 
-
-def _keeper(learner: Any) -> Any:
-    """What holds the tasks, store and sampler: the learner's task memory (any rule), or FiniteMMP itself."""
-    memory = getattr(learner, "memory", None)
-    return learner if memory is None else memory

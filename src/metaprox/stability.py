@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from metaprox.config import ConfigError
+from metaprox.nonfinite import TrainingDiverged
 
 __all__ = ["outer_interpolation", "check_outer_step", "UnstableOuterStep", "DivergenceGuard"]
 
@@ -61,8 +62,8 @@ def check_outer_step(cfg: dict[str, Any], pull_scale: float = 1.0) -> None:
 class DivergenceGuard:
     """Stop when the objective or the meta-gradient norm grows by more than ``growth`` × its first value.
 
-    ``check`` is called every step with the meta-gradient norm (computed every step; train_finite passes it for
-    gradient center steps, the only ones it drives) and, on logged steps, the objective; a value that is not
+    ``check`` is called every step with the meta-gradient norm (computed every step; a finite-set run passes it
+    for gradient center steps, the only ones it drives) and, on logged steps, the objective; a value that is not
     finite always stops. ``growth = 0`` turns the growth test off."""
 
     def __init__(self, growth: float = 1e4):
@@ -72,8 +73,6 @@ class DivergenceGuard:
         self.first: dict[str, float] = {}
 
     def check(self, step: int, **values: float | None) -> None:
-        from metaprox.train import TrainingDiverged
-
         for name, value in values.items():
             if value is None:
                 continue

@@ -1,56 +1,83 @@
-"""The training loop of a run: config → tasks → outer steps → metrics, checkpoints, evaluation, plots.
+"""The training loop of a run: config → tasks → outer steps → metrics, checkpoints, validation, evaluation.
 
 ``train(cfg, out_dir)`` starts a run; ``train(cfg, out_dir, resume=True)`` continues it from its last
 checkpoint, bitwise identical (on CPU) to an uninterrupted run: the task-sampling and inner-minibatch
-generators, optimizer state and step counter are all checkpointed.
+generators, optimizer state, step counter (and a finite set's per-task rows) are all checkpointed.
 
-Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the same function runs on every rank: all ranks draw
-the same task minibatch (each builds only its share of it: ``family.train_share``), each solves its share, one
-all-reduce combines them (:mod:`metaprox.distributed`);
-only rank 0 writes the run directory. ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint
-and starts otherwise — what workers restarted by ``torchrun --max-restarts`` need. See docs/distributed.md.
+There is one loop (:func:`train`) for every run. What differs between a task *stream* and a *finite* task set
+comes from a setting object — :class:`StreamSetting` (every algorithm but ``finite_mmp``) or
+:class:`FiniteSetting` (``algorithm = "finite_mmp"``, a tabular multi-task set): it builds the learner, says
+which tasks a step gets, what else a metrics row holds, which growth guard applies, how a checkpoint is saved and
+loaded, what validation and the final evaluation are. Written once, for both: the resume rules (``--resume``,
+``--auto-resume``, an unchanged config), the run lock, the NaN/inf guard (:class:`TrainingDiverged`, exit 3),
+the metrics log and TensorBoard, periodic validation (``val_curve.jsonl``), checkpoints every
+``log.checkpoint_every`` steps (the logs first), ``stop_at`` / ``max_seconds`` and ``outer.minutes``.
 
-With ``log.eval_every = N > 0`` the run also validates every N iterations (and at iteration 0) on a few
-validation tasks (``log.eval_tasks`` per shot setting) and writes ``val_curve.jsonl``; the time this takes is
-excluded from the training clock (``time`` in metrics and val_curve rows), so error-vs-time curves show
-training seconds only, and training itself is unchanged by it (same RNG streams).
+Task stream: each step draws a fresh minibatch from the config's task family. Under ``torchrun
+--nproc-per-node N`` (``WORLD_SIZE > 1``) all ranks draw the same minibatch (each builds only its share of it:
+``family.train_share``), each solves its share, one all-reduce combines them (:mod:`metaprox.distributed`).
+With ``pretrain.epochs > 0`` a new run first pretrains the backbone (:mod:`metaprox.pretrain`); the training
+clock then includes the pretraining seconds. The final evaluation is :func:`metaprox.evaluate.evaluate_run`
+(``eval.json``, plots).
 
-With ``pretrain.epochs > 0`` a new run first pretrains the backbone with cross-entropy on all training classes
-(:mod:`metaprox.pretrain`) and meta-trains from it; the training clock then includes the pretraining seconds.
-``outer.minutes > 0`` ends meta-training after that many minutes (not counting pretraining or validation) and
-evaluates the run as if it had reached ``outer.steps``; a linear outer schedule then decays over the budget (its
-horizon re-estimated every step from the measured speed, capped at ``outer.steps``), so such a run depends on the
-machine's speed and is not bitwise reproducible.
+Finite set: the tasks of a tabular multi-task set (``task.file``, or the landmine / computer_survey /
+parkinsons presets), each task's rows split into training, validation and test rows (:mod:`metaprox.finite_data`).
+The learner (:func:`metaprox.build.build_finite`) keeps every task's v_t in a memory-mapped store, warm-starts
+it, and moves the center; under torchrun the tasks are partitioned in contiguous blocks over the ranks, each rank
+owns the store shard of its block (``store-rank{r}-of-{W}/``, committed with the meta state by two-phase commit,
+:mod:`metaprox.sharded`; ``--resume`` also works with another world size). Metrics rows add the joint objective
+J and, where the joint optimum has a closed form (:mod:`metaprox.joint_ridge`), J* and the gap J − J*. An outer
+step with ηλ ≥ 2 is refused up front (unless ``outer.allow_unstable``), and J or the meta-gradient norm growing
+by ``finite.divergence_growth`` stops the run (:mod:`metaprox.stability`). Validation and the final evaluation
+score each task's own v_t on its validation (else test) rows (:mod:`metaprox.finite_eval`: ``eval*.json``,
+``eval*.md``, ``tasks-*.csv``); test rows are never used for training or selection.
+
+``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint and starts otherwise — what workers
+restarted by ``torchrun --max-restarts`` need (docs/distributed.md). Only rank 0 writes files (a finite set's
+shards: each rank its own).
+
+With ``log.eval_every = N > 0`` the run also validates every N iterations (and at iteration 0) and writes
+``val_curve.jsonl``; the time this takes is excluded from the training clock (``time`` in metrics and val_curve
+rows), and training itself is unchanged by it (same RNG streams). ``outer.minutes > 0`` ends meta-training after
+that many minutes (not counting pretraining or validation) and evaluates the run as if it had reached
+``outer.steps``; a linear outer schedule then decays over the budget (its horizon re-estimated every step from the
+measured speed, capped at ``outer.steps``), so such a run depends on the machine's speed and is not bitwise
+reproducible. Under torchrun the ranks agree on the clock (its mean over the ranks), so they stop together.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
 
-from metaprox.algorithms.base import NonFiniteError
-from metaprox.build import build_family, build_learner
+from metaprox import joint_ridge, sharded
+from metaprox.algorithms.base import MetaLearner, NonFiniteError
+from metaprox.algorithms.finite import FiniteMMP
+from metaprox.build import build_family, build_finite, build_learner, finite_model
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
-from metaprox.evaluate import PeriodicValidation
-from metaprox.nonfinite import diverged_message, first_nonfinite, nonfinite_evaluation
+from metaprox.evaluate import PeriodicValidation, evaluate_run
+from metaprox.finite_data import load_finite_data
+from metaprox.finite_eval import check_auc_classes, finite_result, write_eval
+from metaprox.nonfinite import TrainingDiverged, diverged_message, first_nonfinite, nonfinite_evaluation
 from metaprox.pretrain import pretrain_backbone, start_from_backbone
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
 from metaprox.runlock import run_lock
+from metaprox.stability import DivergenceGuard, check_outer_step
 from metaprox.validate import validate_run
 
-__all__ = ["train", "TrainingDiverged", "VAL_CURVE", "config_diff"]
+__all__ = ["train", "TrainingDiverged", "VAL_CURVE", "config_diff", "Setting", "StreamSetting", "FiniteSetting",
+           "GAP_BUDGET"]
 
 VAL_CURVE = "val_curve.jsonl"  # periodic validation rows (log.eval_every > 0)
-
-
-class TrainingDiverged(RuntimeError):
-    """Training hit a NaN/inf; the run directory keeps its last good checkpoint."""
+GAP_BUDGET = 50_000_000  # float64 entries (400 MB) of a finite set's per-task systems H_t for logging J − J*
 
 
 def config_diff(a: Any, b: Any, where: str = "") -> list[str]:
@@ -84,6 +111,188 @@ class _TensorBoard:
             self.writer.close()
 
 
+# ----- settings: what a task stream and a finite task set give the one loop ------------------------------------
+class Setting(Protocol):
+    """What the loop asks of a kind of run. Built with ``(cfg, run_dir, reducer, resume, resume_from, progress)``:
+    the learner, its checkpoint loaded when resuming (``meta``: that checkpoint's JSON, or {})."""
+
+    learner: Any
+    meta: dict[str, Any]
+    log_first_step: bool  # a metrics row after step 1 too, not only every log.every steps
+    tasks_per_step: int  # for val_curve's tasks_seen
+    validate: Callable[[], dict[str, Any]] | None  # periodic validation (log.eval_every > 0), else None
+
+    def draw(self) -> Any:
+        """The ``tasks`` argument of this step's ``learner.step``."""
+
+    def logged(self) -> dict[str, Any]:
+        """Values a metrics row holds besides the step's diagnostics."""
+
+    def watch(self, step: int, row: dict[str, Any] | None, diag: dict[str, Any]) -> None:
+        """Raise :class:`TrainingDiverged` if the run grows out of bounds (``row``: None on unlogged steps)."""
+
+    def save(self, extra: dict[str, Any]) -> None:
+        """Write a checkpoint of the learner (and whatever draws its tasks) with ``extra`` in its JSON."""
+
+    def evaluate(self) -> dict[str, Any]:
+        """The final evaluation (written into the run directory); {} on ranks other than 0."""
+
+
+class StreamSetting:
+    """An infinite task stream: a fresh minibatch of the config's task family every step.
+
+    Checkpoints hold the meta state and the task-sampling generator (``save_checkpoint``; ``--resume-from STEP``
+    any kept one); a new run may first pretrain its backbone. Validation: :class:`PeriodicValidation`; the final
+    evaluation: :func:`evaluate_run` and the run's plots."""
+
+    log_first_step = True  # the learning curve starts at step 1
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, reducer: Reducer, resume: bool,
+                 resume_from: int | None, progress: bool | None):
+        self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
+        self.learner = build_learner(cfg)
+        self.learner.reducer = reducer
+        self.family = build_family(cfg)
+        self.sampler = torch.Generator().manual_seed(cfg["seed"])
+        self.tasks_per_step = cfg["outer"]["meta_batch"]
+        self.meta: dict[str, Any] = {}
+        if resume:
+            state, self.meta = load_checkpoint(run_dir, resume_from)
+            self.learner.load_state_dict(state)
+            self.sampler.set_state(decode_rng(self.meta["sampler"]))
+        elif cfg["pretrain"]["epochs"] > 0 or cfg["pretrain"]["backbone"]:
+            if reducer.world_size > 1:
+                raise ConfigError("pretraining runs in one process; pretrain first (a run with outer.steps = 1), "
+                                  "then meta-train under torchrun.")
+            backbone, summary = pretrain_backbone(cfg, self.family, run_dir, progress=bool(progress))
+            start_from_backbone(self.learner, backbone)
+            self.meta = {"pretrain_seconds": float(summary["seconds"]), "elapsed": float(summary["seconds"])}
+        self.validate: Callable[[], dict[str, Any]] | None = None
+        if cfg["log"]["eval_every"]:
+            periodic = PeriodicValidation(cfg)
+            self.validate = lambda: periodic(self.learner)
+
+    def draw(self) -> Any:
+        """This step's tasks (under torchrun only this rank's share: same draws from the sampler, same tasks)."""
+        mb = self.tasks_per_step
+        if self.reducer.world_size > 1:
+            return self.family.train_share(mb, self.sampler, self.reducer.part(mb))
+        return self.family.train_batch(mb, self.sampler)
+
+    def logged(self) -> dict[str, Any]:
+        return {}
+
+    def watch(self, step: int, row: dict[str, Any] | None, diag: dict[str, float]) -> None:
+        """No growth guard: a stream's losses and meta-gradients vary with the random tasks of each step."""
+
+    def save(self, extra: dict[str, Any]) -> None:
+        if self.reducer.rank == 0:
+            save_checkpoint(self.run_dir, self.learner.state_dict(),
+                            {"sampler": encode_rng(self.sampler.get_state()), **extra})
+
+    def evaluate(self) -> dict[str, Any]:
+        if self.reducer.rank != 0:
+            return {}
+        from metaprox.plots import plot_run  # matplotlib only once a run is complete
+
+        result = evaluate_run(self.run_dir, learner=self.learner, cfg=self.cfg)
+        bad = nonfinite_evaluation(result)
+        if bad is not None:  # parameters finite but so large that the prior's predictions overflow
+            raise TrainingDiverged(diverged_message(self.learner.step_count, f"{bad} (outer.lr = "
+                                                    f"{self.cfg['outer']['lr']:g} too large?); eval.json records it",
+                                                    self.run_dir))
+        plot_run(self.run_dir, learner=self.learner, cfg=self.cfg)
+        return result
+
+
+class FiniteSetting:
+    """A finite task set (``algorithm = "finite_mmp"``): every step a minibatch of its task indices (the
+    learner's sampler draws them), per-task rows kept in rank-sharded stores.
+
+    Checkpoints: :func:`metaprox.sharded.save` (a collective: meta state and every rank's shard commit together;
+    only the last one can be resumed). Metrics rows add J (and J*, J − J* where there is a closed form); the
+    :class:`~metaprox.stability.DivergenceGuard` watches J and, for gradient center steps, the meta-gradient norm.
+    Validation and the final evaluation: :func:`metaprox.finite_eval.finite_result` on the validation rows (the
+    final one on the test rows when there are none). Every rank takes part in them (they all-reduce)."""
+
+    log_first_step = False  # rows every log.every steps (a guard reference from the first of them)
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, reducer: Reducer, resume: bool,
+                 resume_from: int | None, progress: bool | None):
+        if resume_from is not None:  # its task stores hold the last checkpoint's step only
+            raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
+        self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
+        self.fd = fd = load_finite_data(cfg)
+        check_auc_classes(fd, cfg["eval"]["metrics"])
+        if cfg["log"]["eval_every"] and not fd.has("val"):
+            raise ConfigError(f"log.eval_every = {cfg['log']['eval_every']}: {fd.source} has no validation rows; set "
+                              f"task.val_frac > 0 (or a split column with 'val' rows), or log.eval_every = 0.")
+        train = fd.tasks("train")
+        layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
+        store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=resume)
+        self.learner = learner = build_finite(cfg, train, fd, store)
+        learner.reducer = reducer
+        if isinstance(learner, FiniteMMP):  # MMP's envelope step: ηλ ≥ 2 overshoots (metaprox.stability)
+            check_outer_step(cfg, float(learner.task_scale.double().mean()))  # per-task pulls λ_t = s_t·λ
+        self.guard = DivergenceGuard(cfg["finite"]["divergence_growth"])
+        self.drives = cfg["finite"]["center_update"] == "gradient"  # else the meta-gradient may sit at round-off
+        self.tasks_per_step = len(train) if cfg["finite"]["sample"] == "all" else cfg["outer"]["meta_batch"]
+        self.meta = sharded.load(run_dir, learner) if resume else {}
+        self.j_star = self._closed_form(start=not resume)
+        self.validate: Callable[[], dict[str, Any]] | None = None
+        if cfg["log"]["eval_every"]:
+            self.validate = self._validation
+
+    def _validation(self) -> dict[str, Any]:
+        """J, the headline number and the pooled and task-mean metrics of the validation rows (no per-task list)."""
+        r = finite_result(self.cfg, self.learner, self.fd, "val")
+        return {"J": r["J"], "val": r["val"], "pooled": r["eval"]["pooled"], "task_mean": r["eval"]["task_mean"]}
+
+    def _closed_form(self, start: bool) -> float | None:
+        """J* where the joint optimum has a closed form (linear least squares, :mod:`metaprox.joint_ridge`), else
+        None (also when the n per-task systems would exceed :data:`GAP_BUDGET` entries: no gap is logged then).
+        ``finite.center_update = "solve"``: the optimum is written into the learner at the start (every rank
+        solves the whole small system and writes the rows it owns); the solved center is then kept fixed."""
+        learner = self.learner
+        if not isinstance(learner, FiniteMMP):
+            return None  # a rule's TaskMemory: no joint objective (finite.rule = "mmp" only; config refuses "solve")
+        why = joint_ridge.applies_to(learner)
+        if self.cfg["finite"]["center_update"] == "solve":
+            if why is not None:
+                raise ConfigError(f"finite.center_update = 'solve' needs the closed-form joint optimum of linear "
+                                  f"least-squares tasks, but {why}: use 'exact' or 'gradient'.")
+            if start:
+                return joint_ridge.apply_to(learner, learner.owned_range()).objective
+        big = len(learner.tasks) * learner.layout.numel ** 2 > GAP_BUDGET  # the per-task systems would not fit
+        return None if why is not None or big else joint_ridge.solve_learner(learner).objective
+
+    def draw(self) -> None:
+        return None  # the learner's sampler draws the task indices (and keeps its state in the checkpoint)
+
+    def logged(self) -> dict[str, Any]:
+        if not hasattr(self.learner, "objective"):
+            return {"J": None}  # a rule's TaskMemory: no joint objective
+        objective = self.learner.objective()  # a collective
+        gap = {} if self.j_star is None else {"J_star": self.j_star, "gap": objective - self.j_star}
+        return {"J": objective, **gap}
+
+    def watch(self, step: int, row: dict[str, Any] | None, diag: dict[str, Any]) -> None:
+        """The growth guard: J on logged steps, the meta-gradient norm every step (gradient center steps only)."""
+        self.guard.check(step, J=row["J"] if row else None,
+                         meta_grad_norm=diag["meta_grad_norm"] if self.drives else None)
+
+    def save(self, extra: dict[str, Any]) -> None:
+        sharded.save(self.run_dir, self.learner, extra)  # a collective: every rank commits its shard
+
+    def evaluate(self) -> dict[str, Any]:
+        result = finite_result(self.cfg, self.learner, self.fd, "val" if self.fd.has("val") else "test")
+        if self.reducer.rank != 0:
+            return {}
+        write_eval(self.run_dir, result)
+        return result
+
+
+# ----- the one loop -------------------------------------------------------------------------------------------
 def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, progress: bool | None = None,
           evaluate: bool = True, stop_at: int | None = None, max_seconds: float | None = None,
           resume_from: int | None = None) -> dict[str, Any]:
@@ -95,20 +304,30 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool | str = False, 
     checkpoint), as an interruption would; a later ``resume=True`` call continues to ``outer.steps``.
     ``max_seconds`` does the same once this session has trained for that long (wall clock), e.g. to fit a
     fixed time budget. ``resume_from``: continue from the kept checkpoint of that step instead of the last one
-    (``--resume-from``; implies ``resume``).
+    (``--resume-from``; implies ``resume``; task streams only).
     """
     validate_run(cfg, out_dir, evaluate=evaluate)  # every problem of the config, data and --out, before any work
     with process_group(cfg["device"]) as reducer, run_lock(out_dir, enabled=reducer.rank == 0):
-        if cfg["algorithm"] == "finite_mmp":
-            from metaprox.train_finite import train_finite
+        return _train(cfg, Path(out_dir), resume or resume_from is not None, progress, evaluate, stop_at,
+                      max_seconds, reducer, resume_from)
 
-            if max_seconds is not None:
-                raise ConfigError("a wall-clock budget (max_seconds) is not supported for finite_mmp runs.")
-            if resume_from is not None:  # its task stores hold the last checkpoint's step only
-                raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
-            return train_finite(cfg, Path(out_dir), resume, progress, evaluate, stop_at, reducer)
-        return _train(cfg, Path(out_dir), resume or resume_from is not None, progress, evaluate, stop_at, max_seconds,
-                      reducer, resume_from)
+
+def _resuming(cfg: dict[str, Any], run_dir: Path, resume: bool | str) -> bool:
+    """Whether this session continues the run in ``run_dir`` (refusing a mismatch of flag, checkpoint, config)."""
+    has_ckpt = (run_dir / "checkpoint.json").is_file()
+    if resume == "auto":
+        resume = has_ckpt
+    if has_ckpt and not resume:
+        hint = " (a torchrun restart: launch with --auto-resume)" if is_restart() else ""
+        raise ConfigError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
+                          f"another --out.{hint}")
+    if resume and not has_ckpt:
+        raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
+    if resume:
+        changed = [d for d in config_diff(read_config(run_dir), cfg) if not d.startswith(("log.", "eval.", "threads:"))]
+        if changed:
+            raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
+    return bool(resume)
 
 
 def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: bool | None, evaluate: bool,
@@ -118,78 +337,52 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     if max_seconds is not None and reducer.world_size > 1:
         raise ConfigError("a wall-clock budget (max_seconds) would stop ranks at different steps; use "
                           "outer.steps (or stop_at) in distributed runs.")
-    has_ckpt = (run_dir / "checkpoint.json").is_file()
-    if resume == "auto":
-        resume = has_ckpt
-    if has_ckpt and not resume:
-        hint = " (a torchrun restart: launch with --auto-resume)" if is_restart() else ""
-        raise ConfigError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
-                          f"another --out.{hint}")
-    if resume and has_ckpt:
-        stored = read_config(run_dir)
-        changed = [d for d in config_diff(stored, cfg) if not d.startswith(("log.", "eval.", "threads:"))]
-        if changed:
-            raise ConfigError("cannot resume with a different config; changed: " + "; ".join(changed))
-
-    learner = build_learner(cfg)
-    learner.reducer = reducer
-    family = build_family(cfg)
-    sampler = torch.Generator().manual_seed(cfg["seed"])
-    rows: list[dict[str, Any]] = []
-    elapsed0 = pretrain_seconds = 0.0  # training clock: pretraining (if any) + meta-training, in seconds
-    if resume and has_ckpt:
-        state, meta = load_checkpoint(run_dir, resume_from)
-        learner.load_state_dict(state)
-        sampler.set_state(decode_rng(meta["sampler"]))
-        elapsed0 = float(meta.get("elapsed", 0.0))
-        pretrain_seconds = float(meta.get("pretrain_seconds", 0.0))
-        rows = [r for r in read_metrics(run_dir) if r["step"] <= state["step"]]
-    elif resume:
-        raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} yet; start without --resume.")
-    elif cfg["pretrain"]["epochs"] > 0 or cfg["pretrain"]["backbone"]:
-        if reducer.world_size > 1:
-            raise ConfigError("pretraining runs in one process; pretrain first (a run with outer.steps = 1), then "
-                              "meta-train under torchrun.")
-        backbone, summary = pretrain_backbone(cfg, family, run_dir, progress=bool(progress))
-        start_from_backbone(learner, backbone)
-        elapsed0 = pretrain_seconds = float(summary["seconds"])
+    resume = _resuming(cfg, run_dir, resume)
+    log = cfg["log"]
+    show = log["progress"] if progress is None else progress
+    kind = FiniteSetting if cfg["algorithm"] == "finite_mmp" else StreamSetting
+    setting: Setting = kind(cfg, run_dir, reducer, resume, resume_from, progress)
+    learner: MetaLearner = setting.learner
+    # training clock: pretraining (if any) + meta-training, in seconds
+    elapsed0 = float(setting.meta.get("elapsed", 0.0))
+    pretrain_seconds = float(setting.meta.get("pretrain_seconds", 0.0))
     if isinstance(reducer, AllReduceReducer):  # every rank must start from the same state (also a sync point:
         reducer.check_same(learner.step_count, "the step to start from")  # no rank writes before all looked)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
-
-    total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
-    sharded = reducer.world_size > 1
-    show = log["progress"] if progress is None else progress
-    tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
-    validate = PeriodicValidation(cfg) if log["eval_every"] else None
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= learner.step_count] if resume else []
+    if rows:  # the guard's reference values: those of the first logged row, as in the uninterrupted run
+        setting.watch(int(rows[0]["step"]), rows[0], rows[0])
+    validate = setting.validate
     val_rows = [r for r in read_metrics(run_dir, VAL_CURVE) if r["step"] <= learner.step_count] if resume else []
+    total = cfg["outer"]["steps"]
+    tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
     t0 = time.perf_counter()
 
-    def checkpoint() -> None:
-        if not main:
-            return
+    def checkpoint() -> None:  # on every rank (a finite set's shards commit together)
         # the logs first: a resume keeps their rows up to the checkpoint's step, so rows written ahead of a
         # checkpoint that never commits are dropped, while rows written after the commit would be lost by a
         # death in between
-        write_metrics(run_dir, rows)
-        if validate is not None:
-            write_metrics(run_dir, val_rows, VAL_CURVE)
-        save_checkpoint(run_dir, learner.state_dict(),
-                        {"sampler": encode_rng(sampler.get_state()), "elapsed": elapsed0 + time.perf_counter() - t0,
-                         "pretrain_seconds": pretrain_seconds})
+        if main:
+            write_metrics(run_dir, rows)
+            if validate is not None:
+                write_metrics(run_dir, val_rows, VAL_CURVE)
+        setting.save({"elapsed": elapsed0 + time.perf_counter() - t0, "pretrain_seconds": pretrain_seconds})
 
     def validation() -> None:  # its time is excluded from the training clock (t0 moves forward)
         nonlocal t0
         start = time.perf_counter()
-        result = validate(learner)  # type: ignore[misc]
+        result = validate()  # type: ignore[misc]
         seconds = time.perf_counter() - start
         val_rows.append({"step": learner.step_count, "time": elapsed0 + start - t0, "eval_seconds": seconds,
-                         "tasks_seen": learner.step_count * mb, **result})
+                         "tasks_seen": learner.step_count * setting.tasks_per_step, **result})
         t0 += seconds
 
-    from tqdm import tqdm
+    def diverged(step: int, what: str) -> TrainingDiverged:  # the log up to the failing step is kept
+        if main:
+            write_metrics(run_dir, rows)
+        return TrainingDiverged(diverged_message(step, what, run_dir))
 
     bar = tqdm(total=total, initial=learner.step_count, disable=not (show and main), desc=cfg["name"], unit="it",
                dynamic_ncols=True, file=sys.stderr)
@@ -200,39 +393,43 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
         if validate is not None and learner.step_count == 0 and not val_rows:
             validation()
         while learner.step_count < end:
-            spent = elapsed0 + time.perf_counter() - t0 - pretrain_seconds  # meta-training seconds so far
-            out_of_time = budget is not None and spent > budget
-            if budget is not None and learner.schedule == "linear" and learner.step_count > 0:
-                # the linear decay spans the budget: horizon = the steps that fit at the speed measured so far
-                learner.total_steps = min(total, max(learner.step_count + 1,
-                                                     int(learner.step_count * budget / max(spent, 1e-9))))
+            s = learner.step_count
+            if budget is not None:
+                spent = elapsed0 + time.perf_counter() - t0 - pretrain_seconds  # meta-training seconds so far
+                if reducer.world_size > 1:  # one clock for all ranks (their mean), so they stop together
+                    spent = reducer.sum([], {"spent": spent})[1]["spent"] / reducer.world_size
+                out_of_time = spent > budget
+                if learner.schedule == "linear" and s > 0:
+                    # the linear decay spans the budget: horizon = the steps that fit at the speed measured so far
+                    learner.total_steps = min(total, max(s + 1, int(s * budget / max(spent, 1e-9))))
             if out_of_time or (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
-                if validate is not None and val_rows[-1]["step"] != learner.step_count:
+                if validate is not None and val_rows[-1]["step"] != s:
                     validation()
                 checkpoint()
                 break
-            s = learner.step_count
-            monitor = s == 0 or (s + 1) % log["every"] == 0 or s + 1 == total
-            # under torchrun build only this rank's share (same draws from the sampler, same tasks)
-            tasks = family.train_share(mb, sampler, reducer.part(mb)) if sharded else family.train_batch(mb, sampler)
-            try:
-                diag = learner.step(tasks, monitor=monitor)
-            except NonFiniteError as e:  # raised on every rank alike (the meta-gradient is all-reduced)
-                if main:
-                    write_metrics(run_dir, rows)
-                raise TrainingDiverged(diverged_message(s, str(e).rstrip("."), run_dir)) from e
+            monitor = (s == 0 and setting.log_first_step) or (s + 1) % log["every"] == 0 or s + 1 == total
+            try:  # a NaN/inf is raised on every rank alike (the meta-gradient is all-reduced)
+                diag = learner.step(setting.draw(), monitor=monitor)
+            except NonFiniteError as e:
+                raise diverged(s, str(e).rstrip(".")) from e
             bad = first_nonfinite(zip(learner.names, learner.fmodel.params(), strict=True))  # same on every rank
             if bad is not None:  # caught before any checkpoint holds it: the last one written is finite
-                if main:
-                    write_metrics(run_dir, rows)
-                raise TrainingDiverged(diverged_message(
-                    s, f"parameter {bad} is not finite after outer step {s + 1} (outer.lr = {cfg['outer']['lr']:g} "
-                       f"too large?)", run_dir))
+                raise diverged(s, f"parameter {bad} is not finite after outer step {s + 1} (outer.lr = "
+                                  f"{cfg['outer']['lr']:g} too large?)")
+            row = None
             if monitor:
-                row = {**diag, "step": learner.step_count, "time": elapsed0 + time.perf_counter() - t0}
+                row = {**diag, "step": learner.step_count, **setting.logged(),
+                       "time": elapsed0 + time.perf_counter() - t0}
                 rows.append(row)
                 tb.log(row)
-                bar.set_postfix(phi=f"{diag['phi']:.3g}", grad=f"{diag['meta_grad_norm']:.2g}", refresh=False)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("phi", "J", "meta_grad_norm")
+                                 if isinstance(row.get(k), float)}, refresh=False)
+            try:
+                setting.watch(learner.step_count, row, diag)
+            except TrainingDiverged:
+                if main:
+                    write_metrics(run_dir, rows)
+                raise
             if validate is not None and (learner.step_count % log["eval_every"] == 0 or learner.step_count == total):
                 validation()
             if learner.step_count % log["checkpoint_every"] == 0 or learner.step_count == end:
@@ -241,15 +438,6 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
     finally:
         bar.close()
         tb.close()
-    if not evaluate or (learner.step_count < total and not out_of_time) or not main:
+    if not evaluate or (learner.step_count < total and not out_of_time):
         return {}
-    from metaprox.evaluate import evaluate_run
-    from metaprox.plots import plot_run
-
-    result = evaluate_run(run_dir, learner=learner, cfg=cfg)
-    bad = nonfinite_evaluation(result)
-    if bad is not None:  # parameters finite but so large that the prior's predictions overflow
-        raise TrainingDiverged(diverged_message(learner.step_count, f"{bad} (outer.lr = {cfg['outer']['lr']:g} too "
-                                                                   f"large?); eval.json records it", run_dir))
-    plot_run(run_dir, learner=learner, cfg=cfg)
-    return result
+    return setting.evaluate()

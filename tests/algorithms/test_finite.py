@@ -410,3 +410,16 @@ def test_tree_weights_must_be_the_task_sets():
                                                              weights=ts.weights))
     with pytest.raises(ValueError, match="finite λ"):
         springs_in_series(float("inf"))
+
+
+def test_step_has_the_learners_signature_and_refuses_weights_or_places():
+    """``FiniteMMP.step(tasks, weights, monitor, where)`` as :meth:`MetaLearner.step`: ``tasks`` are task indices;
+    the weights are the task set's estimator's and the centers the prior's, so passing either is an error."""
+    fm = FiniteMMP(model(), tasks_of_sizes(), lam=1.0, inner=metaprox.ExactLeastSquares())
+    w0 = fm.w_row().clone()
+    for bad in ({"weights": [1.0, 1.0]}, {"where": ["a", "b"]}):
+        with pytest.raises(ValueError, match="task indices only"):
+            fm.step([0, 1], **bad)
+    assert fm.step_count == 0 and torch.equal(fm.w_row(), w0)
+    diag = fm.step([0, 1], None, False)
+    assert fm.step_count == 1 and diag["tasks"] == 2.0 and "inner_stationarity" not in diag

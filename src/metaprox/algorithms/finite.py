@@ -45,7 +45,7 @@ their meta-gradient is Σ_t â_t ∇L_t(v_t) — joint training; *private* group
 never averaged into w.
 
 On several torch.distributed ranks (``reducer.world_size > 1``) each rank owns a contiguous block of tasks and
-its store shard (:mod:`metaprox.sharded`) and solves only its tasks of every batch (:meth:`FiniteMMP._step_sharded`).
+its store shard (:mod:`metaprox.sharded`) and solves only its tasks of every batch (:meth:`FiniteMMP.step`).
 Each rank sums â_t g_t over its own tasks of the batch (â_t from the global batch, so the sum over ranks needs
 no normalising). Collectives per outer step: one all-reduce (the center gradient; exact center sums ride on it),
 plus one halo all-reduce of the batch's neighbour rows for a graph; :meth:`FiniteMMP.objective` is one
@@ -208,25 +208,56 @@ class FiniteMMP(MetaLearner):
         return self.execution.oracle(x, y)
 
     # ----- one outer step ---------------------------------------------------------------------------
-    def step(self, indices: Any = None, monitor: bool = True) -> dict[str, float]:  # type: ignore[override]
-        """One outer iteration on tasks ``indices`` (default: the next batch of the sampler).
+    def step(self, tasks: Any = None, weights: Any = None, monitor: bool = True,
+             where: Any = None) -> dict[str, float]:
+        """One outer iteration on the task indices ``tasks`` (default: the next batch of the sampler);
+        :meth:`MetaLearner.step`'s signature, as with a task memory (``weights`` and ``where`` must stay None:
+        the weights are the estimator's, each task's center is its prior's).
 
-        The center gradient is the unbiased estimate of ∇(J/W) of :meth:`_estimator_weights`; explicit
-        ``indices`` count as a uniform draw (each task in the batch with probability B/n).
-
-        Under torch.distributed (``reducer.world_size > 1``, every rank passing the same global batch) each rank
-        solves only the tasks of the batch it owns (:meth:`owned_range`) — see :meth:`_step_sharded`."""
-        idx = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        Each process solves the tasks of the batch it owns (one process: all; under torch.distributed, every
+        rank passing the same global batch: :meth:`owned_range`, its store shard), and sums â_t g_t over them
+        (â_t of :meth:`_estimator_weights` from the global batch, unbiased for ∇(J/W); explicit indices count as a
+        uniform draw), one ``reducer.sum`` of ``[Σ_local â_t ∂_c D_t | exact center sums | non-finite flag |
+        stationarity]`` (the exact sums of :meth:`_exact_sums_local` on several ranks only; a graph adds one
+        halo all-reduce of the batch's neighbour rows before the solves, :meth:`_halo`). The rows are written
+        only when no process saw a non-finite solution. The center moves in
+        :meth:`~MetaLearner.apply_meta_gradient`, the one outer step: ``"gradient"`` — its optimizer step;
+        ``"fixed"`` — none; ``"exact"`` — the optimizer steps the shared entries only (their data gradient;
+        the others' gradient is 0), then, as the prior's own update, :meth:`_exact_centers` sets the rest to the
+        minimiser of J over the centers (a block-coordinate solve, not an optimizer step)."""
+        if weights is not None or where is not None:
+            raise ValueError("FiniteMMP.step takes task indices only: the task weights come from its TaskSet and "
+                             "sampler, and each task's center from its prior.")
+        idx = self.sampler() if tasks is None else np.asarray(tasks, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
-        if self.reducer.world_size > 1:
-            return self._step_sharded(idx, monitor, indices is None)
-        c, s, v, data_grad, stat = self._solve_batch(idx, self.rows, monitor)
-        if not bool(torch.isfinite(v).all()):
+        sharded = self.reducer.world_size > 1
+        lo, hi = self._check_sharded() if sharded else (0, len(self.tasks))
+        own = (idx >= lo) & (idx < hi)
+        local = idx[own]
+        rows_of = self.rows  # a graph's neighbour rows: the store's, or on several ranks the batch's halo
+        if sharded and self.graph is not None:
+            rows_of = self._halo(np.unique(self.graph.neighbours(idx)[1]))
+        grad, bad, stat_sum, v = torch.zeros_like(self.w_row()), 0.0, 0.0, None
+        if len(local):
+            c, s, v, data_grad, stat = self._solve_batch(local, rows_of, monitor)
+            bad = float(not bool(torch.isfinite(v).all()))
+            a = self._estimator_weights(idx, tasks is None)[torch.from_numpy(own)]
+            grad = self._center_gradient(v, c, s, a, data_grad)  # this process's part of Σ_batch â_t g_t
+            stat_sum = float(stat.sum())
+        exact = self._exact_sums_local(local, v) if sharded and self.center_update == "exact" else []
+        (grad, *exact), sums = self.reducer.sum([grad, *exact], {"nonfinite": bad, "stationarity": stat_sum})
+        if sums["nonfinite"] > 0:
             raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
-        self.store.write(idx, v)
-        grad = self._center_gradient(v, c, s, self._estimator_weights(idx, indices is None), data_grad)
-        return self._finish_step(grad, len(idx), float(stat.mean()) if monitor else None)
+        if v is not None:
+            self.store.write(local, v)
+        centers = (lambda factor: self._exact_centers(exact or None)) if self.center_update == "exact" else None
+        diag = self.apply_meta_gradient([g[0] for g in self.layout.unflatten(grad.unsqueeze(0))],
+                                        step_w=self.center_update != "fixed", also=centers)
+        diag["tasks"] = float(len(idx))
+        if monitor:
+            diag["inner_stationarity"] = sums["stationarity"] / len(idx)
+        return diag
 
     def _solve_batch(self, idx: np.ndarray, rows_of: Any, monitor: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -288,47 +319,6 @@ class FiniteMMP(MetaLearner):
             raise ValueError(f"FiniteMMP on rank {self.reducer.rank} of {self.reducer.world_size} needs this rank's "
                              f"shard of the store, tasks [{lo}, {hi}) (metaprox.sharded.open_shard).")
         return lo, hi
-
-    def _finish_step(self, grad: torch.Tensor, num_tasks: int, stationarity: float | None,
-                     exact_sums: Tensors | None = None) -> dict[str, float]:
-        """Check the center gradient, move the center (unless fixed), count the step; the diagnostics."""
-        exact = (lambda factor: self._exact_centers(exact_sums)) if self.center_update == "exact" else None
-        grads = [g[0] for g in self.layout.unflatten(grad.unsqueeze(0))]
-        diag = self.apply_meta_gradient(grads, step_w=self.center_update != "fixed", also=exact)
-        diag["tasks"] = float(num_tasks)
-        if stationarity is not None:
-            diag["inner_stationarity"] = stationarity
-        return diag
-
-    def _step_sharded(self, idx: np.ndarray, monitor: bool, drawn: bool) -> dict[str, float]:
-        """One outer step on one rank: solve the owned tasks of the global batch ``idx``, then one all-reduce of
-        ``[Σ_local â_t ∂_c D_t | non-finite flag | Σ_local stationarity]`` (â_t of :meth:`_estimator_weights`
-        from the global batch, so the sum over ranks needs no normalising; for ``"exact"`` also the center sums
-        of :meth:`_exact_sums_local`); the owned rows are written only when no rank saw a non-finite
-        solution, and every rank takes the same center step. A graph adds one all-reduce before the solves (the
-        halo of the batch's neighbours, :meth:`_halo`): two collectives per step instead of one."""
-        lo, hi = self._check_sharded()
-        local = idx[(idx >= lo) & (idx < hi)]
-        rows_of = None
-        if self.graph is not None:
-            rows_of = self._halo(np.unique(self.graph.neighbours(idx)[1]))
-        grad = torch.zeros_like(self.w_row())
-        bad = stat_sum = 0.0
-        v = None
-        if len(local):
-            c, s, v, data_grad, stat = self._solve_batch(local, rows_of, monitor)
-            bad = float(not bool(torch.isfinite(v).all()))
-            a = self._estimator_weights(idx, drawn)[torch.from_numpy((idx >= lo) & (idx < hi))]
-            grad = self._center_gradient(v, c, s, a, data_grad)  # this rank's part of Σ_batch â_t g_t
-            stat_sum = float(stat.sum())
-        exact = self._exact_sums_local(local, v) if self.center_update == "exact" else []
-        (grad, *exact), sums = self.reducer.sum([grad, *exact], {"nonfinite": bad, "stationarity": stat_sum})
-        if sums["nonfinite"] > 0:
-            raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}; nothing was stored.")
-        if v is not None:
-            self.store.write(local, v)
-        return self._finish_step(grad, len(idx), sums["stationarity"] / len(idx) if monitor else None,
-                                 exact or None)
 
     def _halo(self, ids: np.ndarray) -> Any:
         """``rows_of`` for the sorted task ids ``ids`` owned by any rank (a collective): each rank writes the

@@ -68,6 +68,8 @@ _IMAGE_SHAPES = {"omniglot": (1, 28), "miniimagenet": (3, 84), "tieredimagenet":
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     m = cfg["model"]
+    if cfg["heads"]["ways"]:
+        return _shared_trunk(cfg)
     if m["kind"] == "mlp":
         return MLP(m["sizes"], m["activation"])
     if m["kind"] == "conv4":
@@ -87,6 +89,19 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         return ResNet12(channels, int(cfg["task"]["ways"]), m["widths"], bn=m["bn"],
                         channels_last=bool(m["channels_last"]))
     raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4', 'resnet12'].")
+
+
+def _shared_trunk(cfg: dict[str, Any]) -> nn.Module:
+    """``heads.ways``: a Conv-4 feature trunk shared by all kinds, one linear head per kind (its way)."""
+    from metaprox.models.conv4 import Conv4
+    from metaprox.models.shared_trunk import SharedTrunk
+    from metaprox.tasks.mixed_ways import kind_names
+
+    m = cfg["model"]
+    channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
+    trunk = Conv4(channels, 0, int(m["filters"]), size, bn=m["bn"], channels_last=bool(m["channels_last"]))
+    width = int(m["filters"]) * trunk.feature_side ** 2
+    return SharedTrunk(trunk, {k: nn.Linear(width, w) for k, w in kind_names(cfg["heads"]["ways"]).items()})
 
 
 def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None,
@@ -128,6 +143,14 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     model = model.to(cfg["device"])
     loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
     lam = cfg["prox"]["lam"]
+    if cfg["heads"]["ways"]:  # one head per kind around a shared trunk (validated: mmp, conv4, fewshot)
+        from metaprox.algorithms.multihead import MultiHeadMMP
+
+        h = cfg["heads"]
+        return MultiHeadMMP(model, loss, lam=lam, head_lam=float(h["head_lam"]), head_init=h["head_init"],  # type: ignore[arg-type]
+                            inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg),
+                            total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"],
+                            execution=cfg["execution"], seed=cfg["seed"])
     return ALGORITHMS[cfg["algorithm"]](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
         meta_optimizer=optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
@@ -153,6 +176,10 @@ def rule_options(cfg: dict[str, Any], algo: str) -> dict[str, Any]:
 
 def build_family(cfg: dict[str, Any]) -> Any:
     fam = cfg["task"]["family"]
+    if cfg["heads"]["ways"] and fam == "fewshot":
+        from metaprox.tasks.mixed_ways import MixedWayTasks
+
+        return MixedWayTasks(cfg)
     if fam not in FAMILIES:
         raise ConfigError(f"unknown task.family {fam!r}; available: {sorted(FAMILIES)}.")
     return FAMILIES[fam](cfg)

@@ -193,19 +193,23 @@ class MultiHeadMMP(MetaLearner):
             raise ValueError("give one kind per task (and at least one task).")
         a = check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
         total = [torch.zeros_like(p) for p in self.center()]
-        stat, n = 0.0, 0
+        solved = []
         for kd, pos in self._by_kind_positions(kinds).items():
             k = self._kind(kd)
             kt = [tasks[i] for i in pos]
             for sg in self._solve_kind(k, stacked(k.execution, kt), None, None, monitor):
                 torch._foreach_add_(total, self._trunk_grad(k, sg, a[[pos[j] for j in sg.indices]]))
-                if monitor and sg.result.stationarity is not None:
-                    stat += float(sg.result.stationarity.sum())
-                    n += len(sg.indices)
-        diag = self.apply_meta_gradient([g / float(a.sum()) for g in total])
-        diag["tasks"] = float(len(tasks))
-        if monitor and n:
-            diag["inner_stationarity"] = stat / n
+                solved.append(sg)
+        return self._outer(total, float(a.sum()), solved if monitor else [], len(tasks))
+
+    def _outer(self, total: Tensors, weight: float, solved: list[SolvedGroup], tasks: int) -> dict[str, float]:
+        """The one outer step on ``Σ a_t g_t / weight``, with the theory monitors of ``solved`` (if any: each
+        task against its kind's center and penalty — heads included, ‖v − c‖² counts their distance from
+        their start)."""
+        diag = self.apply_meta_gradient([g / weight for g in total])
+        diag["tasks"] = float(tasks)
+        if solved:
+            diag.update(self.monitors(self.monitor_sums(solved)))
         return diag
 
     def adapt(self, task: Task, kind: str, steps: int | None = None,  # type: ignore[override]
@@ -315,7 +319,7 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         # unbiased for the weighted joint objective (a batch-sum ratio is biased with minibatches)
         wt = estimator_weights(self.tasks.weights.to(torch.float64), idx, self.sampler, drawn=indices is None)
         total = [torch.zeros_like(p) for p in self.center()]
-        stat, n = 0.0, 0
+        done = []
         for kd, kpos in self._by_kind(idx).items():
             k, store = self.kinds[kd], self.stores[kd]
             kidx = idx[kpos]
@@ -329,17 +333,11 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
                 p = sg.indices
                 torch._foreach_add_(total, self._trunk_grad(k, sg, wt[kpos[p.numpy()]]))
                 solved[p] = k.layout.flatten(sg.result.params).to(dtype)
-                if monitor and sg.result.stationarity is not None:
-                    stat += float(sg.result.stationarity.sum())
-                    n += len(p)
+                done.append(sg)
             if not bool(torch.isfinite(solved).all()):
                 raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}.")
             store.write(self.row[kidx], solved)
-        diag = self.apply_meta_gradient([g / 1.0 for g in total])
-        diag["tasks"] = float(len(idx))
-        if monitor and n:
-            diag["inner_stationarity"] = stat / n
-        return diag
+        return self._outer(total, 1.0, done if monitor else [], len(idx))
 
     def objective(self) -> float:
         """J = Σ_t w_t [L_t(v_t) + s_t·D(v_t, c)] over all tasks, from the stored rows (no updates)."""

@@ -161,7 +161,6 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
 
     total, mb, log = cfg["outer"]["steps"], cfg["outer"]["meta_batch"], cfg["log"]
     sharded = reducer.world_size > 1
-    kinds_of = getattr(family, "train_kinds", None)  # multi-head (heads.ways): each task's kind picks its head
     show = log["progress"] if progress is None else progress
     tb = _TensorBoard(run_dir, log["tensorboard"] if main else False)
     validate = PeriodicValidation(cfg) if log["eval_every"] else None
@@ -217,8 +216,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, resume: bool | str, progress: boo
             # under torchrun build only this rank's share (same draws from the sampler, same tasks)
             tasks = family.train_share(mb, sampler, reducer.part(mb)) if sharded else family.train_batch(mb, sampler)
             try:
-                diag = learner.step(tasks, monitor=monitor) if kinds_of is None else \
-                    learner.step(tasks, kinds_of(mb), monitor=monitor)
+                diag = learner.step(tasks, monitor=monitor)
             except NonFiniteError as e:  # raised on every rank alike (the meta-gradient is all-reduced)
                 if main:
                     write_metrics(run_dir, rows)

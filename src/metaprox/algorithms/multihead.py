@@ -184,9 +184,14 @@ class MultiHeadMMP(MetaLearner):
         return by
 
     # ----- one outer step (infinite setting) -----------------------------------------------------------
-    def step(self, tasks: Sequence[Task], kinds: Sequence[str],  # type: ignore[override]
+    def step(self, tasks: Sequence[Task], kinds: Sequence[str] | None = None,  # type: ignore[override]
              weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True) -> dict[str, float]:
-        """One outer step on new ``tasks`` of the given ``kinds`` (one per task), mixed freely."""
+        """One outer step on new ``tasks`` of the given ``kinds`` (one per task; default: a
+        :class:`~metaprox.tasks.task.KindedTasks`' own), mixed freely."""
+        if kinds is None:
+            kinds = getattr(tasks, "kinds", None)
+            if kinds is None:
+                raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")
         if isinstance(tasks, Task):
             tasks, kinds = [tasks], [kinds]  # type: ignore[list-item]
         if len(tasks) != len(kinds) or not tasks:

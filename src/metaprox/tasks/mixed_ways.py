@@ -1,10 +1,11 @@
 """Few-shot episodes of several ways in one meta-batch (``heads.ways``): one task *kind*, and one head, per way.
 
-Task i of a minibatch of n is of kind ``kinds[i mod K]`` (e.g. ``["5way", "20way"]``: 5-, 20-, 5-, 20-way …), so
-every minibatch mixes the kinds in fixed positions and the trainer knows each task's kind without looking at
-it (:meth:`MixedWayTasks.train_kinds`). The episodes of each kind are drawn by their own
-:class:`~metaprox.tasks.episodes.EpisodeSampler` over the same classes, in kind order, from one generator.
-Evaluation sets are one per kind, named by the kind (``metaprox eval`` adapts each set with its kind's head).
+Task i of a minibatch of n is of kind ``kinds[i mod K]`` (e.g. ``["5way", "20way"]``: 5-, 20-, 5-, 20-way …),
+so every minibatch mixes the kinds in fixed positions; a minibatch is a
+:class:`~metaprox.tasks.task.KindedTasks`, which tells :meth:`metaprox.MultiHeadMMP.step` each task's kind.
+The episodes of each kind are drawn by their own :class:`~metaprox.tasks.episodes.EpisodeSampler` over the
+same classes, in kind order, from one generator. Evaluation sets are one per kind, named by the kind
+(``metaprox eval`` adapts each set with its kind's head).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from metaprox.config import ConfigError
 from metaprox.tasks.episodes import EpisodeSampler
 from metaprox.tasks.fewshot import FewShotTasks
 from metaprox.tasks.share import TaskShare
-from metaprox.tasks.task import Task
+from metaprox.tasks.task import KindedTasks, Task
 
 __all__ = ["MixedWayTasks", "kind_names"]
 
@@ -50,7 +51,7 @@ class MixedWayTasks(FewShotTasks):
         names = list(self.kinds)
         return [names[i % len(names)] for i in range(n)]
 
-    def train_batch(self, n: int, generator: torch.Generator) -> list[Task]:
+    def train_batch(self, n: int, generator: torch.Generator) -> KindedTasks:
         kinds = self.train_kinds(n)
         out: list[Task | None] = [None] * n
         for k, sampler in self.samplers.items():
@@ -58,7 +59,7 @@ class MixedWayTasks(FewShotTasks):
             if at:
                 for i, task in zip(at, sampler.sample_batch(len(at), generator).tasks(), strict=True):
                     out[i] = task
-        return out  # type: ignore[return-value]  # every position is some kind's
+        return KindedTasks(out, kinds)
 
     def train_share(self, n: int, generator: torch.Generator, part: slice) -> TaskShare:
         raise ConfigError("multi-head runs (heads.ways) train in one process: MultiHeadMMP has no distributed "

@@ -221,7 +221,8 @@ def build_prior(cfg: dict[str, Any], num_tasks: int, weights: torch.Tensor) -> d
             for d in range(len(parts)):
                 parent.setdefault("/".join(parts[:d + 1]), "/".join(parts[:d]) or "root")
         try:
-            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights), "graph": None}
+            groups = [(g["pattern"], g["kind"]) for g in pr["groups"]] or None  # checked by validate.py
+            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights, groups=groups), "graph": None}
         except ValueError as e:
             raise ConfigError(f"prior (tree): {e}") from e
     if pr["kind"] == "graph":

@@ -95,6 +95,8 @@ DEFAULTS: dict[str, Any] = {
         "nodes_csv": None,         # tree: or a CSV file with a header, one row per task (in task order) …
         "nodes_column": "node",    # … and the column holding the node
         "lam_levels": [1.0],       # tree: pull of a node toward its parent, per depth 1, 2, …
+        "groups": [],              # tree: which parameters follow it, [[prior.groups]] pattern = "weight" kind = "tree"
+                                   # | "flat" (first match wins; glob or "re:<regex>"; unmatched: flat; []: all)
         "edges": [],               # graph: [[t, s, λ_ts], …] (task indices, each edge once)
         "edges_csv": None,         # graph: or a CSV file with columns t, s, weight
     },

@@ -123,6 +123,10 @@ class Tree:
         task_node: the node of each task (index t → node name).
         lam_levels: pull toward the parent for nodes at depth 1, 2, … (one number per depth below the root).
         weights: task weights w_t (default 1).
+        groups: which parameters follow the tree, as in :class:`TreePrior` (rules ``(pattern, "tree" |
+            "flat")``, unmatched names flat; None: all). A flat parameter has one value at every node — the
+            λ-weighted mean of all tasks' v_t, the exact minimiser of J with those entries tied to the root.
+            The learner binds the rules to its parameters (:meth:`bind`) before the first sweep.
 
     Example:
         >>> t = Tree({"root": None, "a": "root", "b": "root"}, ["a", "a", "b"], [2.0])
@@ -131,7 +135,7 @@ class Tree:
     """
 
     def __init__(self, parent: Mapping[str, str | None], task_node: Sequence[str], lam_levels: Sequence[float],
-                 weights: Any = None):
+                 weights: Any = None, groups: Sequence[tuple[str, str]] | None = None):
         roots = [n for n, p in parent.items() if p is None]
         if len(roots) != 1:
             raise ValueError(f"a Tree needs exactly one root (parent None), got {roots}.")
@@ -169,6 +173,18 @@ class Tree:
                 at = self.parent[at]
         self.children = {n: [c for c in self.nodes if self.parent[c] == n] for n in self.nodes}
         self.order = sorted(self.nodes, key=lambda n: -self.depth[n])  # leaves first
+        self.groups = None if groups is None else list(groups)
+        #: per parameter name: does it follow the tree (set by :meth:`bind`; None: every parameter does)
+        self.follows: dict[str, bool] | None = None
+        self.flat_entries: torch.Tensor | None = None  # (P,) bool: the entries of the flat parameters
+
+    def bind(self, names: Sequence[str], sizes: Sequence[int]) -> None:
+        """Resolve ``groups`` over the learner's parameter ``names`` (each of ``sizes`` entries in a row);
+        errors name the pattern or parameter at fault (:func:`partition`)."""
+        follows = TreePrior.follows_of(names, self.groups)
+        self.follows = dict(zip(names, follows, strict=True))
+        flat = torch.cat([torch.full((int(k),), not on) for k, on in zip(sizes, follows, strict=True)])
+        self.flat_entries = flat if bool(flat.any()) else None
 
     def lam_up(self, node: str) -> float:
         """Pull of ``node`` toward its parent (0 for the root)."""
@@ -209,6 +225,9 @@ class Tree:
                                sweeps: int = 1) -> torch.Tensor:
         """:meth:`update_nodes` from the per-node task sums of :meth:`task_sums` (the tasks enter the sweep only
         through them, so ranks that each hold some tasks can all-reduce the sums and run the same sweep)."""
+        if self.groups is not None and self.follows is None:
+            raise ValueError("this Tree has parameter groups: bind it to the learner's parameters first "
+                             "(Tree.bind(names, sizes); FiniteMMP does).")
         theta = theta.clone()
         for _ in range(int(sweeps)):
             for n in self.order + self.order[::-1]:
@@ -223,6 +242,10 @@ class Tree:
                     nu += k * theta[self.index[self.parent[n]]]  # type: ignore[index]
                     de += k
                 theta[i] = torch.where(de > 0, nu / de.clamp_min(1e-300), theta[i])
+        if self.flat_entries is not None:  # entries are independent: the flat ones get one value at every node,
+            f = self.flat_entries            # the pull-weighted mean of all tasks (the root's old value if none)
+            total, mass = num[:, f].sum(0), den[:, f].sum(0)
+            theta[:, f] = torch.where(mass > 0, total / mass.clamp_min(1e-300), theta[self.index[self.root], f])
         return theta
 
 
@@ -310,7 +333,7 @@ class TreePrior:
 
         refuse(learner, prior="tree")
         self.learner = learner
-        self.follows = self._follows(learner.names, groups)
+        self.follows = self.follows_of(learner.names, groups)
         self.lam_levels = tuple(float(v) for v in lam_levels)
         if not self.lam_levels or not all(v > 0 for v in self.lam_levels):  # also rejects NaN
             raise ValueError(f"lam_levels = {list(lam_levels)}: need one λ > 0 per depth below the root.")
@@ -329,7 +352,7 @@ class TreePrior:
         return len(self.lam_levels)
 
     @staticmethod
-    def _follows(names: Sequence[str], groups: Sequence[tuple[str, str]] | None) -> list[bool]:
+    def follows_of(names: Sequence[str], groups: Sequence[tuple[str, str]] | None) -> list[bool]:
         """Per parameter: does it follow the tree (else its center is w)?"""
         if groups is None:
             return [True] * len(names)

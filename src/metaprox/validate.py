@@ -132,6 +132,28 @@ def _heads(cfg: dict[str, Any], out: list[str]) -> None:
                    "false.")
 
 
+def _prior_groups(cfg: dict[str, Any], out: list[str]) -> None:
+    """``[[prior.groups]]``: tables ``pattern = "..."``, ``kind = "tree" | "flat"`` of a tree prior."""
+    from metaprox.priors import GROUP_PRIORS
+
+    groups, kind = cfg["prior"]["groups"], cfg["prior"]["kind"]
+    if groups and kind != "tree":
+        out.append(f"prior.groups is set but prior.kind = {kind!r}: parameter groups choose which parameters follow "
+                   f"a tree (prior.kind = 'tree').")
+    for i, g in enumerate(groups):
+        where = f"prior.groups[{i}]"
+        if not isinstance(g, dict) or set(g) != {"pattern", "kind"}:
+            out.append(f"{where} = {g!r}: give a table with exactly pattern = \"<glob or re:regex>\" and kind = "
+                       f"one of {list(GROUP_PRIORS)}.")
+            continue
+        if not isinstance(g["pattern"], str) or not g["pattern"]:
+            out.append(f"{where}.pattern = {g['pattern']!r}: a non-empty glob (or re:<regex>) over parameter names.")
+        if g["kind"] not in GROUP_PRIORS:
+            out.append(f"{where}.kind = {g['kind']!r}: choose one of {list(GROUP_PRIORS)}.")
+    if groups and all(isinstance(g, dict) and g.get("kind") != "tree" for g in groups):
+        out.append("prior.groups: no group has kind = 'tree', so no parameter would follow the tree.")
+
+
 def _evaluation(cfg: dict[str, Any], out: list[str]) -> None:
     e = cfg["eval"]
     _at_least(out, "eval.tasks", e["tasks"], 1, " (test tasks per setting).")
@@ -236,6 +258,7 @@ def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, e
     out: list[str] = []
     _training(cfg, out)
     _heads(cfg, out)
+    _prior_groups(cfg, out)
     _evaluation(cfg, out)
     _device(cfg, out)
     splits = ["train"] + (["val"] if cfg["log"]["eval_every"] else []) + (["test"] if evaluate else [])

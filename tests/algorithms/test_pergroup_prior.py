@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,91 @@ def test_second_order_maml_with_a_per_group_tree_is_refused_and_bad_rules_are_na
         learner([("*", "flat")])
     with pytest.raises(ValueError, match="prior one of"):
         learner([("weight", "graph")])
+
+
+def finite_joint_optimum(tasks, nodes, parent, levels, follows) -> torch.Tensor:
+    """argmin of the finite joint objective with a per-group tree, as one linear system:
+    J = Σ_t [L_t(v_t) + λ/2‖v_t − c_node(t)‖²] + Σ_{n ≠ root} (m_n λ_depth(n)/2)‖θ_n − θ_parent‖² (tree entries),
+    c_n = (θ_n on tree entries, w on flat ones). Unknowns z = (v_1..v_T, tree entries of every node, flat
+    entries of w). Returns z's rows as [v_1..v_T, c_root]."""
+    names = list(parent)
+
+    def path(n) -> list[str]:  # n and its ancestors up to the root
+        return [n] + (path(parent[n]) if parent[n] is not None else [])
+    depth = {n: len(path(n)) - 1 for n in names}
+    tree_idx = [i for i, on in enumerate(follows) if on]
+    flat_idx = [i for i, on in enumerate(follows) if not on]
+    p, k, nt = len(follows), len(tree_idx), len(tasks)
+    size = nt * p + len(names) * k + len(flat_idx)
+
+    def task_rows(t) -> torch.Tensor:
+        e = torch.zeros(p, size, dtype=DT)
+        e[:, t * p:(t + 1) * p] = torch.eye(p, dtype=DT)
+        return e
+
+    def center(n) -> torch.Tensor:
+        s = torch.zeros(p, size, dtype=DT)
+        base = nt * p + names.index(n) * k
+        for j, i in enumerate(tree_idx):
+            s[i, base + j] = 1.0
+        for j, i in enumerate(flat_idx):
+            s[i, nt * p + len(names) * k + j] = 1.0
+        return s
+
+    h, r = torch.zeros(size, size, dtype=DT), torch.zeros(size, dtype=DT)
+    for t, (task_, node) in enumerate(zip(tasks, nodes, strict=True)):
+        A, b = quad(task_)
+        e, d = task_rows(t), task_rows(t) - center(node)
+        h += e.T @ A @ e + LAM * d.T @ d
+        r += e.T @ b
+    for n in names:
+        if parent[n] is not None:
+            below = sum(1 for m in nodes if n in path(m))
+            d = center(n) - center(parent[n])
+            h += below * levels[depth[n] - 1] * d.T @ d
+    z = torch.linalg.solve(h, r)
+    return torch.cat([z[:nt * p].view(nt, p), (center("root") @ z).view(1, p)])
+
+
+def test_finite_per_group_tree_reaches_the_joint_optimum():
+    from metaprox.algorithms.finite import FiniteMMP
+    from metaprox.priors import Tree
+    from metaprox.tasks.taskset import TaskSet
+
+    parent = {"root": None, "a": "root", "ax": "a", "b": "root"}
+    nodes = ["ax", "ax", "a", "b", "b", "ax"]
+    levels = [0.7, 1.5]
+    tasks = [task(i, s, m) for i, (s, m) in enumerate(zip(SHIFTS, SLOPES, strict=True))]
+    want = finite_joint_optimum(tasks, nodes, parent, levels, TREE)
+    torch.manual_seed(0)
+    tree = Tree(parent, nodes, levels, groups=[("weight", "tree"), ("bias", "flat")])
+    fm = FiniteMMP(torch.nn.Linear(2, 1).to(DT), TaskSet(tasks), lam=LAM, inner=metaprox.ExactLeastSquares(),
+                   center_update="exact", prior=tree)
+    for _ in range(400):
+        fm.step(monitor=False)
+    assert torch.allclose(fm.rows(np.arange(len(tasks))), want[:-1], atol=1e-7)
+    assert torch.allclose(fm.w_row(), want[-1], atol=1e-7)
+    flat_entry = fm.theta[:, 2]  # the bias: one value at every node
+    assert torch.equal(flat_entry, flat_entry[0].expand_as(flat_entry))
+    # not degenerate: the tree's weights differ across nodes, and tying the bias changes the optimum
+    assert float((fm.theta[tree.index["ax"], :2] - fm.theta[tree.index["root"], :2]).abs().max()) > 0.1
+    whole = finite_joint_optimum(tasks, nodes, parent, levels, [True, True, True])
+    assert float((whole[:-1] - want[:-1]).abs().max()) > 1e-3
+    # a new node under "a": the tree's weights are pulled with the series λ_eff, the flat bias with λ
+    t = task(99, 1.0, 0.3)
+    A, b = quad(t)
+    lam_eff = 1.0 / (1.0 / LAM + 1.0 / levels[1])
+    pull = torch.diag(torch.tensor([lam_eff, lam_eff, LAM], dtype=DT))
+    c = fm.theta[tree.index["a"]]
+    got = fm.adapt(t, parent="a")
+    assert torch.allclose(flat(got), torch.linalg.solve(A + pull, b + pull @ c), atol=1e-10)
+
+
+def test_an_unbound_per_group_tree_refuses_to_sweep():
+    from metaprox.priors import Tree
+
+    tree = Tree({"r": None, "a": "r"}, ["a"], [1.0], groups=[("weight", "tree")])
+    with pytest.raises(ValueError, match="bind it"):
+        tree.update_nodes(torch.zeros(2, 3, dtype=DT), torch.zeros(1, 3, dtype=DT), torch.ones(1, 3, dtype=DT))
+    with pytest.raises(ValueError, match="pattern 'weight' matches no parameter"):
+        tree.bind(["w", "b"], [2, 1])

@@ -332,6 +332,9 @@ class TreePrior:
         from metaprox.composition import refuse
 
         refuse(learner, prior="tree")
+        if getattr(learner, "kinds", None):  # its own step() never asks a prior for centers
+            raise ValueError(f"{type(learner).__name__} (per-kind heads) has its own outer step with one center w: "
+                             f"a tree prior is not built for it; use its per-group λ (lam={{pattern: λ}}).")
         self.learner = learner
         self.follows = self.follows_of(learner.names, groups)
         self.lam_levels = tuple(float(v) for v in lam_levels)

@@ -164,6 +164,12 @@ def test_second_order_maml_with_a_per_group_tree_is_refused_and_bad_rules_are_na
         learner([("*", "flat")])
     with pytest.raises(ValueError, match="prior one of"):
         learner([("weight", "graph")])
+    from metaprox.algorithms.multihead import MultiHeadMMP
+    from metaprox.models.shared_trunk import SharedTrunk
+
+    mh = MultiHeadMMP(SharedTrunk(torch.nn.Linear(2, 3), {"a": torch.nn.Linear(3, 1)}), "mse")
+    with pytest.raises(ValueError, match="tree prior is not built for it"):
+        TreePrior(mh, [1.0])
 
 
 def finite_joint_optimum(tasks, nodes, parent, levels, follows) -> torch.Tensor:

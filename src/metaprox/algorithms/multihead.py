@@ -188,10 +188,9 @@ class MultiHeadMMP(MetaLearner):
              weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True) -> dict[str, float]:
         """One outer step on new ``tasks`` of the given ``kinds`` (one per task; default: a
         :class:`~metaprox.tasks.task.KindedTasks`' own), mixed freely."""
+        kinds = getattr(tasks, "kinds", None) if kinds is None else kinds
         if kinds is None:
-            kinds = getattr(tasks, "kinds", None)
-            if kinds is None:
-                raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")
+            raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")
         if isinstance(tasks, Task):
             tasks, kinds = [tasks], [kinds]  # type: ignore[list-item]
         if len(tasks) != len(kinds) or not tasks:
@@ -208,9 +207,8 @@ class MultiHeadMMP(MetaLearner):
         return self._outer(total, float(a.sum()), solved if monitor else [], len(tasks))
 
     def _outer(self, total: Tensors, weight: float, solved: list[SolvedGroup], tasks: int) -> dict[str, float]:
-        """The one outer step on ``Σ a_t g_t / weight``, with the theory monitors of ``solved`` (if any: each
-        task against its kind's center and penalty — heads included, ‖v − c‖² counts their distance from
-        their start)."""
+        """The outer step on ``Σ a_t g_t / weight``; monitors of ``solved`` against each kind's center (heads
+        included: ‖v − c‖² counts their distance from their start)."""
         diag = self.apply_meta_gradient([g / weight for g in total])
         diag["tasks"] = float(tasks)
         if solved:
@@ -301,10 +299,8 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         return k.layout.flatten([t.detach().unsqueeze(0) for t in self.kind_center(kind)])[0]
 
     def _by_kind(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, list[int]] = {}
-        for pos, t in enumerate(idx.tolist()):
-            out.setdefault(str(self.task_kinds[t]), []).append(pos)
-        return {kd: np.asarray(p, dtype=np.int64) for kd, p in out.items()}
+        by = self._by_kind_positions(self.task_kinds[idx].tolist())
+        return {kd: np.asarray(p, dtype=np.int64) for kd, p in by.items()}
 
     def task_params(self, i: int) -> dict[str, torch.Tensor]:
         """The stored parameters v_t of task ``i`` (member names; never-solved tasks read as the center)."""

@@ -53,8 +53,7 @@ class HierarchicalMMP(MetaMinibatchProx):
     Args:
         lam: pull of a task toward its node's center.
         lam_group: two levels only — pull of a group center toward the root (same as ``lam_levels=(lam_group,)``).
-        lam_levels, group_lr, tree, groups: as in :class:`TreePrior` (``groups``: which parameters follow the
-            tree, e.g. ``[("head.*", "tree")]``; the others are flat, centered at w).
+        lam_levels, group_lr, tree, groups: as in :class:`TreePrior` (groups: the parameters that follow the tree).
         other arguments as in :class:`metaprox.MetaMinibatchProx` (default schedule: linear if total_steps).
     """
 
@@ -97,8 +96,7 @@ class HierarchicalMMP(MetaMinibatchProx):
         return self.tree_prior.node_center(path)
 
     def prior(self, group: Any = None) -> tuple[Tensors, float]:
-        """(center, pull) a new task of ``group`` is adapted with (:meth:`TreePrior.prior`; with ``groups``
-        the pull of the tree's parameters — flat ones keep λ)."""
+        """(center, pull of the tree's parameters) a new task of ``group`` is adapted with (:meth:`TreePrior.prior`)."""
         center, scale = self.tree_prior.prior(group)
         return center, float(self.prox.uniform) * scale  # type: ignore[arg-type]
 

@@ -186,8 +186,7 @@ class MultiHeadMMP(MetaLearner):
     # ----- one outer step (infinite setting) -----------------------------------------------------------
     def step(self, tasks: Sequence[Task], kinds: Sequence[str] | None = None,  # type: ignore[override]
              weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True) -> dict[str, float]:
-        """One outer step on new ``tasks`` of the given ``kinds`` (one per task; default: a
-        :class:`~metaprox.tasks.task.KindedTasks`' own), mixed freely."""
+        """One outer step on new ``tasks`` of the given ``kinds`` (one each; default: ``tasks.kinds``), mixed."""
         kinds = getattr(tasks, "kinds", None) if kinds is None else kinds
         if kinds is None:
             raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")

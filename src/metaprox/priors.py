@@ -30,6 +30,7 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import math
 import re
@@ -96,11 +97,6 @@ def partition(names: Sequence[str], rules: Sequence[tuple[str, str]], default: s
                              f"catch-all rule ('*') or a default.")
         out.append(found if found is not None else default)  # type: ignore[arg-type]
     return out
-
-
-def _glob_literal(name: str) -> str:
-    """A glob matching exactly ``name`` (its ``*?[`` characters escaped)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def springs_in_series(*lams: float) -> float:
@@ -536,7 +532,7 @@ class TreePrior:
 
         lam, f = float(self.learner.prox.uniform), float(factors[0])
         pulls = {n: lam * f if on else lam for n, on in zip(self.learner.names, self.follows, strict=True)}
-        return center, make_prox({_glob_literal(n): v for n, v in pulls.items()}, self.learner.names), None
+        return center, make_prox({glob.escape(n): v for n, v in pulls.items()}, self.learner.names), None
 
     # ----- state: node centers travel with the checkpoint (as JSON-named buffers) ---------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -45,7 +45,10 @@ def test_a_mixed_way_run_trains_resumes_bitwise_and_evaluates_each_kind(omniglot
     assert batch.kinds == ["2way", "3way", "2way", "3way"]  # KindedTasks: MultiHeadMMP.step reads them
     assert [int(t.y.max()) + 1 for t in batch] == [2, 3, 2, 3]  # each task has its kind's ways
 
-    result = train(cfg, tmp_path / "whole", progress=False)
+    result = train({**cfg, "log": {**cfg["log"], "eval_every": 2, "eval_tasks": 2}}, tmp_path / "whole",
+                   progress=False)  # periodic validation adapts each kind's set with its head, too
+    val = [json.loads(line) for line in (tmp_path / "whole" / "val_curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [0, 2, 4] and set(val[0]["accuracy"]) == {"2way", "3way"}
     assert set(result["sets"]) == {"2way", "3way"}
     for kind, ways in (("2way", 2), ("3way", 3)):  # before adaptation the zero heads predict every class alike
         assert result["sets"][kind]["0"]["accuracy"] == pytest.approx(1.0 / ways)

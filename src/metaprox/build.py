@@ -77,6 +77,8 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     if m["cosine_scale"] and m["kind"] != "conv4":
         raise ConfigError(f"model.cosine_scale applies to model.kind = 'conv4' only, not {m['kind']!r}; "
                           f"remove it or set it to 0.")
+    if cfg["heads"]["ways"]:
+        return _shared_trunk(cfg)
     if m["kind"] == "mlp":
         return MLP(m["sizes"], m["activation"])
     if m["kind"] == "conv4":
@@ -96,6 +98,20 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         return ResNet12(channels, int(cfg["task"]["ways"]), m["widths"], bn=m["bn"],
                         channels_last=bool(m["channels_last"]))
     raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4', 'resnet12'].")
+
+
+def _shared_trunk(cfg: dict[str, Any]) -> nn.Module:
+    """``heads.ways``: a Conv-4 feature trunk shared by all kinds, one linear head per kind (its way)."""
+    from metaprox.models.conv4 import Conv4
+    from metaprox.models.shared_trunk import SharedTrunk
+    from metaprox.tasks.mixed_ways import kind_names
+
+    m = cfg["model"]
+    channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
+    trunk = Conv4(channels, 0, int(m["filters"]), size, bn=m["bn"], channels_last=bool(m["channels_last"]),
+                  cosine_scale=float(m["cosine_scale"]))
+    width = int(m["filters"]) * trunk.feature_side ** 2
+    return SharedTrunk(trunk, {k: nn.Linear(width, w) for k, w in kind_names(cfg["heads"]["ways"]).items()})
 
 
 def build_inner(cfg: dict[str, Any], steps: int | None = None, lr: float | None = None,
@@ -137,6 +153,14 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     model = model.to(cfg["device"])
     loss = "cross_entropy" if cfg["task"]["family"] != "sine" else "mse"
     lam = cfg["prox"]["lam"]
+    if cfg["heads"]["ways"]:  # one head per kind around a shared trunk (validated: mmp, conv4, fewshot)
+        from metaprox.algorithms.multihead import MultiHeadMMP
+
+        h = cfg["heads"]
+        return MultiHeadMMP(model, loss, lam=lam, head_lam=float(h["head_lam"]), head_init=h["head_init"],  # type: ignore[arg-type]
+                            inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg),
+                            total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"],
+                            execution=cfg["execution"], seed=cfg["seed"])
     return ALGORITHMS[cfg["algorithm"]](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
         meta_optimizer=optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
@@ -162,6 +186,10 @@ def rule_options(cfg: dict[str, Any], algo: str) -> dict[str, Any]:
 
 def build_family(cfg: dict[str, Any]) -> Any:
     fam = cfg["task"]["family"]
+    if cfg["heads"]["ways"] and fam == "fewshot":
+        from metaprox.tasks.mixed_ways import MixedWayTasks
+
+        return MixedWayTasks(cfg)
     if fam not in FAMILIES:
         raise ConfigError(f"unknown task.family {fam!r}; available: {sorted(FAMILIES)}.")
     return FAMILIES[fam](cfg)
@@ -203,7 +231,8 @@ def build_prior(cfg: dict[str, Any], num_tasks: int, weights: torch.Tensor) -> d
             for d in range(len(parts)):
                 parent.setdefault("/".join(parts[:d + 1]), "/".join(parts[:d]) or "root")
         try:
-            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights), "graph": None}
+            groups = [(g["pattern"], g["kind"]) for g in pr["groups"]] or None  # checked by validate.py
+            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights, groups=groups), "graph": None}
         except ValueError as e:
             raise ConfigError(f"prior (tree): {e}") from e
     if pr["kind"] == "graph":

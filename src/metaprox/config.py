@@ -96,8 +96,15 @@ DEFAULTS: dict[str, Any] = {
         "nodes_csv": None,         # tree: or a CSV file with a header, one row per task (in task order) …
         "nodes_column": "node",    # … and the column holding the node
         "lam_levels": [1.0],       # tree: pull of a node toward its parent, per depth 1, 2, …
+        "groups": [],              # tree: which parameters follow it, [[prior.groups]] pattern = "weight" kind = "tree"
+                                   # | "flat" (first match wins; glob or "re:<regex>"; unmatched: flat; []: all)
         "edges": [],               # graph: [[t, s, λ_ts], …] (task indices, each edge once)
         "edges_csv": None,         # graph: or a CSV file with columns t, s, weight
+    },
+    "heads": {                     # multi-head few-shot (metaprox.MultiHeadMMP over a SharedTrunk): one kind and head
+        "ways": [],                # per way, e.g. [5, 20] (kinds "5way", "20way" mixed in every meta-batch); []: off
+        "head_lam": 0.0,           # ridge μ of each head toward its start (0: private heads)
+        "head_init": "zero",       # heads start at "zero" each task, or at their seeded "module" values
     },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
         "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"

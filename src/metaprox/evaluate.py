@@ -106,7 +106,8 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
         else None
     module = learner.fmodel.module
     module_predict: Any = getattr(module, "predict", None)  # a model's own predict(x, x_query, params), if any
-    own_predict = callable(module_predict)
+    # multi-head: each kind's member model predicts through its oracle (the trunk alone has no head)
+    own_predict = callable(module_predict) and not getattr(learner, "kinds", None)
 
     def on_group(idx: Any, x: torch.Tensor, oracle: Any) -> Any:
         xq, yq = learner.execution.stack([tasks[i] for i in idx], query=True)
@@ -129,6 +130,11 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
 
     learner.adapt_tasks(tasks, steps, lam, inner, where=where, on_group=on_group)
     return AdaptationCurve(loss, acc)
+
+
+def set_kinds(learner: MetaLearner, set_name: str, tasks: Sequence[Task]) -> list[str] | None:
+    """Each task's kind when ``learner`` has one head per kind (the evaluation sets are named by kind), else None."""
+    return [set_name] * len(tasks) if getattr(learner, "kinds", None) else None
 
 
 def eval_table(result: dict[str, Any]) -> str:
@@ -169,7 +175,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     with bn_protocol(learner.fmodel.module, e["bn"]) as bn:
         for set_name, tasks in build_family(cfg).eval_sets(split).items():
             record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-            curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record)
+            curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record,
+                                     where=set_kinds(learner, set_name, tasks))
             sets[set_name] = curve.summary(steps)
             sets[set_name]["curve"] = [float(v) for v in curve.loss.mean(1)]
             if curve.accuracy is not None:
@@ -215,7 +222,7 @@ class PeriodicValidation:
             with bn_protocol(learner.fmodel.module, self.bn):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
-                                             record=record)
+                                             record=record, where=set_kinds(learner, name, tasks))
                     losses[name] = {str(s): float(curve.loss[s].mean()) for s in self.steps}
                     if curve.accuracy is not None:
                         accuracy[name] = {str(s): float(curve.accuracy[s].mean()) for s in self.steps}

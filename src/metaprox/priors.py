@@ -17,7 +17,9 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
 - :class:`TreePrior` — a tree grown lazily (nodes named by paths) over the infinite task stream, attached to any
   learner: each task is solved at its node's center, the rule's meta-gradient is taken per node, and the nodes
   move by gradient steps inside the learner's one outer step (:class:`~metaprox.algorithms.HierarchicalMMP` is
-  MMP with it).
+  MMP with it). Per parameter group: ``groups`` (rules pattern → ``"tree"`` | ``"flat"``, :func:`partition`)
+  choose which parameters follow the tree; a flat group's center is w for every task (the whole tree is the
+  case ``groups=None``; a tree on the head with a flat trunk is ``[("head.*", "tree"), ("*", "flat")]``).
 - :class:`Graph` — weighted edges λ_ts between tasks, adding ``Σ_{edges} (λ_ts λ_g/2)‖v_t − v_s‖²`` to J. For
   task t with the others fixed, the inner problem is again a prox problem: center
   ``m_t = (s_t c_t + Σ_s (λ_ts/w_t) v_s) / (s_t + Σ_s λ_ts/w_t)`` and pull ``(s_t + Σ_s λ_ts/w_t)·λ_g``
@@ -27,8 +29,11 @@ prox-coupled entries; shared entries never move and are excluded by the caller).
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import math
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -38,10 +43,60 @@ import torch
 from metaprox.solve import PerTask, SolvedGroup
 from metaprox.tasks.task import Task
 
-__all__ = ["Tree", "Graph", "TreePrior", "springs_in_series"]
+__all__ = ["Tree", "Graph", "TreePrior", "springs_in_series", "partition", "GROUP_PRIORS"]
 
 Tensors = list[torch.Tensor]
 Path = tuple[Hashable, ...]
+
+
+#: the priors a parameter group of a :class:`TreePrior` can follow
+GROUP_PRIORS = ("tree", "flat")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A glob (``fnmatch``, case-sensitive) or, prefixed ``re:``, a regular expression matching the whole name."""
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from e
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def partition(names: Sequence[str], rules: Sequence[tuple[str, str]], default: str | None = None) -> list[str]:
+    """The label of every parameter name: the label of the first rule ``(pattern, label)`` whose pattern matches
+    it, else ``default`` (like ``optax.partition``; a pattern is a glob or ``re:<regex>``).
+
+    Raises ``ValueError`` naming the parameter or the pattern when a name matches no rule and there is no
+    default, when a pattern matches no parameter (a typo), and when a pattern matches only parameters that
+    earlier rules already took (it would never apply: reorder or remove it).
+
+    Example:
+        >>> partition(["trunk.w", "head.w", "head.b"], [("head.*", "tree")], default="flat")
+        ['flat', 'tree', 'tree']
+    """
+    labels: list[str | None] = [None] * len(names)
+    taken_by: dict[str, str] = {}
+    for pattern, label in rules:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"a parameter-group pattern must be a non-empty string, got {pattern!r}.")
+        hits = [i for i, n in enumerate(names) if _matches(pattern, n)]
+        if not hits:
+            raise ValueError(f"pattern {pattern!r} matches no parameter; the parameters are {list(names)}.")
+        new = [i for i in hits if labels[i] is None]
+        if not new:
+            first = names[hits[0]]
+            raise ValueError(f"pattern {pattern!r} matches only parameters that earlier patterns took (e.g. "
+                             f"{first!r} by {taken_by[first]!r}; first match wins): reorder or remove it.")
+        for i in new:
+            labels[i], taken_by[names[i]] = label, pattern
+    out: list[str] = []
+    for n, found in zip(names, labels, strict=True):
+        if found is None and default is None:
+            raise ValueError(f"parameter {n!r} matches none of the patterns {[p for p, _ in rules]}; add a "
+                             f"catch-all rule ('*') or a default.")
+        out.append(found if found is not None else default)  # type: ignore[arg-type]
+    return out
 
 
 def springs_in_series(*lams: float) -> float:
@@ -64,6 +119,10 @@ class Tree:
         task_node: the node of each task (index t → node name).
         lam_levels: pull toward the parent for nodes at depth 1, 2, … (one number per depth below the root).
         weights: task weights w_t (default 1).
+        groups: which parameters follow the tree, as in :class:`TreePrior` (rules ``(pattern, "tree" |
+            "flat")``, unmatched names flat; None: all). A flat parameter has one value at every node — the
+            λ-weighted mean of all tasks' v_t, the exact minimiser of J with those entries tied to the root.
+            The learner binds the rules to its parameters (:meth:`bind`) before the first sweep.
 
     Example:
         >>> t = Tree({"root": None, "a": "root", "b": "root"}, ["a", "a", "b"], [2.0])
@@ -72,7 +131,7 @@ class Tree:
     """
 
     def __init__(self, parent: Mapping[str, str | None], task_node: Sequence[str], lam_levels: Sequence[float],
-                 weights: Any = None):
+                 weights: Any = None, groups: Sequence[tuple[str, str]] | None = None):
         roots = [n for n, p in parent.items() if p is None]
         if len(roots) != 1:
             raise ValueError(f"a Tree needs exactly one root (parent None), got {roots}.")
@@ -110,6 +169,18 @@ class Tree:
                 at = self.parent[at]
         self.children = {n: [c for c in self.nodes if self.parent[c] == n] for n in self.nodes}
         self.order = sorted(self.nodes, key=lambda n: -self.depth[n])  # leaves first
+        self.groups = None if groups is None else list(groups)
+        #: per parameter name: does it follow the tree (set by :meth:`bind`; None: every parameter does)
+        self.follows: dict[str, bool] | None = None
+        self.flat_entries: torch.Tensor | None = None  # (P,) bool: the entries of the flat parameters
+
+    def bind(self, names: Sequence[str], sizes: Sequence[int]) -> None:
+        """Resolve ``groups`` over the learner's parameter ``names`` (each of ``sizes`` entries in a row);
+        errors name the pattern or parameter at fault (:func:`partition`)."""
+        follows = TreePrior.follows_of(names, self.groups)
+        self.follows = dict(zip(names, follows, strict=True))
+        flat = torch.cat([torch.full((int(k),), not on) for k, on in zip(sizes, follows, strict=True)])
+        self.flat_entries = flat if bool(flat.any()) else None
 
     def lam_up(self, node: str) -> float:
         """Pull of ``node`` toward its parent (0 for the root)."""
@@ -150,6 +221,9 @@ class Tree:
                                sweeps: int = 1) -> torch.Tensor:
         """:meth:`update_nodes` from the per-node task sums of :meth:`task_sums` (the tasks enter the sweep only
         through them, so ranks that each hold some tasks can all-reduce the sums and run the same sweep)."""
+        if self.groups is not None and self.follows is None:
+            raise ValueError("this Tree has parameter groups: bind it to the learner's parameters first "
+                             "(Tree.bind(names, sizes); FiniteMMP does).")
         theta = theta.clone()
         for _ in range(int(sweeps)):
             for n in self.order + self.order[::-1]:
@@ -164,6 +238,10 @@ class Tree:
                     nu += k * theta[self.index[self.parent[n]]]  # type: ignore[index]
                     de += k
                 theta[i] = torch.where(de > 0, nu / de.clamp_min(1e-300), theta[i])
+        if self.flat_entries is not None:  # entries are independent: the flat ones get one value at every node,
+            f = self.flat_entries            # the pull-weighted mean of all tasks (the root's old value if none)
+            total, mass = num[:, f].sum(0), den[:, f].sum(0)
+            theta[:, f] = torch.where(mass > 0, total / mass.clamp_min(1e-300), theta[self.index[self.root], f])
         return theta
 
 
@@ -237,15 +315,24 @@ class TreePrior:
             optimizer's base learning rate).
         tree: optional ``{node: parent}`` map (one root, parent ``None``) or a :class:`metaprox.priors.Tree`,
             so that a task's group may be given as a node name; without it a group is a path.
+        groups: which parameters follow the tree: rules ``(pattern, "tree" | "flat")`` over the learner's
+            parameter names, first match wins, unmatched names are ``"flat"`` (:func:`partition`); None: all
+            follow it. A flat parameter's center is w for every task (its meta-gradient goes to w whichever
+            node the task sits at; the nodes hold a copy of w there).
     """
 
     def __init__(self, learner: Any, lam_levels: Sequence[float],
                  group_lr: float | Sequence[float] | None = None,
-                 tree: Mapping[str, str | None] | Tree | None = None):
+                 tree: Mapping[str, str | None] | Tree | None = None,
+                 groups: Sequence[tuple[str, str]] | None = None):
         from metaprox.composition import refuse
 
         refuse(learner, prior="tree")
+        if getattr(learner, "kinds", None):  # its own step() never asks a prior for centers
+            raise ValueError(f"{type(learner).__name__} (per-kind heads) has its own outer step with one center w: "
+                             f"a tree prior is not built for it; use its per-group λ (lam={{pattern: λ}}).")
         self.learner = learner
+        self.follows = self.follows_of(learner.names, groups)
         self.lam_levels = tuple(float(v) for v in lam_levels)
         if not self.lam_levels or not all(v > 0 for v in self.lam_levels):  # also rejects NaN
             raise ValueError(f"lam_levels = {list(lam_levels)}: need one λ > 0 per depth below the root.")
@@ -262,6 +349,26 @@ class TreePrior:
     def depth(self) -> int:
         """Number of levels below the root."""
         return len(self.lam_levels)
+
+    @staticmethod
+    def follows_of(names: Sequence[str], groups: Sequence[tuple[str, str]] | None) -> list[bool]:
+        """Per parameter: does it follow the tree (else its center is w)?"""
+        if groups is None:
+            return [True] * len(names)
+        rules = [tuple(r) for r in groups]
+        for r in rules:
+            if len(r) != 2 or r[1] not in GROUP_PRIORS:
+                raise ValueError(f"group rule {r!r}: give (pattern, prior) with prior one of {GROUP_PRIORS}.")
+        follows = [label == "tree" for label in partition(names, rules, default="flat")]  # type: ignore[arg-type]
+        if not any(follows):
+            raise ValueError(f"no parameter follows the tree (groups = {rules}): the prior would be flat; drop "
+                             f"the tree or give a rule (pattern, 'tree') that matches one of {list(names)}.")
+        return follows
+
+    @property
+    def per_group(self) -> bool:
+        """Some parameters are flat (their center is w for every task)."""
+        return not all(self.follows)
 
     def _level_lrs(self, group_lr: float | Sequence[float] | None) -> tuple[float | None, ...]:
         if group_lr is None or isinstance(group_lr, (int, float)):
@@ -315,11 +422,14 @@ class TreePrior:
 
     def node_center(self, path: Path) -> Tensors:
         """Center of the node at ``path`` (the root's for ``()``); a new node starts at its parent's center."""
+        w = self.learner.center()
         if not path:
-            return self.learner.center()
+            return w
         if path not in self.nodes:
             self.nodes[path] = [t.detach().clone() for t in self.node_center(path[:-1])]
-        return self.nodes[path]
+        if not self.per_group:
+            return self.nodes[path]
+        return [t if on else wi for t, wi, on in zip(self.nodes[path], w, self.follows, strict=True)]
 
     def prior(self, group: Any = None) -> tuple[Tensors, float]:
         """(center, λ_eff/λ) a new task of ``group`` is adapted with: the deepest known node on its path and the
@@ -328,7 +438,7 @@ class TreePrior:
         k = 0
         while k < len(p) and p[k] is not None and p[: k + 1] in self.nodes:
             k += 1
-        center = self.nodes[p[:k]] if k else self.learner.center()
+        center = self.node_center(p[:k])
         lam = self.learner.prox.uniform
         if k == len(p) or not lam:
             return center, 1.0
@@ -375,9 +485,13 @@ class TreePrior:
         for n in self._order[1:]:
             mass = float(sum(float(a) for p, a in zip(self._paths, weights, strict=True) if p[:len(n)] == n))
             pull = mass * self.lam_levels[len(n) - 1]
-            th, tp = self.nodes[n], self.node_center(n[:-1])
+            th, tp = self.node_center(n), self.node_center(n[:-1])  # equal on flat parameters: no pull there
             torch._foreach_add_(by[n], torch._foreach_mul(torch._foreach_sub(th, tp), pull))
             torch._foreach_add_(by[n[:-1]], torch._foreach_mul(torch._foreach_sub(tp, th), pull))
+            for i, on in enumerate(self.follows):  # a flat parameter's center is w: its gradient is w's
+                if not on:
+                    by[()][i] = by[()][i] + by[n][i]
+                    by[n][i] = torch.zeros_like(by[n][i])
         if not all(bool(torch.isfinite(t).all()) for g in by.values() for t in g):
             from metaprox.algorithms.base import NonFiniteError
 
@@ -385,14 +499,18 @@ class TreePrior:
         base_lr = self.learner.base_lrs[0]
 
         def update_nodes(factor: float) -> None:
+            w = self.learner.center()  # after the optimizer's step
             for n in self._order[1:]:
                 lr = self.group_lrs[len(n) - 1]
                 torch._foreach_add_(self.nodes[n], by[n], alpha=-(base_lr if lr is None else lr) * factor)
+                for t, wi, on in zip(self.nodes[n], w, self.follows, strict=True):
+                    if not on:  # stored as w, so that a node's tensors are its center
+                        t.copy_(wi)
         return by[()], update_nodes
 
     # ----- test time ----------------------------------------------------------------------------------------
     def test_prior(self, tasks: Sequence[Task], lam: float | None,
-                   where: Any) -> tuple[PerTask, Any, torch.Tensor]:
+                   where: Any) -> tuple[PerTask, Any, torch.Tensor | None]:
         """Each new task's center and pull factor (:meth:`prior`); ``where``: one group per task, one group for
         all, or None (unknown at every level)."""
         if lam is not None:
@@ -403,7 +521,18 @@ class TreePrior:
             raise ValueError(f"got {len(groups)} groups for {len(tasks)} tasks.")
         found = [self.prior(g) for g in groups]
         center = PerTask(torch.stack(ts) for ts in zip(*[c for c, _ in found], strict=True))
-        return center, self.learner.prox, torch.tensor([f for _, f in found], dtype=torch.float64)
+        factors = torch.tensor([f for _, f in found], dtype=torch.float64)
+        if not self.per_group or bool((factors == 1).all()):
+            return center, self.learner.prox, factors
+        # the unknown levels weaken the pull of the tree's parameters only; flat ones keep λ (one factor per call)
+        if not bool((factors == factors[0]).all()):
+            raise ValueError("with a per-group tree, tasks whose paths are known to different depths are adapted "
+                             "with different per-group pulls: adapt them in separate calls (one known depth each).")
+        from metaprox.prox import make_prox
+
+        lam, f = float(self.learner.prox.uniform), float(factors[0])
+        pulls = {n: lam * f if on else lam for n, on in zip(self.learner.names, self.follows, strict=True)}
+        return center, make_prox({glob.escape(n): v for n, v in pulls.items()}, self.learner.names), None
 
     # ----- state: node centers travel with the checkpoint (as JSON-named buffers) ---------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

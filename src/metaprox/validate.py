@@ -91,6 +91,69 @@ def _training(cfg: dict[str, Any], out: list[str]) -> None:
                        f"must be 1 (e.g. [1, 40, 40, 1]).")
 
 
+def _heads(cfg: dict[str, Any], out: list[str]) -> None:
+    """Multi-head few-shot (``heads.ways``): MultiHeadMMP's rule, a Conv-4 trunk, one distinct way per kind."""
+    h = cfg["heads"]
+    if not h["ways"]:
+        return
+    ways = h["ways"]
+    if not all(_is_number(w) and w == int(w) and w >= 2 for w in ways) or len(set(ways)) != len(ways):
+        out.append(f"heads.ways = {ways!r}: must list distinct ways ≥ 2 (one head per way, e.g. [5, 20]).")
+    for key, want, why in (("algorithm", "mmp", "MultiHeadMMP is MMP's rule around a shared trunk"),
+                           ("task.family", "fewshot", "the kinds are few-shot episodes of different ways"),
+                           ("model.kind", "conv4", "the shared trunk is Conv-4's feature extractor")):
+        section, _, name = key.rpartition(".")
+        value = cfg[section][name] if section else cfg[name]
+        if value != want:
+            out.append(f"heads.ways is set, so {key} must be {want!r} ({why}), got {value!r}.")
+    if _is_number(cfg["outer"]["meta_batch"]) and cfg["outer"]["meta_batch"] < len(ways):
+        out.append(f"outer.meta_batch = {cfg['outer']['meta_batch']} < {len(ways)} kinds (heads.ways): every kind "
+                   f"needs a task in each meta-batch, or its head's tasks are never trained.")
+    if not (_is_number(h["head_lam"]) and math.isfinite(h["head_lam"]) and h["head_lam"] >= 0):
+        out.append(f"heads.head_lam = {h['head_lam']!r}: must be a finite number ≥ 0 (0: private heads).")
+    if h["head_init"] not in ("zero", "module"):
+        out.append(f"heads.head_init = {h['head_init']!r}: choose 'zero' or 'module'.")
+    if cfg["pretrain"]["epochs"] or cfg["pretrain"]["backbone"]:
+        out.append("heads.ways is set: pretraining (pretrain.epochs, pretrain.backbone) is for one-head models; "
+                   "set pretrain.epochs = 0.")
+    if cfg["model"]["bn"] != "transductive" or cfg["eval"]["bn"] not in ("", "transductive"):
+        out.append(f"heads.ways is set: each kind's model predicts a query batch with its own BatchNorm statistics; "
+                   f"set model.bn = 'transductive' and eval.bn = '' (got {cfg['model']['bn']!r}, "
+                   f"{cfg['eval']['bn']!r}).")
+    if cfg["execution"] in ("auto", "vmap") and cfg["model"]["channels_last"]:
+        out.append(f"heads.ways is set: each kind's model (trunk → head) runs under torch.func.vmap with execution = "
+                   f"{cfg['execution']!r}, which cannot run a channels_last Conv-4; set execution = 'loop' (faster "
+                   f"here) or model.channels_last = false.")
+    if cfg["precision"] != "fp32" or cfg["rule"]["inner_data"] != "support":
+        out.append("heads.ways is set: MultiHeadMMP solves in fp32 on the support set; set precision = 'fp32' and "
+                   "rule.inner_data = 'support'.")
+    if cfg["inner"]["carry_moments"]:
+        out.append("heads.ways is set: MultiHeadMMP does not carry inner Adam moments; set inner.carry_moments = "
+                   "false.")
+
+
+def _prior_groups(cfg: dict[str, Any], out: list[str]) -> None:
+    """``[[prior.groups]]``: tables ``pattern = "..."``, ``kind = "tree" | "flat"`` of a tree prior."""
+    from metaprox.priors import GROUP_PRIORS
+
+    groups, kind = cfg["prior"]["groups"], cfg["prior"]["kind"]
+    if groups and kind != "tree":
+        out.append(f"prior.groups is set but prior.kind = {kind!r}: parameter groups choose which parameters follow "
+                   f"a tree (prior.kind = 'tree').")
+    for i, g in enumerate(groups):
+        where = f"prior.groups[{i}]"
+        if not isinstance(g, dict) or set(g) != {"pattern", "kind"}:
+            out.append(f"{where} = {g!r}: give a table with exactly pattern = \"<glob or re:regex>\" and kind = "
+                       f"one of {list(GROUP_PRIORS)}.")
+            continue
+        if not isinstance(g["pattern"], str) or not g["pattern"]:
+            out.append(f"{where}.pattern = {g['pattern']!r}: a non-empty glob (or re:<regex>) over parameter names.")
+        if g["kind"] not in GROUP_PRIORS:
+            out.append(f"{where}.kind = {g['kind']!r}: choose one of {list(GROUP_PRIORS)}.")
+    if groups and all(isinstance(g, dict) and g.get("kind") != "tree" for g in groups):
+        out.append("prior.groups: no group has kind = 'tree', so no parameter would follow the tree.")
+
+
 def _evaluation(cfg: dict[str, Any], out: list[str]) -> None:
     e = cfg["eval"]
     _at_least(out, "eval.tasks", e["tasks"], 1, " (test tasks per setting).")
@@ -194,6 +257,8 @@ def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, e
     """Every problem of a resolved training config (empty if none); ``evaluate``: the test split is read too."""
     out: list[str] = []
     _training(cfg, out)
+    _heads(cfg, out)
+    _prior_groups(cfg, out)
     _evaluation(cfg, out)
     _device(cfg, out)
     splits = ["train"] + (["val"] if cfg["log"]["eval_every"] else []) + (["test"] if evaluate else [])

@@ -25,9 +25,10 @@ def _stacked(model: Conv4, b: int, seed: int = 0) -> dict[str, torch.Tensor]:
     "bn,training", [("batch", True), ("transductive", True), ("running", True), ("running", False)]
 )
 @pytest.mark.parametrize("channels,size,channels_last", [(1, 16, False), (3, 20, True)])
-def test_forward_batched_matches_loop_with_gradients(bn, training, channels, size, channels_last):
+@pytest.mark.parametrize("classes", [3, 0])  # 0: no head, the features (a trunk for per-kind heads)
+def test_forward_batched_matches_loop_with_gradients(bn, training, channels, size, channels_last, classes):
     torch.manual_seed(0)
-    model = Conv4(channels, 3, filters=4, image_size=size, bn=bn, channels_last=channels_last)
+    model = Conv4(channels, classes, filters=4, image_size=size, bn=bn, channels_last=channels_last)
     if bn == "running":
         model.update_running_stats(torch.rand(6, channels, size, size))
     model.train(training)
@@ -53,6 +54,11 @@ def test_output_shape_and_input_checks():
     assert model.head.in_features == 8  # 28 → 14 → 7 → 3 → 1
     with pytest.raises(ValueError, match="C = 1"):
         model(torch.rand(4, 3, 28, 28))
+    trunk = Conv4(1, 0, filters=8, image_size=28)  # no head: the flattened features, filters · 1²
+    assert trunk(torch.rand(4, 1, 28, 28)).shape == (4, 8) and trunk.head is None
+    assert not any(n.startswith("head.") for n, _ in trunk.named_parameters())
+    with pytest.raises(ValueError, match="num_classes ≥ 0"):
+        Conv4(1, -1)
     with pytest.raises(ValueError, match="BatchNorm mode"):
         Conv4(bn="instance")
     with pytest.raises(ValueError, match="too small"):

@@ -177,6 +177,8 @@ class FiniteMMP(MetaLearner):
         self.lam_entries = torch.cat(entries).to(self.dtype)   # λ_g per flat entry (shared → 0)
         self.shared_entries = torch.cat([torch.full((s,), sh) for s, sh in zip(self.layout.sizes,
                                                                               self.shared_groups, strict=True)])
+        if prior is not None:
+            prior.bind(self.names, self.layout.sizes)  # its parameter groups (flat ones: one value at every node)
         self.theta = None if prior is None else self.w_row().expand(len(prior.nodes), -1).clone()
 
     # ----- rows ---------------------------------------------------------------------------------------
@@ -539,7 +541,8 @@ class FiniteMMP(MetaLearner):
                              f"depths 1..{len(tree.lam_levels)}: build the Tree with one λ per depth down to "
                              f"{depth}, or adapt from a higher parent.")
         level = tree.lam_levels[depth - 1]
-        lams = {glob.escape(n): "shared" if sh else springs_in_series(lam, level)
+        follows = tree.follows or {}  # a flat group has no new node to integrate out: it keeps λ_g
+        lams = {glob.escape(n): "shared" if sh else springs_in_series(lam, level) if follows.get(n, True) else lam
                 for n, lam, sh in zip(self.names, self.prox.lams, self.shared_groups, strict=True)}
         return theta[tree.index[up]], GroupL2(lams, self.names)
 

@@ -53,13 +53,14 @@ class HierarchicalMMP(MetaMinibatchProx):
     Args:
         lam: pull of a task toward its node's center.
         lam_group: two levels only — pull of a group center toward the root (same as ``lam_levels=(lam_group,)``).
-        lam_levels, group_lr, tree: as in :class:`TreePrior`.
+        lam_levels, group_lr, tree, groups: as in :class:`TreePrior` (groups: the parameters that follow the tree).
         other arguments as in :class:`metaprox.MetaMinibatchProx` (default schedule: linear if total_steps).
     """
 
     def __init__(self, model, loss="mse", lam: float = 1.0, lam_group: float | None = None,
                  lam_levels: Sequence[float] | None = None, group_lr: float | Sequence[float] | None = None,
-                 tree: Mapping[str, str | None] | Tree | None = None, **kwargs):
+                 tree: Mapping[str, str | None] | Tree | None = None,
+                 groups: Sequence[tuple[str, str]] | None = None, **kwargs):
         super().__init__(model, loss, lam, **kwargs)
         if self.prox.uniform is None:
             raise ValueError("HierarchicalMMP needs one λ for all parameters (lam a number).")
@@ -72,7 +73,7 @@ class HierarchicalMMP(MetaMinibatchProx):
             name = "lam_group" if lam_group is not None else "lam_levels"
             raise ValueError(f"{name} = {lam_group if lam_group is not None else list(lam_levels)}: "
                              f"need one λ > 0 per depth below the root.")
-        self.tree_prior = TreePrior(self, lam_levels, group_lr, tree)
+        self.tree_prior = TreePrior(self, lam_levels, group_lr, tree, groups)
         self.lam_levels, self.lam_group = self.tree_prior.lam_levels, self.tree_prior.lam_levels[0]
 
     @property
@@ -95,7 +96,7 @@ class HierarchicalMMP(MetaMinibatchProx):
         return self.tree_prior.node_center(path)
 
     def prior(self, group: Any = None) -> tuple[Tensors, float]:
-        """(center, pull) a new task of ``group`` is adapted with (:meth:`TreePrior.prior`)."""
+        """(center, pull of the tree's parameters) a new task of ``group`` is adapted with (:meth:`TreePrior.prior`)."""
         center, scale = self.tree_prior.prior(group)
         return center, float(self.prox.uniform) * scale  # type: ignore[arg-type]
 

@@ -184,28 +184,34 @@ class MultiHeadMMP(MetaLearner):
         return by
 
     # ----- one outer step (infinite setting) -----------------------------------------------------------
-    def step(self, tasks: Sequence[Task], kinds: Sequence[str],  # type: ignore[override]
+    def step(self, tasks: Sequence[Task], kinds: Sequence[str] | None = None,  # type: ignore[override]
              weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True) -> dict[str, float]:
-        """One outer step on new ``tasks`` of the given ``kinds`` (one per task), mixed freely."""
+        """One outer step on new ``tasks`` of the given ``kinds`` (one each; default: ``tasks.kinds``), mixed."""
+        kinds = getattr(tasks, "kinds", None) if kinds is None else kinds
+        if kinds is None:
+            raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")
         if isinstance(tasks, Task):
             tasks, kinds = [tasks], [kinds]  # type: ignore[list-item]
         if len(tasks) != len(kinds) or not tasks:
             raise ValueError("give one kind per task (and at least one task).")
         a = check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
         total = [torch.zeros_like(p) for p in self.center()]
-        stat, n = 0.0, 0
+        solved = []
         for kd, pos in self._by_kind_positions(kinds).items():
             k = self._kind(kd)
             kt = [tasks[i] for i in pos]
             for sg in self._solve_kind(k, stacked(k.execution, kt), None, None, monitor):
                 torch._foreach_add_(total, self._trunk_grad(k, sg, a[[pos[j] for j in sg.indices]]))
-                if monitor and sg.result.stationarity is not None:
-                    stat += float(sg.result.stationarity.sum())
-                    n += len(sg.indices)
-        diag = self.apply_meta_gradient([g / float(a.sum()) for g in total])
-        diag["tasks"] = float(len(tasks))
-        if monitor and n:
-            diag["inner_stationarity"] = stat / n
+                solved.append(sg)
+        return self._outer(total, float(a.sum()), solved if monitor else [], len(tasks))
+
+    def _outer(self, total: Tensors, weight: float, solved: list[SolvedGroup], tasks: int) -> dict[str, float]:
+        """The outer step on ``Σ a_t g_t / weight``; monitors of ``solved`` against each kind's center (heads
+        included: ‖v − c‖² counts their distance from their start)."""
+        diag = self.apply_meta_gradient([g / weight for g in total])
+        diag["tasks"] = float(tasks)
+        if solved:
+            diag.update(self.monitors(self.monitor_sums(solved)))
         return diag
 
     def adapt(self, task: Task, kind: str, steps: int | None = None,  # type: ignore[override]
@@ -292,10 +298,8 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         return k.layout.flatten([t.detach().unsqueeze(0) for t in self.kind_center(kind)])[0]
 
     def _by_kind(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, list[int]] = {}
-        for pos, t in enumerate(idx.tolist()):
-            out.setdefault(str(self.task_kinds[t]), []).append(pos)
-        return {kd: np.asarray(p, dtype=np.int64) for kd, p in out.items()}
+        by = self._by_kind_positions(self.task_kinds[idx].tolist())
+        return {kd: np.asarray(p, dtype=np.int64) for kd, p in by.items()}
 
     def task_params(self, i: int) -> dict[str, torch.Tensor]:
         """The stored parameters v_t of task ``i`` (member names; never-solved tasks read as the center)."""
@@ -315,7 +319,7 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
         # unbiased for the weighted joint objective (a batch-sum ratio is biased with minibatches)
         wt = estimator_weights(self.tasks.weights.to(torch.float64), idx, self.sampler, drawn=indices is None)
         total = [torch.zeros_like(p) for p in self.center()]
-        stat, n = 0.0, 0
+        done = []
         for kd, kpos in self._by_kind(idx).items():
             k, store = self.kinds[kd], self.stores[kd]
             kidx = idx[kpos]
@@ -329,17 +333,11 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
                 p = sg.indices
                 torch._foreach_add_(total, self._trunk_grad(k, sg, wt[kpos[p.numpy()]]))
                 solved[p] = k.layout.flatten(sg.result.params).to(dtype)
-                if monitor and sg.result.stationarity is not None:
-                    stat += float(sg.result.stationarity.sum())
-                    n += len(p)
+                done.append(sg)
             if not bool(torch.isfinite(solved).all()):
                 raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}.")
             store.write(self.row[kidx], solved)
-        diag = self.apply_meta_gradient([g / 1.0 for g in total])
-        diag["tasks"] = float(len(idx))
-        if monitor and n:
-            diag["inner_stationarity"] = stat / n
-        return diag
+        return self._outer(total, 1.0, done if monitor else [], len(idx))
 
     def objective(self) -> float:
         """J = Σ_t w_t [L_t(v_t) + s_t·D(v_t, c)] over all tasks, from the stored rows (no updates)."""

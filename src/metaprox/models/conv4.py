@@ -48,7 +48,8 @@ class Conv4(BatchNormProtocol):
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for miniImageNet / CIFAR).
-        num_classes: ways of the episodes (outputs of the head).
+        num_classes: ways of the episodes (outputs of the head); 0: no head, the output is the flattened
+            features (filters · s²) — a trunk for per-kind heads (:class:`~metaprox.models.SharedTrunk`).
         filters: channels of every conv layer (32 or 64 in the literature; any ≥ 1 works).
         image_size: side of the square input; sets the head's input width (filters · s², s = size halved 4×).
         bn: ``"batch"``, ``"transductive"`` or ``"running"`` (see the module docstring).
@@ -88,10 +89,10 @@ class Conv4(BatchNormProtocol):
         if task_layout not in TASK_LAYOUTS:
             raise ValueError(f"unknown task_layout {task_layout!r}; choose one of {TASK_LAYOUTS}.")
         self.task_layout = task_layout
-        if min(in_channels, num_classes, filters) < 1:
+        if min(in_channels, filters) < 1 or num_classes < 0:
             raise ValueError(
-                f"in_channels, num_classes and filters must be ≥ 1, got {in_channels}, {num_classes}, "
-                f"{filters}."
+                f"in_channels and filters must be ≥ 1 and num_classes ≥ 0 (0: no head), got {in_channels}, "
+                f"{num_classes}, {filters}."
             )
         side = int(image_size)
         for _ in range(4):
@@ -121,7 +122,7 @@ class Conv4(BatchNormProtocol):
                     filters, eps=eps, momentum=momentum, track_running_stats=(bn == "running")
                 ),
             )
-        self.head = nn.Linear(filters * side * side, num_classes)
+        self.head = nn.Linear(filters * side * side, num_classes) if num_classes else None
 
     # ----- helpers -------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, dims: int) -> torch.Tensor:
@@ -183,6 +184,8 @@ class Conv4(BatchNormProtocol):
                     self.eps,
                 )
             h = F.relu(F.max_pool2d(h, 2))
+        if self.head is None:
+            return self._features(h.flatten(1))
         return F.linear(self._features(h.flatten(1)), p["head.weight"], p["head.bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +232,8 @@ class Conv4(BatchNormProtocol):
                 )
             h = F.relu(F.max_pool2d(h, 2))
         feats = self._features(h.reshape(n, b, -1).transpose(0, 1))
+        if self.head is None:
+            return feats
         return torch.baddbmm(
             params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)
         )

@@ -1,4 +1,5 @@
-"""`Task`: one learning problem — a support set (x, y) and an optional query set.
+"""`Task`: one learning problem — a support set (x, y) and an optional query set (and `KindedTasks`, a minibatch
+that knows each task's kind).
 
 A task knows nothing about algorithms. It validates its data once, at construction, so that every later
 error is about the algorithm and not about malformed input.
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Task", "TaskDataError"]
+__all__ = ["Task", "TaskDataError", "KindedTasks"]
 
 
 class TaskDataError(ValueError):
@@ -106,3 +107,14 @@ class Task:
             return None if t is None else t.to(device)
 
         return Task(self.x.to(device), self.y.to(device), mv(self.x_query), mv(self.y_query), self.name)
+
+
+class KindedTasks(list):
+    """A minibatch of tasks that knows each task's *kind* (which head of a multi-head model it uses):
+    ``KindedTasks(tasks, kinds)``; :meth:`metaprox.MultiHeadMMP.step` reads ``kinds`` when not given them."""
+
+    def __init__(self, tasks: Any, kinds: Any):
+        super().__init__(tasks)
+        self.kinds = [str(k) for k in kinds]
+        if len(self.kinds) != len(self):
+            raise ValueError(f"got {len(self.kinds)} kinds for {len(self)} tasks.")

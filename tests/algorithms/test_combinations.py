@@ -1,0 +1,291 @@
+"""Every rule × prior × pull × memory of :mod:`metaprox.composition`, built by one factory on the same small tasks.
+
+The parameter lists are generated from ``refusal()``: each combination it says works is built (:func:`build`) and
+runs the checks below; each one it refuses must be refused at construction, with that reason (so
+docs/composition.md, which is ``support_matrix()``, and the behaviour cannot drift apart).
+
+Checks: strategy agreement (batched = vmap = loop), checkpoint → resume bitwise, memory flat in the inner steps
+(first-order rules), 2 gloo ranks = 1 process (a representative subset), and the closed forms: the finite joint
+optimum (flat, tree, graph; the tree prior over the task stream too) from its normal equations, and Reptile's
+fixed point on a finite quadratic set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _helpers import SavedTensorPeak
+
+import metaprox
+from metaprox import sharded
+from metaprox.algorithms.finite import FiniteMMP
+from metaprox.checkpoint import load_checkpoint, save_checkpoint
+from metaprox.composition import MEMORIES, PRIORS, PULLS, RULES, refusal
+from metaprox.memory import TaskMemory
+from metaprox.priors import Graph, Tree, TreePrior
+from metaprox.prox import RobustL2
+from metaprox.store import ShardedStore
+from metaprox.tasks.taskset import TaskSampler, TaskSet
+
+COMBOS = list(itertools.product(RULES, PRIORS, PULLS, MEMORIES))
+WORKS = [c for c in COMBOS if refusal(*c) is None]
+REFUSED = [c for c in COMBOS if refusal(*c) is not None]
+
+DT = torch.float64
+D = 3                                        # features; a task's parameters are Linear(3, 1): 4 numbers
+SIZES = (6, 9, 6, 9, 6, 9)                   # two shapes: the tasks are solved in two stacked groups
+WEIGHTS = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.5], dtype=DT)
+N = len(SIZES)
+NODE = ["a", "a", "b", "b", "a", "b"]        # each task's node of the two-level tree root → {a, b}
+LAM_LEVEL = 0.8                              # pull of a node toward the root
+EDGES = [(0, 1, 1.0), (2, 3, 0.5), (1, 4, 0.8), (3, 5, 1.2)]
+GROUP_LAM = {"weight": 1.0, "bias": 2.5}     # the per_group pull
+BATCH = 4                                    # tasks per outer step (None: all of them)
+
+
+def tasks() -> list[metaprox.Task]:
+    """Least-squares tasks around a common linear map, each with a query set (the query-loss rules need one)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(D, 1, generator=g, dtype=DT)
+    out = []
+    for i, n in enumerate(SIZES):
+        w = base + 0.6 * torch.randn(D, 1, generator=g, dtype=DT)
+        x, xq = torch.randn(n, D, generator=g, dtype=DT), torch.randn(5, D, generator=g, dtype=DT)
+        noise = 0.1 * torch.randn(n + 5, 1, generator=g, dtype=DT)
+        out.append(metaprox.Task(x, x @ w + 0.2 * i + noise[:n], xq, xq @ w + 0.2 * i + noise[n:]))
+    return out
+
+
+TASKS = tasks()
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Linear(D, 1).to(DT)
+
+
+NAMES = ["weight", "bias"]
+RULE_CLASS = {"mmp": metaprox.MetaMinibatchProx, "reptile": metaprox.Reptile, "fomaml": metaprox.FOMAML,
+              "maml": metaprox.MAML, "imaml": metaprox.IMAML}
+RULE_KW: dict[str, dict[str, Any]] = {"imaml": {"cg_steps": 4}}
+
+
+def penalty(pull: str) -> Any:
+    """The ``lam`` argument that gives ``pull`` (per_task: one λ, scaled per task by the memory's task_lam)."""
+    return {"l2": 1.0, "per_group": GROUP_LAM, "per_task": 1.0, "robust": RobustL2(1.0, NAMES),
+            "none": None}[pull]
+
+
+class NotExpressible(Exception):
+    """No constructor takes these parts together, so there is nothing to build (or to refuse)."""
+
+
+@dataclass
+class Built:
+    learner: Any
+    prior: str
+    memory: str
+    batch: int | None
+
+    def step(self) -> dict[str, float]:
+        """One outer step: a memory draws its tasks (sampler); the task stream's minibatch follows the step count
+        (so a resumed learner sees the same tasks as one that never stopped)."""
+        if self.memory != "none":
+            return self.learner.step()
+        b = N if self.batch is None else self.batch
+        idx = [(self.learner.step_count * b + k) % N for k in range(b)]
+        where = [NODE[i] for i in idx] if self.prior == "tree" else None
+        return self.learner.step([TASKS[i] for i in idx], weights=WEIGHTS[idx], where=where)
+
+    @property
+    def keeper(self) -> Any:
+        """What holds the finite set's store and sampler: the task memory, or FiniteMMP itself."""
+        return self.learner.memory if self.learner.memory is not None else self.learner
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything a step changes: the center, the prior's nodes, every stored v_t (and whether it was set)."""
+        ln = self.learner
+        out = {f"w/{n}": p.detach().clone() for n, p in zip(ln.names, ln.fmodel.params(), strict=True)}
+        if ln.hierarchy is not None:
+            out.update({f"node/{k}": t for k, t in ln.hierarchy.state_dict().items()})
+        if getattr(ln, "theta", None) is not None:
+            out["theta"] = ln.theta.clone()
+        if self.memory != "none":
+            store = self.keeper.store
+            ids = np.arange(store.lo, store.hi) if isinstance(store, ShardedStore) else np.arange(N)
+            rows, seen = store.read(ids, torch.zeros(4, dtype=DT))
+            out.update({"rows": rows.to(DT), "seen": seen})
+        return out
+
+
+def build(rule: str, prior: str, pull: str, memory: str, root: Path, *, execution: str = "batched",
+          inner: Any = None, batch: int | None = BATCH, reducer: Any = None, resume: bool = False,
+          **outer: Any) -> Built:
+    """The one way every combination is built: the rule's class with its pull; a tree over the task stream is a
+    :class:`TreePrior` attached to it; a finite set is a :class:`TaskMemory` attached to it — except where
+    ``composition.refusal``'s docstring sends a combination to :class:`FiniteMMP` (MMP with a tree or graph over
+    a finite set, or with a rank-sharded store). Stores: ``memory`` in RAM; ``memmap`` and ``sharded`` the run
+    directory's shard (:func:`metaprox.sharded.open_shard`, what ``metaprox train`` opens; in one process the
+    whole set, under torchrun this rank's block; ``resume``: reopened at its checkpoint). ``reducer``:
+    torch.distributed ranks (default: one process)."""
+    if prior == "graph" and (rule != "mmp" or memory == "none"):
+        raise NotExpressible("a Graph is an argument of FiniteMMP only (MMP over a finite set)")
+    if pull == "per_task" and memory == "none":
+        raise NotExpressible("per-task pulls come from a TaskSet (task_lam): there is no task set without a memory")
+    kw = {"inner": inner or metaprox.SGD(lr=0.05, steps=3), "execution": execution, "schedule": "constant",
+          "outer_lr": outer.pop("outer_lr", 0.3), **outer}
+    taskset = TaskSet(TASKS, weights=WEIGHTS)
+    sampler = TaskSampler(N, batch, seed=3)
+    task_lam = "size" if pull == "per_task" else "constant"
+    store = None
+    if memory in ("memmap", "sharded"):
+        store = sharded.open_shard(root / "run", sharded.layout_of(model()), N, reducer, resume=resume)
+    if rule == "mmp" and memory != "none" and (prior != "flat" or memory == "sharded"):
+        tree = Tree({"root": None, "a": "root", "b": "root"}, NODE, [LAM_LEVEL], weights=WEIGHTS)
+        learner = FiniteMMP(model(), taskset, lam=penalty(pull) if pull != "none" else metaprox.NoProx(NAMES),
+                            task_lam=task_lam, store=store, sampler=sampler,
+                            center_update="exact" if prior == "tree" else "gradient",
+                            prior=tree if prior == "tree" else None,
+                            graph=Graph(N, EDGES) if prior == "graph" else None, **kw)
+    else:
+        learner = RULE_CLASS[rule](model(), "mse", lam=penalty(pull), **RULE_KW.get(rule, {}), **kw)
+        if prior == "tree":
+            TreePrior(learner, [LAM_LEVEL])
+        if memory != "none":
+            TaskMemory(learner, taskset, store=store, sampler=sampler, task_lam=task_lam)
+    if reducer is not None:
+        learner.reducer = reducer
+    return Built(learner, prior, memory, batch)
+
+
+def moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """The largest change of any state entry (a tree node new in ``after`` started at the root's center)."""
+    def start(k: str) -> torch.Tensor:
+        return before[k] if k in before else before["w/" + json.loads(k[len("node/"):])["param"]]
+    return max(float((after[k].double() - start(k).double()).abs().max()) for k in after)
+
+
+def combo_id(c: tuple[str, ...]) -> str:
+    return "-".join(c)
+
+
+# ----- the support matrix is the behaviour --------------------------------------------------------------------
+class _RankZeroOfTwo:
+    """Just enough of a reducer for ``open_shard`` to cut rank 0's block: a real shard, in one process."""
+    rank, world_size = 0, 2
+
+
+@pytest.mark.parametrize("combo", REFUSED, ids=combo_id)
+def test_a_refused_combination_is_refused_at_construction_with_its_reason(combo, tmp_path):
+    reason = refusal(*combo)
+    assert reason
+    # a rank-sharded store in one process: rank 0's block (a whole-set "shard" is a memmap store)
+    reducer = _RankZeroOfTwo() if combo[3] == "sharded" else None
+    try:
+        build(*combo, tmp_path, reducer=reducer)
+    except NotExpressible:
+        # nothing to refuse: the API has no way to put these parts together (the matrix says why not)
+        assert combo[1] == "graph" or combo[2] == "per_task"
+        return
+    except ValueError as e:
+        assert re.search(re.escape(reason), str(e)), f"refused for another reason: {e}"
+        return
+    pytest.fail(f"{combo} was built, but the support matrix refuses it: {reason}")
+
+
+@pytest.mark.parametrize("combo", WORKS, ids=combo_id)
+def test_strategies_agree(combo, tmp_path):
+    """One outer step with every execution strategy: the same center, nodes and stored v_t to round-off."""
+    got = {}
+    for strategy in ("batched", "vmap", "loop"):
+        b = build(*combo, tmp_path / strategy, execution=strategy)
+        before = b.state()
+        b.step()
+        got[strategy] = b.state()
+    assert moved(before, got["loop"]) > 1e-3  # the step did something
+    for strategy in ("batched", "vmap"):
+        for k, ref in got["loop"].items():
+            torch.testing.assert_close(got[strategy][k], ref, rtol=1e-10, atol=1e-12, msg=f"{strategy} {k}")
+
+
+# ----- checkpoint → resume ----------------------------------------------------------------------------------
+def save(b: Built, root: Path) -> None:
+    """The checkpoint ``metaprox train`` writes: the learner state (safetensors + JSON); with a store, the
+    two-phase commit of the store shard and the state together (sampler included)."""
+    if b.memory == "none":
+        save_checkpoint(root / "run", b.learner.state_dict(), {})
+    else:
+        sharded.save(root / "run", b.learner)
+
+
+def restore(b: Built, root: Path) -> None:
+    if b.memory == "none":
+        b.learner.load_state_dict(load_checkpoint(root / "run")[0])
+    else:
+        sharded.load(root / "run", b.learner)
+
+
+def _resumable(c: tuple[str, ...]) -> Any:
+    if c[3] == "memory":
+        return pytest.param(c, marks=pytest.mark.skip(reason="a MemoryStore lives in RAM and has no checkpoint: "
+                                                             "runs that resume keep v_t in a memmap/sharded store"))
+    return c
+
+
+K = 2  # steps before and after the checkpoint
+# Adam's moments, inner minibatches (the learner's generator) and the sampler's epoch all cross the checkpoint
+RESUME_KW = {"meta_optimizer": lambda p: torch.optim.Adam(p, lr=0.05)}
+
+
+def resume_inner(rule: str) -> metaprox.SGD:
+    # MAML differentiates through full-batch steps; every other rule draws inner minibatches
+    return metaprox.SGD(lr=0.05, steps=3, batch_size=None if rule == "maml" else 4)
+
+
+@pytest.mark.parametrize("combo", [_resumable(c) for c in WORKS], ids=combo_id)
+def test_checkpoint_then_resume_is_bitwise_the_uninterrupted_run(combo, tmp_path):
+    straight = build(*combo, tmp_path / "straight", inner=resume_inner(combo[0]), **RESUME_KW)
+    diags = [straight.step() for _ in range(2 * K)]
+    cut = build(*combo, tmp_path / "cut", inner=resume_inner(combo[0]), **RESUME_KW)
+    for _ in range(K):
+        cut.step()
+    save(cut, tmp_path / "cut")
+    del cut
+    resumed = build(*combo, tmp_path / "cut", inner=resume_inner(combo[0]), resume=True, **RESUME_KW)
+    restore(resumed, tmp_path / "cut")
+    assert resumed.learner.step_count == K
+    resumed_diags = [resumed.step() for _ in range(K)]
+    want, got = straight.state(), resumed.state()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert resumed_diags == diags[K:]
+
+
+# ----- memory flat in the inner steps ---------------------------------------------------------------------
+def saved_peak(combo: tuple[str, ...], steps: int, root: Path) -> int:
+    """Peak bytes of tensors saved for backward alive at once during one outer step with ``steps`` inner steps."""
+    b = build(*combo, root / str(steps), inner=metaprox.SGD(lr=0.05, steps=steps))
+    with SavedTensorPeak() as tracker:
+        b.step()
+    assert tracker.live == 0  # every graph was freed
+    return tracker.peak
+
+
+@pytest.mark.parametrize("combo", WORKS, ids=combo_id)
+def test_memory_is_flat_in_the_inner_steps_for_first_order_rules(combo, tmp_path):
+    """Deterministic proxy for memory: the peak of autograd's saved tensors (execution 'batched'). Second-order
+    MAML keeps the graph of every unrolled step, so there the peak must grow instead."""
+    one, many = saved_peak(combo, 1, tmp_path), saved_peak(combo, 6, tmp_path)
+    if combo[0] == "maml":
+        assert many > 3 * one > 0
+    else:
+        assert one == many > 0

@@ -25,6 +25,7 @@ import torch
 from _helpers import SavedTensorPeak
 
 import metaprox
+from conftest import quad_terms
 from metaprox import sharded
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.checkpoint import load_checkpoint, save_checkpoint
@@ -95,15 +96,15 @@ class Built:
     memory: str
     batch: int | None
 
-    def step(self) -> dict[str, float]:
+    def step(self, monitor: bool = True) -> dict[str, float]:
         """One outer step: a memory draws its tasks (sampler); the task stream's minibatch follows the step count
         (so a resumed learner sees the same tasks as one that never stopped)."""
         if self.memory != "none":
-            return self.learner.step()
+            return self.learner.step(monitor=monitor)
         b = N if self.batch is None else self.batch
         idx = [(self.learner.step_count * b + k) % N for k in range(b)]
         where = [NODE[i] for i in idx] if self.prior == "tree" else None
-        return self.learner.step([TASKS[i] for i in idx], weights=WEIGHTS[idx], where=where)
+        return self.learner.step([TASKS[i] for i in idx], weights=WEIGHTS[idx], where=where, monitor=monitor)
 
     @property
     def keeper(self) -> Any:
@@ -289,3 +290,115 @@ def test_memory_is_flat_in_the_inner_steps_for_first_order_rules(combo, tmp_path
         assert many > 3 * one > 0
     else:
         assert one == many > 0
+
+
+# ----- closed forms ---------------------------------------------------------------------------------------
+P = D + 1                                                       # a task's parameters [weight, bias]
+SCALE = torch.tensor(SIZES, dtype=DT).mean() / torch.tensor(SIZES, dtype=DT)  # per_task "size": s_t = n̄/n_t
+
+
+def pull_matrix(pull: str, t: int) -> torch.Tensor:
+    """s_t·Λ of task t: λ per entry (per_group: the bias has its own), times the task's factor."""
+    lam = torch.tensor([1.0] * D + [GROUP_LAM["bias"] if pull == "per_group" else 1.0], dtype=DT)
+    s = float(SCALE[t]) if pull == "per_task" else 1.0
+    return torch.diag(s * lam) if pull != "none" else torch.zeros(P, P, dtype=DT)
+
+
+def joint_optimum(prior: str, pull: str) -> torch.Tensor:
+    """argmin of J = Σ_t w_t [L_t(v_t) + ½(v_t − c_t)ᵀ s_tΛ (v_t − c_t)] + Σ_nodes m_n λ_1/2 ‖θ_n − w‖²
+    + Σ_edges λ_ts/2 (v_t − v_s)ᵀΛ(v_t − v_s) (c_t: w, or the task's node θ_n; m_n = Σ_{t at n} w_t) over
+    z = (v_1..v_N, θ_a, θ_b, w): J is quadratic (L_t = ½vᵀA_tv − b_tᵀv + const), so z solves H z = g.
+    Rows ``(N [+ 2] + 1, P)``: the tasks' v_t, the tree's nodes, then w."""
+    nodes = ["a", "b"] if prior == "tree" else []
+    blocks = N + len(nodes) + 1
+    w_at = blocks - 1
+    h = torch.zeros(blocks * P, blocks * P, dtype=DT)
+    g = torch.zeros(blocks * P, dtype=DT)
+
+    def at(i: int) -> slice:
+        return slice(i * P, (i + 1) * P)
+
+    def spring(i: int, j: int, k: torch.Tensor) -> None:  # ½(z_i − z_j)ᵀ k (z_i − z_j)
+        h[at(i), at(i)] += k
+        h[at(j), at(j)] += k
+        h[at(i), at(j)] -= k
+        h[at(j), at(i)] -= k
+
+    for t, task in enumerate(TASKS):
+        a, b = quad_terms(task)
+        h[at(t), at(t)] += WEIGHTS[t] * a
+        g[at(t)] += WEIGHTS[t] * b
+        spring(t, N + nodes.index(NODE[t]) if nodes else w_at, WEIGHTS[t] * pull_matrix(pull, t))
+    for k, n in enumerate(nodes):
+        mass = float(sum(WEIGHTS[t] for t in range(N) if NODE[t] == n))
+        spring(N + k, w_at, mass * LAM_LEVEL * torch.eye(P, dtype=DT))
+    if prior == "graph":
+        for t, s, e in EDGES:
+            spring(t, s, e * pull_matrix(pull, 0) / (float(SCALE[0]) if pull == "per_task" else 1.0))
+    return torch.linalg.solve(h, g).view(blocks, P)
+
+
+def flat_center(learner: Any) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in learner.fmodel.params()])
+
+
+# MMP with exact inner solves, full batches: its fixed point is J's minimiser (a finite set, or the task stream
+# repeating the whole weighted set); a robust pull is not quadratic (no closed form), MAML/FOMAML/iMAML/Reptile
+# have other fixed points (Reptile's: below)
+JOINT = [c for c in WORKS if c[0] == "mmp" and c[2] in ("l2", "per_group", "per_task")]
+
+
+@pytest.mark.parametrize("combo", JOINT, ids=combo_id)
+def test_mmp_reaches_the_joint_optimum_of_trees_and_graphs(combo, tmp_path):
+    _, prior, pull, memory = combo
+    b = build(*combo, tmp_path, inner=metaprox.ExactLeastSquares(), batch=None, outer_lr=1.0)
+    # flat: gradient steps on w; tree: exact node sweeps (finite) or gradient steps on the nodes (task stream);
+    # graph: a Jacobi sweep of the v_t per step
+    for _ in range(200 if prior == "tree" and memory == "none" else {"flat": 40, "tree": 80, "graph": 60}[prior]):
+        b.step(monitor=False)
+    want = joint_optimum(prior, pull)
+    # the memmap store keeps v_t in float32, and exact centers and graph neighbours are read from it
+    tol = 1e-9 if memory in ("none", "memory") else 2e-6
+    got = {"w": flat_center(b.learner)}
+    if prior == "tree" and memory == "none":
+        got.update({n: torch.cat([t.flatten() for t in b.learner.hierarchy.nodes[(n,)]]) for n in "ab"})
+    elif prior == "tree":
+        got.update({n: b.learner.theta[b.learner.prior.index[n]] for n in "ab"})
+    ref = {"w": want[-1], "a": want[N], "b": want[N + 1] if prior == "tree" else None}
+    for k, v in got.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=tol, msg=k)
+    if memory != "none":
+        torch.testing.assert_close(b.state()["rows"], want[:N], rtol=0, atol=tol)
+
+
+
+def reptile_fixed_point(pull: str, alpha: float, m: int) -> torch.Tensor:
+    """Full-batch Reptile with M SGD steps of lr α on L_t + ½(v − w)ᵀs_tΛ(v − w) from w: with G_t = A_t + s_tΛ the
+    steps contract toward G_t⁻¹(b_t + s_tΛw), so w − v_t = C_t G_t⁻¹ A_t (w − a_t), C_t = I − (I − αG_t)^M,
+    a_t = A_t⁻¹b_t; the fixed point solves Σ_t q_t C_t G_t⁻¹ A_t (w − a_t) = 0 (q_t = w_t/W)."""
+    lhs, rhs = torch.zeros(P, P, dtype=DT), torch.zeros(P, dtype=DT)
+    eye = torch.eye(P, dtype=DT)
+    for t, task in enumerate(TASKS):
+        a, b = quad_terms(task)
+        g = a + pull_matrix(pull, t)
+        k = (eye - torch.linalg.matrix_power(eye - alpha * g, m)) @ torch.linalg.solve(g, a)
+        lhs += WEIGHTS[t] * k
+        rhs += WEIGHTS[t] * k @ torch.linalg.solve(a, b)
+    return torch.linalg.solve(lhs, rhs)
+
+
+# Reptile over the whole weighted set (a finite set's memory, or the stream repeating it); a robust pull is not
+# quadratic; under a tree the nodes add their own pulls (not this fixed point)
+REPTILE = [c for c in WORKS if c[0] == "reptile" and c[1] == "flat" and c[2] != "robust"]
+
+
+@pytest.mark.parametrize("combo", REPTILE, ids=combo_id)
+def test_reptile_reaches_its_fixed_point_on_a_finite_quadratic_set(combo, tmp_path):
+    alpha, m = 0.2, 4
+    # outer lr β = 1.5·αM: the paper's w ← w + ε(v̄ − w) with ε = 1.5, converged to round-off in ~40 steps
+    b = build(*combo, tmp_path, inner=metaprox.SGD(lr=alpha, steps=m), batch=None, outer_lr=1.5 * alpha * m)
+    for _ in range(50):
+        b.step(monitor=False)
+    # Reptile starts every task at w (no warm start), so a float32 store does not enter w
+    torch.testing.assert_close(flat_center(b.learner), reptile_fixed_point(combo[2], alpha, m), rtol=0, atol=1e-9)
+

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
+import tempfile
+from pathlib import Path
+
+import torch
 
 
 def exit_without_teardown() -> None:
@@ -14,3 +19,24 @@ def exit_without_teardown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def spawn_gloo(fn, *args, nprocs: int = 2) -> None:
+    """Run ``fn(rank, reducer, *args)`` in ``nprocs`` spawned processes of one gloo group (one thread each);
+    ``reducer`` is that rank's :class:`~metaprox.distributed.AllReduceReducer`. ``fn`` writes its results to disk."""
+    # rendezvous through a fresh file, not a probed free TCP port: no race with other processes grabbing the port
+    rdzv = Path(tempfile.mkdtemp(prefix="metaprox-rdzv-")) / "store"
+    torch.multiprocessing.spawn(_worker, args=(fn, f"file://{rdzv}", nprocs, *args), nprocs=nprocs, join=True)
+
+
+def _worker(rank: int, fn, init_method: str, world: int, *args) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        from metaprox.distributed import AllReduceReducer
+
+        fn(rank, AllReduceReducer(), *args)
+    finally:
+        torch.distributed.destroy_process_group()
+    exit_without_teardown()

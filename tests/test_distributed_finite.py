@@ -4,8 +4,6 @@ two-phase-commit checkpoints, resume with the same and with another world size (
 
 from __future__ import annotations
 
-import datetime
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import metaprox
-from _spawn_helpers import exit_without_teardown
+from _spawn_helpers import spawn_gloo
 from metaprox import sharded
 from metaprox.algorithms.finite import FiniteMMP
 from metaprox.distributed import LocalReducer, shard_bounds
@@ -71,25 +69,6 @@ def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return (num / sum(float(a[k].double().square().sum()) for k in a)) ** 0.5
 
 
-def _spawn(fn, *args) -> None:
-    # rendezvous through a fresh file, not a probed free TCP port: no race with other processes grabbing the port
-    rdzv = Path(tempfile.mkdtemp(prefix="metaprox-rdzv-")) / "store"
-    torch.multiprocessing.spawn(_worker, args=(fn, f"file://{rdzv}", *args), nprocs=2, join=True)
-
-
-def _worker(rank: int, fn, init_method: str, *args) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
-                                         timeout=datetime.timedelta(seconds=60))
-    try:
-        from metaprox.distributed import AllReduceReducer
-
-        fn(rank, AllReduceReducer(), *args)
-    finally:
-        torch.distributed.destroy_process_group()
-    exit_without_teardown()
-
-
 # ----- 2 ranks vs 1 process ------------------------------------------------------------------------------
 def _equal_case(rank: int, reducer, out: str) -> None:
     lo, hi = shard_bounds(N_TASKS, 2, rank)
@@ -116,7 +95,7 @@ def _equal_case(rank: int, reducer, out: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path):
     """Center, every per-task row (and tree node), objective and diagnostics of 2 ranks vs 1 process, per variant;
     ``pytest -s`` prints the measured relative differences."""
-    _spawn(_equal_case, str(tmp_path))
+    spawn_gloo(_equal_case, str(tmp_path))
     for variant in VARIANTS:
         ref = learner(variant=variant)
         start = center(ref)
@@ -173,7 +152,7 @@ def _resume_case(rank: int, reducer, out: str) -> None:
 
 
 def test_checkpoint_resume_same_and_other_world_size(tmp_path):
-    _spawn(_resume_case, str(tmp_path))
+    spawn_gloo(_resume_case, str(tmp_path))
     for r in range(2):
         whole, resumed = load_file(tmp_path / f"whole{r}.safetensors"), load_file(tmp_path / f"resumed{r}.safetensors")
         assert whole.keys() == resumed.keys()

@@ -63,7 +63,8 @@ class TaskMemory:
         whole = isinstance(store, ShardedStore) and (store.lo, store.hi) == (0, len(tasks))  # one process's "shard"
         memory = "sharded" if isinstance(store, ShardedStore) and not whole else \
             "memory" if store is None or isinstance(store, MemoryStore) else "memmap"
-        refuse(learner, memory=memory, per_task=not bool((self.scale == 1).all()))
+        refuse(learner, prior="flat" if learner.hierarchy is None else "tree", memory=memory,
+               per_task=not bool((self.scale == 1).all()))
         if learner.hierarchy is not None:
             raise ValueError("a tree prior with a finite task set runs through FiniteMMP(prior=Tree(...)).")
         if learner.reducer.world_size > 1:

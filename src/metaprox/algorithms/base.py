@@ -136,6 +136,14 @@ class MetaLearner:
         self.hierarchy: Any = None
         #: a finite task set's memory (:class:`~metaprox.memory.TaskMemory`); None: the infinite task stream
         self.memory: Any = None
+        self._refuse()
+
+    def _refuse(self) -> None:
+        """Refuse a rule × pull that cannot run even on the plain task stream (:mod:`metaprox.composition`);
+        a prior or memory attached later (TreePrior, TaskMemory) checks its own part."""
+        from metaprox.composition import refuse
+
+        refuse(self)
 
     # ----- construction helpers -------------------------------------------------------------------
     def _make_optimizer(self, spec: OptimizerSpec, outer_lr: float) -> torch.optim.Optimizer:

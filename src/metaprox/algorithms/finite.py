@@ -148,10 +148,10 @@ class FiniteMMP(MetaLearner):
                          seed, stationarity_warn_ratio)
         if center_update not in CENTER_UPDATES:
             raise ValueError(f"unknown center_update {center_update!r}; choose one of {CENTER_UPDATES}.")
-        _check_squared(self.prox, center_update, prior, graph)
         refuse(self, prior="tree" if prior is not None else "graph" if graph is not None else "flat",
                memory="sharded" if isinstance(store, ShardedStore) else
                "memory" if store is None or isinstance(store, MemoryStore) else "memmap")
+        _check_squared(self.prox, center_update, prior, graph)  # what the matrix has no axis for: exact centers
         if prior is not None and center_update != "exact":
             raise ValueError("a Tree prior is updated by exact block-coordinate sweeps: use center_update='exact'.")
         self.tasks, self.center_update, self.prior, self.graph = tasks, center_update, prior, graph
@@ -180,6 +180,9 @@ class FiniteMMP(MetaLearner):
         if prior is not None:
             prior.bind(self.names, self.layout.sizes)  # its parameter groups (flat ones: one value at every node)
         self.theta = None if prior is None else self.w_row().expand(len(prior.nodes), -1).clone()
+
+    def _refuse(self) -> None:
+        """Checked in ``__init__`` with the prior and the store (the base would name memory 'none')."""
 
     # ----- rows ---------------------------------------------------------------------------------------
     def w_row(self) -> torch.Tensor:

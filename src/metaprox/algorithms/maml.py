@@ -154,13 +154,13 @@ class MAML(MetaLearner):
                  lam=None, **kwargs):
         # few-step fine-tuning is not meant to reach a stationary point: no inexact-solve warning by default
         kwargs.setdefault("stationarity_warn_ratio", float("inf"))
+        self.first_order = bool(first_order)  # before the base's composition check: first order is FOMAML's rule
         super().__init__(model, loss, lam=lam, inner=inner, **kwargs)
         s = self.inner
         if not isinstance(s, SGD) or s.momentum or s.nesterov or s.batch_size is not None:
             raise ValueError(f"MAML differentiates through plain full-batch gradient descent; got "
                              f"inner={s!r}. Use metaprox.SGD(lr=..., steps=...) without momentum/batch_size "
                              f"(or FOMAML for other solvers).")
-        self.first_order = bool(first_order)
 
     # First-order path only: the query gradient at the shared solver's ``v^M`` — exactly FOMAML's rule.
     meta_gradient = FOMAML.meta_gradient

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metaprox.build import build_finite
 from metaprox.checkpoint import load_checkpoint
 from metaprox.config import apply_overrides, parse_value, resolve
 from metaprox.finite_data import load_finite_data
 from metaprox.train import train
-from metaprox.train_finite import build_finite
 from metaprox.validate import config_problems
 from test_finite_prior_config import NODES
 from test_train_finite import overrides, write_survey

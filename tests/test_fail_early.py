@@ -40,6 +40,7 @@ BAD_KEYS = [  # the issue's matrix: once tracebacks, checked only after training
     ("eval.shots=[0]", "eval.shots = [0]"),
     ("eval.points=0", "eval.points = 0"),
     ("eval.lam=0", "eval.lam = 0"),
+    ('eval.lam={"*"=-1.0}', "eval.lam['*'] = -1.0"),
     ("eval.lr=-1", "eval.lr = -1"),
     ("task.x_range=[1]", "task.x_range = [1]"),
     ("inner.steps=0", "inner.steps = 0: mmp would leave every task's solution at the prior"),
@@ -66,6 +67,20 @@ def test_eval_keys_are_checked_by_eval_too(tmp_path, capsys):
     capsys.readouterr()
     _fails(capsys, ["eval", str(run), "--set", "eval.points=0", "--set", "eval.lam=-2"], "2 problems",
            "eval.points = 0", "eval.lam = -2")
+
+
+def test_eval_lam_table_is_the_number_for_one_group(tmp_path, capsys):
+    """A test-time λ table {glob: λ} with one group adapts exactly as the number does (both via make_prox)."""
+    import json
+
+    run = tmp_path / "run"
+    assert main(["train", SINE, "--out", str(run), *TINY, "--no-eval"]) == 0
+    results = []
+    for lam in ("0.7", '{"*" = 0.7}', "5.0"):
+        assert main(["eval", str(run), "--set", f"eval.lam={lam}", "--set", "eval.steps=[0,3]"]) == 0
+        results.append(json.loads((run / "eval.json").read_text())["sets"])
+    assert results[0] == results[1]
+    assert results[0] != results[2]  # and λ does matter here (from step 2 on: v ≠ w after the first step)
 
 
 def test_eval_without_a_checkpoint_does_not_talk_about_resume(tmp_path, capsys):

@@ -132,7 +132,7 @@ DEFAULTS: dict[str, Any] = {
         "tasks": 200,
         "points": 200,
         "steps": [0, 1, 15, 32],   # test-time steps reported; the curve runs to the largest
-        "lam": None,               # test-time λ (None: the training λ)
+        "lam": None,               # test-time λ: a number or {glob = λ} per group (None: the training λ)
         "lr": None,                # test-time inner lr (None: the training inner lr)
         "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
         "bn": "",                  # test-time BatchNorm protocol (Conv-4): "" = model.bn, "batch" (plain: each query

@@ -161,7 +161,12 @@ def _evaluation(cfg: dict[str, Any], out: list[str]) -> None:
         _at_least(out, "eval.points", e["points"], 1, " (query points per test task).")
         if not e["shots"] or not all(_is_number(s) and s == int(s) and s >= 1 for s in e["shots"]):
             out.append(f"eval.shots = {e['shots']!r}: must be a non-empty list of support sizes ≥ 1.")
-    _positive(out, "eval.lam", e["lam"], optional=True, hint=", or unset for the training λ.")
+    if isinstance(e["lam"], dict):  # test-time λ per parameter group, {glob: λ} as prox.lam (first match wins)
+        for pattern, lam in e["lam"].items():
+            _positive(out, f"eval.lam[{pattern!r}]", lam)
+    else:
+        _positive(out, "eval.lam", e["lam"], optional=True,
+                  hint=", a table {glob pattern = λ}, or unset for the training λ.")
     _positive(out, "eval.lr", e["lr"], optional=True, hint=", or unset for the training inner lr.")
     _at_least(out, "eval.batch_size", e["batch_size"], 0, " (0: full batch).")
 

@@ -56,3 +56,30 @@ def test_train_logs_validation_accuracy_and_evaluates(omniglot_root, tmp_path):
     assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy_ci95"] > 0.0
     for plot in ("learning_curve.png", "val_curve.png", "adaptation.png"):
         assert (tmp_path / "run" / "plots" / plot).stat().st_size > 1000
+
+
+def test_large_evaluations_are_adapted_part_by_part_with_the_same_result(omniglot_root, tmp_path, monkeypatch):
+    """evaluate_run adapts EVAL_PART episodes at a time (memory): the parts are the episodes of one whole draw."""
+    import metaprox.evaluate as evaluate
+
+    torch.set_num_threads(1)
+    sets = {"task.family": "fewshot", "task.dataset": "omniglot", "task.data_path": str(omniglot_root),
+            "task.split": "background", "task.val_alphabets": 1, "task.ways": 2, "task.shots": 1,
+            "task.train_shots": 2, "task.eval_queries": 2, "model.kind": "conv4", "model.filters": 4,
+            "model.bn": "transductive", "prox.lam": 1.0, "inner.solver": "adam", "inner.lr": 0.01,
+            "inner.steps": 2, "outer.steps": 2, "outer.meta_batch": 2, "eval.tasks": 7, "eval.steps": [0, 3]}
+    cfg = resolve(apply_overrides({}, [f"{k}={json.dumps(v)}" for k, v in sets.items()]))
+    train(cfg, tmp_path / "run", progress=False, evaluate=False)
+    whole = evaluate.evaluate_run(tmp_path / "run", write=False)
+    monkeypatch.setattr(evaluate, "EVAL_PART", 3)  # parts of 3, 3 and 1 episodes
+    calls = []
+    real = evaluate.adaptation_curve
+    monkeypatch.setattr(evaluate, "adaptation_curve", lambda ln, tasks, *a, **k: calls.append(len(tasks))
+                        or real(ln, tasks, *a, **k))
+    parts = evaluate.evaluate_run(tmp_path / "run", write=False)
+    assert calls == [3, 3, 1]
+    for name, row in whole["sets"].items():
+        for step in ("0", "3"):
+            assert parts["sets"][name][step]["tasks"] == 7
+            assert parts["sets"][name][step]["accuracy"] == pytest.approx(row[step]["accuracy"], abs=1e-12)
+            assert parts["sets"][name][step]["loss"] == pytest.approx(row[step]["loss"], rel=1e-5)

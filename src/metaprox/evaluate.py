@@ -67,6 +67,13 @@ class AdaptationCurve:
     loss: torch.Tensor
     accuracy: torch.Tensor | None
 
+    @classmethod
+    def concat(cls, parts: Sequence[AdaptationCurve]) -> AdaptationCurve:
+        """One curve over the tasks of several (parts of one evaluation set, in order)."""
+        acc = [c.accuracy for c in parts]
+        return cls(torch.cat([c.loss for c in parts], 1),
+                   None if any(a is None for a in acc) else torch.cat(acc, 1))  # type: ignore[arg-type]
+
     @property
     def num_tasks(self) -> int:
         return int(self.loss.shape[1])
@@ -152,6 +159,9 @@ def eval_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+EVAL_PART = 250  # episodes adapted at once by evaluate_run (when the family builds parts alone)
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner | None = None,
                  cfg: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's learned prior on its evaluation sets; writes ``eval.json``/``eval.md`` (``eval-val.*``).
@@ -172,11 +182,23 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     steps = sorted(set(e["steps"]))
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     sets: dict[str, dict[str, Any]] = {}
+    family = build_family(cfg)
+    # a family that builds parts of its episodes alone is adapted EVAL_PART episodes at a time: 2,000
+    # miniImageNet 5-way episodes with 15 queries per class at once are 13.5 GB of float32 images
+    parts: list[slice | None] = [None]
+    if getattr(family, "builds_parts", False) and e["tasks"] > EVAL_PART:
+        parts = [slice(lo, min(lo + EVAL_PART, e["tasks"])) for lo in range(0, e["tasks"], EVAL_PART)]
+    record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
     with bn_protocol(learner.fmodel.module, e["bn"]) as bn:
-        for set_name, tasks in build_family(cfg).eval_sets(split).items():
-            record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-            curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record,
-                                     where=set_kinds(learner, set_name, tasks))
+        curves: dict[str, list[AdaptationCurve]] = {}
+        for part in parts:
+            for set_name, tasks in (family.eval_sets(split) if part is None else
+                                    family.eval_sets(split, part=part)).items():
+                curves.setdefault(set_name, []).append(
+                    adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner, record=record,
+                                     where=set_kinds(learner, set_name, tasks)))
+        for set_name, pieces in curves.items():
+            curve = AdaptationCurve.concat(pieces)
             sets[set_name] = curve.summary(steps)
             sets[set_name]["curve"] = [float(v) for v in curve.loss.mean(1)]
             if curve.accuracy is not None:

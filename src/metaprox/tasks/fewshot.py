@@ -126,8 +126,13 @@ class FewShotTasks:
         tasks = self.train.sample_batch(n, generator, part).tasks()
         return TaskShare.uniform(tasks, n, part, self.ways * self.train_shots, self.ways * self.train.queries)
 
-    def eval_sets(self, split: str) -> dict[str, list[Task]]:
+    #: eval_sets builds any part of its episodes alone (evaluate_run adapts large sets part by part)
+    builds_parts = True
+
+    def eval_sets(self, split: str, part: slice | None = None) -> dict[str, list[Task]]:
+        """The ``eval.tasks`` episodes of ``split`` (``part``: only episodes lo..hi−1 of them, bitwise the same)."""
         e = self.cfg["eval"]
         seed = e["seed"] if split == "test" else e["val_seed"]
         g = torch.Generator().manual_seed(seed)
-        return {f"{self.ways}-way {self.shots}-shot": self.eval_sampler(split).sample_batch(e["tasks"], g).tasks()}
+        batch = self.eval_sampler(split).sample_batch(e["tasks"], g, part)
+        return {f"{self.ways}-way {self.shots}-shot": batch.tasks()}

@@ -65,7 +65,11 @@ class MixedWayTasks(FewShotTasks):
         raise ConfigError("multi-head runs (heads.ways) train in one process: MultiHeadMMP has no distributed "
                           "reduction; launch without torchrun.")
 
-    def eval_sets(self, split: str) -> dict[str, list[Task]]:
+    builds_parts = False  # each kind draws its own episodes: evaluated whole
+
+    def eval_sets(self, split: str, part: slice | None = None) -> dict[str, list[Task]]:
+        if part is not None:
+            raise ValueError("mixed-way evaluation sets are built whole (builds_parts = False).")
         e, t = self.cfg["eval"], self.cfg["task"]
         seed = e["seed"] if split == "test" else e["val_seed"]
         images, classes = self.load(split)

@@ -121,3 +121,16 @@ def test_the_shipped_alphabet_tree_config_is_valid(omniglot_root):
     cfg = load_config(CONFIG, [f"task.data_path={json.dumps(str(omniglot_root))}"])
     assert cfg["prior"]["kind"] == "tree" and cfg["task"]["group_by"] == "alphabet"
     assert not [p for p in config_problems(cfg) if "data file" not in p]  # the tiny fixture has no split lists
+
+
+def test_prior_groups_put_only_the_head_on_the_alphabet_tree(omniglot_root, tmp_path):
+    """``[[prior.groups]]`` over a stream: the head's centers are the alphabets' nodes, the trunk's center is w."""
+    torch.set_num_threads(1)
+    cfg = tiny(omniglot_root, **{"outer.steps": 2})
+    cfg["prior"]["groups"] = [{"pattern": "head.*", "kind": "tree"}]  # unmatched parameters: flat
+    train(cfg, tmp_path / "run", progress=False, evaluate=False)
+    learner, _, _ = load_learner(tmp_path / "run")
+    assert learner.hierarchy.follows == [n.startswith("head.") for n in learner.names]
+    for path in learner.hierarchy.nodes:
+        for name, c, w in zip(learner.names, learner.hierarchy.node_center(path), learner.center(), strict=True):
+            assert torch.equal(c, w) != name.startswith("head."), name  # the head moved off w, the trunk is w

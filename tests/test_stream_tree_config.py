@@ -134,3 +134,14 @@ def test_prior_groups_put_only_the_head_on_the_alphabet_tree(omniglot_root, tmp_
     for path in learner.hierarchy.nodes:
         for name, c, w in zip(learner.names, learner.hierarchy.node_center(path), learner.center(), strict=True):
             assert torch.equal(c, w) != name.startswith("head."), name  # the head moved off w, the trunk is w
+
+
+def test_grouped_episodes_under_the_flat_prior_train_and_evaluate_from_w(omniglot_root, tmp_path):
+    """``task.group_by`` alone (the flat baseline of the alphabet study): the groups are ignored by the prior."""
+    torch.set_num_threads(1)
+    cfg = tiny(omniglot_root, **{"prior.kind": "flat", "outer.steps": 2})
+    assert not config_problems(cfg)
+    result = train(cfg, tmp_path / "run", progress=False)
+    learner, _, _ = load_learner(tmp_path / "run")
+    assert learner.hierarchy is None and learner.step_count == 2
+    assert json.dumps(evaluate_run(tmp_path / "run", write=False)["sets"]) == json.dumps(result["sets"])

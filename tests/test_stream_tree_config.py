@@ -113,6 +113,8 @@ def test_every_problem_of_a_stream_tree_config_is_listed_at_once(omniglot_root):
         validate_run(cfg)
     wrong = tiny(omniglot_root, **{"task.family": "sine", "model.kind": "mlp", "heads.ways": [2, 3]})
     assert any("group_by = 'alphabet' is for task.family = 'fewshot'" in p for p in config_problems(wrong))
+    deep = tiny(omniglot_root, **{"prior.lam_levels": [1.0, 2.0], "prior.group_lr": [0.5]})
+    assert any("one per depth of prior.lam_levels (2)" in p for p in config_problems(deep))
     with pytest.raises(ConfigError, match="prior.kind = 'graph' needs algorithm = 'finite_mmp'"):
         tiny(omniglot_root, **{"prior.kind": "graph"})
 

@@ -184,6 +184,9 @@ def _stream_tree(cfg: dict[str, Any], out: list[str]) -> None:
     if not all(v is None or (_is_number(v) and math.isfinite(v) and v > 0) for v in lrs):
         out.append(f"prior.group_lr = {pr['group_lr']!r}: the node centers' step size must be > 0 (or unset: "
                    f"outer.lr).")
+    elif isinstance(pr["group_lr"], list) and isinstance(levels, list) and len(lrs) != len(levels):
+        out.append(f"prior.group_lr = {pr['group_lr']!r}: give one number, or one per depth of prior.lam_levels "
+                   f"({len(levels)}).")
     lam = cfg["prox"]["lam"]
     if isinstance(lam, dict):
         out.append("prox.lam is a table: a tree prior over the stream needs one λ (a number), the pull its unseen "

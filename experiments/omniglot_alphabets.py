@@ -35,7 +35,7 @@ import metaprox
 from metaprox.algorithms.hierarchical import HierarchicalMMP
 from metaprox.data.labelled import LabelledImages
 from metaprox.data.omniglot import load_omniglot_npz
-from metaprox.tasks.episodes import EpisodeSampler
+from metaprox.tasks.grouped import GroupEpisodes
 from metaprox.tasks.task import Task
 
 WAYS = 5
@@ -64,22 +64,18 @@ def splits(data: LabelledImages, seed: int) -> dict[str, dict[str, list[int]]]:
 
 
 class AlphabetEpisodes:
-    """5-way episodes within one alphabet: alphabet uniformly at random, then its classes."""
+    """5-way episodes within one alphabet (:class:`metaprox.tasks.grouped.GroupEpisodes`), images flattened for
+    the MLP."""
 
     def __init__(self, data: LabelledImages, groups: dict[str, list[int]], shots: int, queries: int):
-        self.names = sorted(groups)
-        self.samplers = {a: EpisodeSampler(data, groups[a], WAYS, shots, queries) for a in self.names}
+        self.episodes = GroupEpisodes(data, groups, WAYS, shots, queries)
+        self.names = self.episodes.names
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[list[Task], list[str]]:
-        picks = torch.randint(len(self.names), (n,), generator=gen).tolist()
-        tasks, groups = [], []
-        for i in picks:
-            b = self.samplers[self.names[i]].sample_batch(1, gen)
-            xq = b.x_query[0].flatten(1) if b.x_query.shape[1] else None
-            yq = b.y_query[0] if b.x_query.shape[1] else None
-            tasks.append(Task(b.x[0].flatten(1), b.y[0], xq, yq))
-            groups.append(self.names[i])
-        return tasks, groups
+        batch = self.episodes.sample(n, gen)
+        tasks = [Task(t.x.flatten(1), t.y, None if t.x_query is None else t.x_query.flatten(1), t.y_query)
+                 for t in batch]
+        return tasks, batch.groups
 
 
 def make_model(hidden: int, seed: int) -> nn.Module:

@@ -1,5 +1,5 @@
 """Shared fixtures: small linear least-squares task sets with closed-form answers, tiny nonlinear tasks, an outer
-step that poisons a parameter."""
+step that poisons a parameter, a tiny generated Omniglot."""
 
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def theta(params) -> torch.Tensor:
 @pytest.fixture
 def lin_tasks():
     return linear_tasks()
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory):
+    """A tiny Omniglot in the official folder layout (tests/_tiny_omniglot.py), built once per test module."""
+    from _tiny_omniglot import make_omniglot
+
+    root = tmp_path_factory.mktemp("omniglot")
+    make_omniglot(root)
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tiny_omniglot import make_omniglot
 from metaprox.algorithms.multihead import MultiHeadMMP
 from metaprox.build import build_family
 from metaprox.config import ConfigError, apply_overrides, load_config, resolve
@@ -18,13 +17,6 @@ from metaprox.train import train
 from metaprox.validate import config_problems, validate_run
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "omniglot_mixed_ways_multihead_cpu.toml"
-
-
-@pytest.fixture(scope="module")
-def omniglot_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("omniglot")
-    make_omniglot(root)
-    return root
 
 
 def tiny(root: Path, **extra) -> dict:

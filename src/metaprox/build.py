@@ -161,11 +161,26 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
                             inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg),
                             total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"],
                             execution=cfg["execution"], seed=cfg["seed"])
-    return ALGORITHMS[cfg["algorithm"]](
+    learner = ALGORITHMS[cfg["algorithm"]](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
         meta_optimizer=optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],
         schedule=cfg["outer"]["schedule"], execution=cfg["execution"], precision=cfg["precision"],
         seed=cfg["seed"], **rule_options(cfg, cfg["algorithm"]))
+    if cfg["prior"]["kind"] == "tree":  # over the stream: each episode's node from task.group_by
+        _attach_tree(cfg, learner)
+    return learner
+
+
+def _attach_tree(cfg: dict[str, Any], learner: MetaLearner) -> None:
+    """A :class:`~metaprox.priors.TreePrior` on ``learner`` (its refusals, e.g. second-order MAML, as ConfigError)."""
+    from metaprox.priors import TreePrior
+
+    pr = cfg["prior"]
+    groups = [(g["pattern"], g["kind"]) for g in pr["groups"]] or None  # checked by validate.py
+    try:
+        TreePrior(learner, pr["lam_levels"], pr["group_lr"], None, groups)
+    except ValueError as e:
+        raise ConfigError(f"prior.kind = 'tree' with algorithm = {cfg['algorithm']!r}: {e}") from e
 
 
 def rule_options(cfg: dict[str, Any], algo: str) -> dict[str, Any]:
@@ -190,6 +205,10 @@ def build_family(cfg: dict[str, Any]) -> Any:
         from metaprox.tasks.mixed_ways import MixedWayTasks
 
         return MixedWayTasks(cfg)
+    if cfg["task"]["group_by"] is not None and fam == "fewshot":
+        from metaprox.tasks.grouped import GroupedFewShotTasks
+
+        return GroupedFewShotTasks(cfg)
     if fam not in FAMILIES:
         raise ConfigError(f"unknown task.family {fam!r}; available: {sorted(FAMILIES)}.")
     return FAMILIES[fam](cfg)

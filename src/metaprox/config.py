@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
         "queries": 0,              # query images per class when meta-training (MAML-family rules)
         "eval_queries": 15,        # query images per class of evaluation episodes
         "rotations": False,        # 90° rotations as new training classes
+        "group_by": None,          # "alphabet" (omniglot): episodes within one group, the group is the task's node
+                                   # in a tree prior over the stream (prior.kind = "tree"; metaprox.tasks.grouped)
         # finite tabular task sets (family = "multitask", algorithm = "finite_mmp")
         "train_frac": 0.75,        # share of each task's rows kept from the test split (when test_frac is None)
         "split_seed": 0,
@@ -90,12 +92,13 @@ DEFAULTS: dict[str, Any] = {
                                    # this × its first value (0: off)
         "sample": "without_replacement",  # task minibatches of outer.meta_batch: | "with_replacement" | "all"
     },
-    "prior": {                     # who the center is (finite_mmp; docs/composition.md)
+    "prior": {                     # who the center is (docs/composition.md); a stream's tree: task.group_by
         "kind": "flat",            # "flat" (w) | "tree" (task → node → … → root w) | "graph" (edges between tasks)
         "task_nodes": [],          # tree: each task's node, in task order; "a/b" is node b under a under the root
         "nodes_csv": None,         # tree: or a CSV file with a header, one row per task (in task order) …
         "nodes_column": "node",    # … and the column holding the node
         "lam_levels": [1.0],       # tree: pull of a node toward its parent, per depth 1, 2, …
+        "group_lr": None,          # stream tree: step size of the node centers (None: outer.lr), or one per depth
         "groups": [],              # tree: which parameters follow it, [[prior.groups]] pattern = "weight" kind = "tree"
                                    # | "flat" (first match wins; glob or "re:<regex>"; unmatched: flat; []: all)
         "edges": [],               # graph: [[t, s, λ_ts], …] (task indices, each edge once)
@@ -233,14 +236,15 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     f, pr = out["finite"], out["prior"]
     if pr["kind"] not in ("flat", "tree", "graph"):
         raise ConfigError(f"prior.kind = {pr['kind']!r}: choose 'flat', 'tree' or 'graph'.")
-    if pr["kind"] != "flat" and not finite:
-        raise ConfigError(f"prior.kind = {pr['kind']!r} needs algorithm = 'finite_mmp' (a finite set of named "
-                          f"tasks); the infinite-stream tree is metaprox.HierarchicalMMP (Python).")
+    if pr["kind"] == "graph" and not finite:
+        raise ConfigError("prior.kind = 'graph' needs algorithm = 'finite_mmp' (a graph over named tasks pulls "
+                          "toward the neighbours' stored v_s); a task stream takes prior.kind = 'tree' with "
+                          "task.group_by.")
     if f["rule"] != "mmp" and (f["center_update"] != "gradient" or pr["kind"] != "flat"):
         raise ConfigError(f"finite.rule = {f['rule']!r} runs with a TaskMemory: the flat prior and "
                           f"finite.center_update = 'gradient' (exact, fixed, tree and graph centers are "
                           f"FiniteMMP's, finite.rule = 'mmp'; see docs/composition.md).")
-    if pr["kind"] == "tree" and f["center_update"] not in ("exact", "solve"):
+    if finite and pr["kind"] == "tree" and f["center_update"] not in ("exact", "solve"):
         raise ConfigError("prior.kind = 'tree' is updated by exact block-coordinate sweeps: set "
                           "finite.center_update = 'exact' (or 'solve' for linear least squares).")
     for key, allowed in (("rule", ("mmp", "reptile", "fomaml", "maml", "imaml")),

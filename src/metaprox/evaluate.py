@@ -140,8 +140,14 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
 
 
 def set_kinds(learner: MetaLearner, set_name: str, tasks: Sequence[Task]) -> list[str] | None:
-    """Each task's kind when ``learner`` has one head per kind (the evaluation sets are named by kind), else None."""
-    return [set_name] * len(tasks) if getattr(learner, "kinds", None) else None
+    """Where each task sits: its kind when ``learner`` has one head per kind (the evaluation sets are named by
+    kind), its node when it has a tree prior (a family's GroupedTasks; else None: every task at the root), else
+    None."""
+    if getattr(learner, "kinds", None):
+        return [set_name] * len(tasks)
+    if learner.hierarchy is not None:
+        return getattr(tasks, "groups", None)
+    return None
 
 
 def eval_table(result: dict[str, Any]) -> str:

@@ -154,6 +154,54 @@ def _prior_groups(cfg: dict[str, Any], out: list[str]) -> None:
         out.append("prior.groups: no group has kind = 'tree', so no parameter would follow the tree.")
 
 
+def _stream_tree(cfg: dict[str, Any], out: list[str]) -> None:
+    """A tree prior over the task stream (``prior.kind = "tree"``, not finite_mmp): each episode's node comes from
+    ``task.group_by``; the rule × tree combination must be one :mod:`metaprox.composition` allows."""
+    from metaprox.composition import RULES, refusal
+
+    t, pr, algo = cfg["task"], cfg["prior"], cfg["algorithm"]
+    if algo == "finite_mmp":
+        return
+    if t["group_by"] is not None:
+        if t["group_by"] != "alphabet" or t["family"] != "fewshot" or t["dataset"] != "omniglot":
+            out.append(f"task.group_by = {t['group_by']!r} (family {t['family']!r}, dataset {t['dataset']!r}): "
+                       f"group_by = 'alphabet' is for task.family = 'fewshot', task.dataset = 'omniglot' (episodes "
+                       f"within one alphabet).")
+        if cfg["heads"]["ways"]:
+            out.append("task.group_by and heads.ways are both set: grouped episodes have one way; drop heads.ways.")
+    if pr["kind"] != "tree":
+        return
+    if t["group_by"] is None:
+        out.append("prior.kind = 'tree' over a task stream needs each episode's node: set task.group_by = "
+                   "'alphabet' (few-shot Omniglot), or use algorithm = 'finite_mmp' with prior.task_nodes.")
+    if pr["task_nodes"] or pr["nodes_csv"] is not None:
+        out.append("prior.task_nodes / prior.nodes_csv name the nodes of a finite set's tasks; a task stream's "
+                   "nodes come from task.group_by: remove them.")
+    levels = pr["lam_levels"]
+    if not levels or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in levels):
+        out.append(f"prior.lam_levels = {levels!r}: need one λ > 0 per depth below the root (e.g. [1.0]).")
+    lrs = pr["group_lr"] if isinstance(pr["group_lr"], list) else [pr["group_lr"]]
+    if not all(v is None or (_is_number(v) and math.isfinite(v) and v > 0) for v in lrs):
+        out.append(f"prior.group_lr = {pr['group_lr']!r}: the node centers' step size must be > 0 (or unset: "
+                   f"outer.lr).")
+    elif isinstance(pr["group_lr"], list) and isinstance(levels, list) and len(lrs) != len(levels):
+        out.append(f"prior.group_lr = {pr['group_lr']!r}: give one number, or one per depth of prior.lam_levels "
+                   f"({len(levels)}).")
+    lam = cfg["prox"]["lam"]
+    if isinstance(lam, dict):
+        out.append("prox.lam is a table: a tree prior over the stream needs one λ (a number), the pull its unseen "
+                   "levels are integrated out with (λ in series with prior.lam_levels); use [[prior.groups]] to "
+                   "keep some parameters flat.")
+    if cfg["eval"]["lam"] is not None:
+        out.append("eval.lam is set: with a tree prior a test task's pull is λ (its node known) or λ in series with "
+                   "the unknown levels' prior.lam_levels (the root); remove eval.lam.")
+    rule = "fomaml" if algo == "maml" and cfg["rule"]["first_order"] else algo
+    if rule in RULES:
+        why = refusal(rule, "tree", "none" if lam == 0 else "l2", "none")
+        if why is not None:
+            out.append(f"algorithm = {algo!r} with prior.kind = 'tree' is refused: {why}.")
+
+
 def _evaluation(cfg: dict[str, Any], out: list[str]) -> None:
     e = cfg["eval"]
     _at_least(out, "eval.tasks", e["tasks"], 1, " (test tasks per setting).")
@@ -264,6 +312,7 @@ def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, e
     _training(cfg, out)
     _heads(cfg, out)
     _prior_groups(cfg, out)
+    _stream_tree(cfg, out)
     _evaluation(cfg, out)
     _device(cfg, out)
     splits = ["train"] + (["val"] if cfg["log"]["eval_every"] else []) + (["test"] if evaluate else [])

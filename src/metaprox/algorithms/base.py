@@ -265,6 +265,8 @@ class MetaLearner:
                              f"y_query)) because {why}, but {lacking} of {total} tasks have none.")
         tree = self.hierarchy
         if tree is not None:
+            if where is None:  # a family's GroupedTasks know their nodes
+                where = getattr(tasks, "groups", None)
             tree.begin(where, total)  # every rank: the same nodes, in the same order
         w = self.center()
         local, a_local = share.tasks, a[part]

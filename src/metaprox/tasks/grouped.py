@@ -90,7 +90,11 @@ class GroupedFewShotTasks(FewShotTasks):
         raise ConfigError("task.group_by runs in one process (the tree's nodes are not split over ranks); launch "
                           "without torchrun.")
 
-    def eval_sets(self, split: str) -> dict[str, list[Task]]:
+    builds_parts = False  # episodes come group by group from one generator: evaluated whole
+
+    def eval_sets(self, split: str, part: slice | None = None) -> dict[str, list[Task]]:
+        if part is not None:
+            raise ValueError("grouped evaluation sets are built whole (builds_parts = False).")
         e = self.cfg["eval"]
         if split not in self._eval_groups:
             self._eval_groups[split] = self._episodes(split, self.shots, int(self.cfg["task"]["eval_queries"]),

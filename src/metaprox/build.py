@@ -23,6 +23,7 @@ from metaprox.config import ConfigError
 from metaprox.finite_data import FiniteData
 from metaprox.memory import TaskMemory
 from metaprox.models.mlp import MLP
+from metaprox.prox import RobustL2
 from metaprox.solvers import SGD, Adam, ExactLeastSquares, InnerSolver
 from metaprox.tasks.share import TaskShare
 from metaprox.tasks.sine import SineFamily
@@ -161,6 +162,8 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
                             inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg),
                             total_steps=cfg["outer"]["steps"], schedule=cfg["outer"]["schedule"],
                             execution=cfg["execution"], seed=cfg["seed"])
+    if cfg["prox"]["robust_scale"] is not None:  # validated: one λ > 0, a task stream
+        lam = RobustL2(lam, [n for n, _ in model.named_parameters()], scale=float(cfg["prox"]["robust_scale"]))
     learner = ALGORITHMS[cfg["algorithm"]](
         model, loss, lam=(None if lam == 0 else lam), inner=build_inner(cfg),
         meta_optimizer=optimizer_factory(cfg), total_steps=cfg["outer"]["steps"],

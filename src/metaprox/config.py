@@ -80,8 +80,10 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": True,     # conv4, resnet12
         "cosine_scale": 0.0,       # conv4: s > 0 = the head sees s·h/‖h‖ (L2-normalised features); 0 = plain
     },
-    "prox": {"lam": 0.5},          # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
+    "prox": {"lam": 0.5,           # a number, or a table {glob pattern = λ}; 0 means "no prox" (MAML/Reptile);
                                    # finite_mmp: table values may also be "shared" (λ = ∞) or "private" (λ = 0)
+             "robust_scale": None},  # δ > 0: the robust pull (λ/2)δ²·log(1 + ‖v − c‖²/δ²) (metaprox.prox.RobustL2)
+                                     # instead of the squared ℓ2 one; task streams (mmp, reptile, fomaml), one λ
     "finite": {                    # algorithm = "finite_mmp" (metaprox.train.FiniteSetting)
         "rule": "mmp",             # the meta-gradient rule over the finite set: "mmp" (FiniteMMP) or another of
                                    # metaprox.ALGORITHMS with a TaskMemory (flat prior, gradient center step)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from metaprox.composition import RULES, refusal
 from metaprox.config import ConfigError
 from metaprox.stability import UnstableOuterStep, check_outer_step
 
@@ -157,7 +158,6 @@ def _prior_groups(cfg: dict[str, Any], out: list[str]) -> None:
 def _stream_tree(cfg: dict[str, Any], out: list[str]) -> None:
     """A tree prior over the task stream (``prior.kind = "tree"``, not finite_mmp): each episode's node comes from
     ``task.group_by``; the rule × tree combination must be one :mod:`metaprox.composition` allows."""
-    from metaprox.composition import RULES, refusal
 
     t, pr, algo = cfg["task"], cfg["prior"], cfg["algorithm"]
     if algo == "finite_mmp":
@@ -306,10 +306,29 @@ def _out_dir(run_dir: Path, out: list[str]) -> None:
                    f"writable --out.")
 
 
+def _robust_pull(cfg: dict[str, Any], out: list[str]) -> None:
+    """prox.robust_scale: one λ, a task-stream rule whose meta-gradient does not assume the squared pull."""
+    delta, lam, algo = cfg["prox"]["robust_scale"], cfg["prox"]["lam"], cfg["algorithm"]
+    if delta is None:
+        return
+    _positive(out, "prox.robust_scale", delta, hint=" (δ of the robust pull), or unset for the squared ℓ2 pull.")
+    if not _is_number(lam) or lam <= 0:
+        out.append(f"prox.robust_scale needs one λ > 0 (prox.lam = {lam!r}): the robust pull has one λ for all "
+                   f"parameters.")
+    if algo == "finite_mmp" or cfg["heads"]["ways"] or cfg["prior"]["kind"] != "flat":
+        out.append("prox.robust_scale runs on a task stream with the flat prior (no finite_mmp, heads or tree) "
+                   "from a config; build RobustL2 in Python for the others (docs/composition.md).")
+    rule = "fomaml" if algo == "maml" and cfg["rule"]["first_order"] else algo
+    why = refusal(rule, "flat", "robust", "none") if rule in RULES else None
+    if why:
+        out.append(f"prox.robust_scale with algorithm = {algo!r}: {why}.")
+
+
 def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, evaluate: bool = True) -> list[str]:
     """Every problem of a resolved training config (empty if none); ``evaluate``: the test split is read too."""
     out: list[str] = []
     _training(cfg, out)
+    _robust_pull(cfg, out)
     _heads(cfg, out)
     _prior_groups(cfg, out)
     _stream_tree(cfg, out)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from metaprox.build import build_family, build_model
+from metaprox.config import resolve
 from metaprox.evaluate import mean_ci
 from metaprox.pretrain import embed
 
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
-    cfg = json.loads((args.run / "config.json").read_text())["config"]
+    cfg = resolve(json.loads((args.run / "config.json").read_text())["config"])  # defaults of newer keys
     cfg["task"].update(data_path=args.data, shots=args.shots)
     cfg.update(device="cpu")
     family = build_family(cfg)

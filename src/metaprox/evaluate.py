@@ -165,7 +165,8 @@ def eval_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-EVAL_PART = 250  # episodes adapted at once by evaluate_run (when the family builds parts alone)
+EVAL_PART = 50  # episodes adapted at once by evaluate_run (when the family builds parts alone): 250 5-shot
+# miniImageNet episodes at once (6,250 support images, ~5.6 GB per conv layer output) were OOM-killed too
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner | None = None,

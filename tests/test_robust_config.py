@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaprox.build import build_learner
+from metaprox.build import build_family, build_learner
 from metaprox.config import apply_overrides, load_config, resolve
 from metaprox.prox import RobustL2, SquaredL2
 from metaprox.validate import config_problems
@@ -25,8 +25,6 @@ def _cfg(**sets):
 
 def _center_after_steps(cfg) -> list[torch.Tensor]:
     learner = build_learner(cfg)
-    from metaprox.build import build_family
-
     family, g = build_family(cfg), torch.Generator().manual_seed(0)
     for _ in range(cfg["outer"]["steps"]):
         learner.step(family.train_batch(cfg["outer"]["meta_batch"], g))

@@ -83,13 +83,9 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     if m["kind"] == "mlp":
         return MLP(m["sizes"], m["activation"])
     if m["kind"] == "conv4":
-        from metaprox.models.conv4 import Conv4
-
         if cfg["task"]["family"] != "fewshot":
             raise ConfigError("model.kind = 'conv4' needs task.family = 'fewshot' (image episodes).")
-        channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
-        return Conv4(channels, int(cfg["task"]["ways"]), int(m["filters"]), size, bn=m["bn"],
-                     channels_last=bool(m["channels_last"]), cosine_scale=float(m["cosine_scale"]))
+        return _conv4(cfg, int(cfg["task"]["ways"]))
     if m["kind"] == "resnet12":
         from metaprox.models.resnet12 import ResNet12
 
@@ -101,17 +97,23 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     raise ConfigError(f"unknown model.kind {m['kind']!r}; available: ['mlp', 'conv4', 'resnet12'].")
 
 
-def _shared_trunk(cfg: dict[str, Any]) -> nn.Module:
-    """``heads.ways``: a Conv-4 feature trunk shared by all kinds, one linear head per kind (its way)."""
+def _conv4(cfg: dict[str, Any], num_classes: int) -> Any:  # a Conv4 (imported lazily)
+    """The config's Conv-4 with ``num_classes`` outputs (0: no head, the features — a trunk)."""
     from metaprox.models.conv4 import Conv4
-    from metaprox.models.shared_trunk import SharedTrunk
-    from metaprox.tasks.mixed_ways import kind_names
 
     m = cfg["model"]
     channels, size = _IMAGE_SHAPES.get(cfg["task"]["dataset"], (3, 84))
-    trunk = Conv4(channels, 0, int(m["filters"]), size, bn=m["bn"], channels_last=bool(m["channels_last"]),
-                  cosine_scale=float(m["cosine_scale"]))
-    width = int(m["filters"]) * trunk.feature_side ** 2
+    return Conv4(channels, num_classes, int(m["filters"]), size, bn=m["bn"], channels_last=bool(m["channels_last"]),
+                 cosine_scale=float(m["cosine_scale"]))
+
+
+def _shared_trunk(cfg: dict[str, Any]) -> nn.Module:
+    """``heads.ways``: a Conv-4 feature trunk shared by all kinds, one linear head per kind (its way)."""
+    from metaprox.models.shared_trunk import SharedTrunk
+    from metaprox.tasks.mixed_ways import kind_names
+
+    trunk = _conv4(cfg, 0)
+    width = trunk.filters * trunk.feature_side ** 2
     return SharedTrunk(trunk, {k: nn.Linear(width, w) for k, w in kind_names(cfg["heads"]["ways"]).items()})
 
 
@@ -174,14 +176,18 @@ def build_learner(cfg: dict[str, Any], model: nn.Module | None = None) -> MetaLe
     return learner
 
 
+def _prior_groups(pr: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """``[[prior.groups]]`` as (pattern, kind) rules, or None: the tree holds every parameter (validate.py)."""
+    return [(g["pattern"], g["kind"]) for g in pr["groups"]] or None
+
+
 def _attach_tree(cfg: dict[str, Any], learner: MetaLearner) -> None:
     """A :class:`~metaprox.priors.TreePrior` on ``learner`` (its refusals, e.g. second-order MAML, as ConfigError)."""
     from metaprox.priors import TreePrior
 
     pr = cfg["prior"]
-    groups = [(g["pattern"], g["kind"]) for g in pr["groups"]] or None  # checked by validate.py
     try:
-        TreePrior(learner, pr["lam_levels"], pr["group_lr"], None, groups)
+        TreePrior(learner, pr["lam_levels"], pr["group_lr"], None, _prior_groups(pr))
     except ValueError as e:
         raise ConfigError(f"prior.kind = 'tree' with algorithm = {cfg['algorithm']!r}: {e}") from e
 
@@ -253,8 +259,8 @@ def build_prior(cfg: dict[str, Any], num_tasks: int, weights: torch.Tensor) -> d
             for d in range(len(parts)):
                 parent.setdefault("/".join(parts[:d + 1]), "/".join(parts[:d]) or "root")
         try:
-            groups = [(g["pattern"], g["kind"]) for g in pr["groups"]] or None  # checked by validate.py
-            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights, groups=groups), "graph": None}
+            return {"prior": Tree(parent, nodes, pr["lam_levels"], weights=weights, groups=_prior_groups(pr)),
+                    "graph": None}
         except ValueError as e:
             raise ConfigError(f"prior (tree): {e}") from e
     if pr["kind"] == "graph":

@@ -70,9 +70,8 @@ class AdaptationCurve:
     @classmethod
     def concat(cls, parts: Sequence[AdaptationCurve]) -> AdaptationCurve:
         """One curve over the tasks of several (parts of one evaluation set, in order)."""
-        acc = [c.accuracy for c in parts]
-        return cls(torch.cat([c.loss for c in parts], 1),
-                   None if any(a is None for a in acc) else torch.cat(acc, 1))  # type: ignore[arg-type]
+        acc = [c.accuracy for c in parts if c.accuracy is not None]
+        return cls(torch.cat([c.loss for c in parts], 1), torch.cat(acc, 1) if len(acc) == len(parts) else None)
 
     @property
     def num_tasks(self) -> int:

@@ -142,6 +142,8 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
         "bn": "",                  # test-time BatchNorm protocol (Conv-4): "" = model.bn, "batch" (plain: each query
                                    # normalised with the support set) or "transductive" (query batch statistics)
+        "head_init": "prior",      # test-time head center and start: "prior" (w's head) or "prototypes" (each
+                                   # episode's support class means: step 0 = nearest centroid; metaprox.head_init)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
         "metrics": None,           # finite task sets: e.g. ["rmse", "mae", "r2"] (None: per task type)
@@ -270,6 +272,15 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if out["eval"]["bn"] not in ("", "batch", "transductive"):
         raise ConfigError(f"eval.bn = {out['eval']['bn']!r}: choose '' (the model's), 'batch' (plain) or "
                           f"'transductive'.")
+    head_init = out["eval"]["head_init"]
+    if head_init not in ("prior", "prototypes"):
+        raise ConfigError(f"eval.head_init = {head_init!r}: choose 'prior' (w's head) or 'prototypes' (the support "
+                          f"set's class means).")
+    if head_init == "prototypes" and (out["task"]["family"] != "fewshot" or out["heads"]["ways"]):
+        raise ConfigError(f"eval.head_init = 'prototypes' needs few-shot episodes with one linear head (task.family "
+                          f"= 'fewshot', heads.ways unset), got task.family = {out['task']['family']!r}"
+                          f"{', heads.ways = ' + repr(out['heads']['ways']) if out['heads']['ways'] else ''}; "
+                          f"use 'prior'.")
     if out["pretrain"]["epochs"] < 0 or out["pretrain"]["minutes"] < 0 or out["outer"]["minutes"] < 0:
         raise ConfigError("pretrain.epochs, pretrain.minutes and outer.minutes must be ≥ 0.")
     if (out["pretrain"]["epochs"] or out["pretrain"]["backbone"]) and out["task"]["family"] != "fewshot":

@@ -2,7 +2,8 @@
 
 For a test task the same prox problem is solved as in training, by the same code path as
 :meth:`MetaLearner.adapt` (:meth:`MetaLearner.adapt_tasks`): centred at the learned prior, starting from the
-carried inner Adam moments when the solver carries them (test-time λ and solver may differ from training), and
+carried inner Adam moments when the solver carries them (test-time λ and solver may differ from training; the
+head's center is w's or, with ``eval.head_init = "prototypes"``, the support set's class means), and
 after 0, 1, …, k steps the query loss (and accuracy for classification) is recorded. Reports carry the mean,
 the 95% confidence interval (1.96·sd/√n) and the number of tasks.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from metaprox.algorithms.base import MetaLearner
+from metaprox.head_init import head_init
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
@@ -97,9 +99,9 @@ def adaptation_curve(learner: MetaLearner, tasks: Sequence[Task], steps: int, *,
     """Adapt every task (support set) for ``steps`` steps from the learned prior; query loss after each step.
 
     The tasks are solved by :meth:`MetaLearner.adapt_tasks` — the same path as :meth:`MetaLearner.adapt`
-    (carried Adam moments, a tree's nodes via ``where``), so step ``steps`` of the curve is what ``adapt``
-    returns. ``record`` limits the evaluation to those step counts (others are NaN) — useful when predicting
-    is costly. A model that defines ``predict(x_support, x_query, params)`` (e.g.
+    (carried Adam moments, a tree's nodes via ``where``, the learner's ``test_head_init``), so step ``steps`` of
+    the curve is what ``adapt`` returns. ``record`` limits the evaluation to those step counts (others are NaN) —
+    useful when predicting is costly. A model that defines ``predict(x_support, x_query, params)`` (e.g.
     :class:`~metaprox.models.Conv4`, whose BatchNorm test protocol needs the support set) is evaluated through
     it, one task at a time.
     """
@@ -158,8 +160,11 @@ def eval_table(result: dict[str, Any]) -> str:
     for set_name, rows in result["sets"].items():
         scale = 100.0 if metric == "accuracy" else 1.0
         cells = [f"{rows[str(s)][metric] * scale:.3f} ± {rows[str(s)][metric + '_ci95'] * scale:.3f}" for s in steps]
-        bn = result.get("test_time", {}).get("bn")
+        how = result.get("test_time", {})
+        bn = how.get("bn")
         label = f"{set_name} ({'plain' if bn == 'batch' else bn} BN)" if bn else set_name
+        if how.get("head_init", "prior") != "prior":
+            label += f", head from {how['head_init']}"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(rows[str(steps[0])]['tasks'])} |")
     return "\n".join(lines) + "\n"
 
@@ -172,8 +177,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
                  cfg: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's learned prior on its evaluation sets; writes ``eval.json``/``eval.md`` (``eval-val.*``).
 
-    Test-time adaptation uses ``eval.lam`` / ``eval.lr`` when set, else the training λ and inner lr; the curve
-    runs to the largest of ``eval.steps`` and is reported at each of them, with 95% CIs over the tasks.
+    Test-time adaptation uses ``eval.lam`` / ``eval.lr`` when set, else the training λ and inner lr, and the head
+    init ``eval.head_init``; the curve runs to the largest of ``eval.steps`` and is reported at each of them, with
+    95% CIs over the tasks. Files of a protocol other than the defaults carry it in their name
+    (``eval-val-bn_transductive-head_prototypes.json``).
     """
     from metaprox.build import build_family, build_inner
     from metaprox.checkpoint import atomic_write
@@ -195,7 +202,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if getattr(family, "builds_parts", False) and e["tasks"] > EVAL_PART:
         parts = [slice(lo, min(lo + EVAL_PART, e["tasks"])) for lo in range(0, e["tasks"], EVAL_PART)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-    with bn_protocol(learner.fmodel.module, e["bn"]) as bn:
+    with bn_protocol(learner.fmodel.module, e["bn"]) as bn, head_init(learner, e["head_init"]):
         curves: dict[str, list[AdaptationCurve]] = {}
         for part in parts:
             for set_name, tasks in (family.eval_sets(split) if part is None else
@@ -213,10 +220,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     result = {"split": split, "step": learner.step_count, "steps": steps,
               "metric": "accuracy" if learner.loss.name == "cross_entropy" else "mse",
               "test_time": {"lam": lam, "lr": inner.__dict__.get("lr"), "solver": cfg["inner"]["solver"],
-                            **({"bn": bn} if bn else {})},
+                            "head_init": e["head_init"], **({"bn": bn} if bn else {})},
               "sets": sets}
     if write:
-        stem = ("eval" if split == "test" else "eval-val") + (f"-bn_{e['bn']}" if e["bn"] else "")
+        stem = ("eval" if split == "test" else "eval-val") + (f"-bn_{e['bn']}" if e["bn"] else "") + \
+            (f"-head_{e['head_init']}" if e["head_init"] != "prior" else "")
         atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1))
         atomic_write(run_dir / f"{stem}.md", eval_table(result))
     return result
@@ -225,7 +233,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
 class PeriodicValidation:
     """Cheap validation during training (``log.eval_every``): mean query loss (and accuracy) on
     ``log.eval_tasks`` validation tasks per shot setting, after each of ``eval.steps`` test-time steps (same
-    test-time λ and lr as :func:`evaluate_run`). The tasks are drawn once, with ``eval.val_seed`` (never test tasks).
+    test-time λ, lr, BatchNorm protocol and head init as :func:`evaluate_run`). The tasks are drawn once, with
+    ``eval.val_seed`` (never test tasks).
 
     The learner's generator is restored afterwards, so training is bitwise the same with or without it.
     """
@@ -240,6 +249,7 @@ class PeriodicValidation:
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
         self.bn = e["bn"]
+        self.head_init = e["head_init"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
         """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""
@@ -247,7 +257,7 @@ class PeriodicValidation:
         try:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
-            with bn_protocol(learner.fmodel.module, self.bn):
+            with bn_protocol(learner.fmodel.module, self.bn), head_init(learner, self.head_init):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
                                              record=record, where=set_kinds(learner, name, tasks))

@@ -38,6 +38,7 @@ from torch import nn
 
 from metaprox.distributed import LocalReducer, Reducer
 from metaprox.execution import Execution, FunctionalModel
+from metaprox.head_init import check_head_init, head_center
 from metaprox.losses import Loss, LossFn, resolve_loss
 from metaprox.prox import Penalty, make_prox
 from metaprox.solve import INNER_DATA, SolvedGroup, solve_groups, stacked
@@ -408,6 +409,20 @@ class MetaLearner:
         return out
 
     # ----- using the prior ----------------------------------------------------------------------------
+    _test_head_init = "prior"
+
+    @property
+    def test_head_init(self) -> str:
+        """Where :meth:`adapt_tasks` centers (and starts) a classifier's linear ``head``: ``"prior"`` (w's head, the
+        default) or ``"prototypes"`` (each task's support-set prototypes; :mod:`metaprox.head_init`, which
+        refuses it for a model without one linear head named ``head`` or a regression loss)."""
+        return self._test_head_init
+
+    @test_head_init.setter
+    def test_head_init(self, value: str) -> None:
+        check_head_init(self, value)
+        self._test_head_init = value
+
     def test_prior(self, tasks: Sequence[Task], lam: float | None = None,
                    where: Any = None) -> tuple[Tensors, Penalty, torch.Tensor | None]:
         """(center, penalty, per-task pull factors or None) of new ``tasks`` at test time: w and the training
@@ -422,13 +437,15 @@ class MetaLearner:
     def adapt_tasks(self, tasks: Sequence[Task], steps: int | None = None, lam: float | None = None,
                     inner: InnerSolver | None = None, where: Any = None, on_group: Any = None) -> list[SolvedGroup]:
         """THE test-time path: solve new ``tasks`` (support sets) from the prior, exactly as in training —
-        same solve loop, the prior's center and pull (:meth:`test_prior`), carried Adam moments read (never
-        updated). :meth:`adapt`, :func:`metaprox.evaluate.adaptation_curve` (hence ``metaprox eval`` and
-        periodic validation) all call it. ``steps``/``inner`` override the solver, ``lam`` the pull."""
+        same solve loop, the prior's center and pull (:meth:`test_prior`; the head's center from the support set
+        with ``test_head_init = "prototypes"``), carried Adam moments read (never updated). :meth:`adapt`,
+        :func:`metaprox.evaluate.adaptation_curve` (hence ``metaprox eval`` and periodic validation) all call it.
+        ``steps``/``inner`` override the solver, ``lam`` the pull."""
         solver = inner or self.inner
         if steps is not None:
             solver = solver.with_steps(steps)
         center, prox, scale = self.test_prior(tasks, lam, where)
+        center = head_center(self, tasks, center)  # the prior's, or the support's prototypes (test_head_init)
         return self.solve(tasks, center=center, inner=solver, prox=prox, monitor=False, scale=scale,
                           on_group=on_group)
 
@@ -436,7 +453,8 @@ class MetaLearner:
               inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
         """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters.
 
-        ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ).
+        ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ); the head
+        starts from, and is pulled to, w's head or the support set's prototypes (:attr:`test_head_init`).
         """
         return self._first(self.adapt_tasks([task], steps, lam, inner))
 

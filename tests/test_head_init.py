@@ -12,7 +12,7 @@ from torch import nn
 import metaprox
 from metaprox.config import ConfigError, apply_overrides, resolve
 from metaprox.evaluate import PeriodicValidation, adaptation_curve, evaluate_run
-from metaprox.head_init import head_init
+from metaprox.head_init import using_head_init
 from metaprox.models.conv4 import Conv4
 from metaprox.solve import PerTask
 
@@ -104,7 +104,7 @@ def test_prior_is_the_old_path_bitwise_and_prototypes_differ():
     for a, b in zip(old, new, strict=True):
         assert a.indices == b.indices
         assert all(torch.equal(p, q) for p, q in zip(a.result.params, b.result.params, strict=True))
-    with head_init(learner, "prototypes"):
+    with using_head_init(learner, "prototypes"):
         proto = learner.adapt_tasks(tasks)
         assert isinstance(proto[0].center, PerTask)
     assert learner.test_head_init == "prior"  # restored
@@ -189,7 +189,7 @@ def test_config_reaches_eval_and_periodic_validation(omniglot_root, tmp_path):
     learner.test_head_init = "prior"
     periodic = PeriodicValidation(cfg)(learner)  # sets the config's head init for its own call only
     assert learner.test_head_init == "prior"
-    with head_init(learner, "prototypes"):
+    with using_head_init(learner, "prototypes"):
         small = adaptation_curve(learner, PeriodicValidation(cfg).sets[name], 3, inner=inner)
     assert periodic["accuracy"][name]["3"] == pytest.approx(float(small.accuracy[3].mean()), abs=1e-12)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from metaprox.algorithms.base import MetaLearner
-from metaprox.head_init import head_init
+from metaprox.head_init import using_head_init
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
@@ -202,7 +202,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if getattr(family, "builds_parts", False) and e["tasks"] > EVAL_PART:
         parts = [slice(lo, min(lo + EVAL_PART, e["tasks"])) for lo in range(0, e["tasks"], EVAL_PART)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-    with bn_protocol(learner.fmodel.module, e["bn"]) as bn, head_init(learner, e["head_init"]):
+    with bn_protocol(learner.fmodel.module, e["bn"]) as bn, using_head_init(learner, e["head_init"]):
         curves: dict[str, list[AdaptationCurve]] = {}
         for part in parts:
             for set_name, tasks in (family.eval_sets(split) if part is None else
@@ -257,7 +257,7 @@ class PeriodicValidation:
         try:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
-            with bn_protocol(learner.fmodel.module, self.bn), head_init(learner, self.head_init):
+            with bn_protocol(learner.fmodel.module, self.bn), using_head_init(learner, self.head_init):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
                                              record=record, where=set_kinds(learner, name, tasks))

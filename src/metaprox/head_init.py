@@ -31,7 +31,7 @@ from torch import nn
 from metaprox.solve import PerTask, stacked
 from metaprox.tasks.task import Task
 
-__all__ = ["HEAD_INITS", "check_head_init", "head_center", "head_init"]
+__all__ = ["HEAD_INITS", "check_head_init", "head_center", "using_head_init"]
 
 HEAD_INITS = ("prior", "prototypes")
 HEAD = ("head.weight", "head.bias")
@@ -59,7 +59,7 @@ def check_head_init(learner: Any, value: str) -> None:
 
 
 @contextmanager
-def head_init(learner: Any, value: str) -> Iterator[None]:
+def using_head_init(learner: Any, value: str) -> Iterator[None]:
     """Within the block ``learner`` adapts with ``test_head_init = value``; its own setting is restored after."""
     own = learner.test_head_init
     learner.test_head_init = value

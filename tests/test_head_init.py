@@ -95,6 +95,30 @@ def test_plain_head_step0_is_the_euclidean_nearest_centroid_classifier():
             assert torch.equal(center["body.weight"][j], model.body.weight.detach())
 
 
+def test_tree_prior_prototypes_use_each_tasks_node_backbone():
+    """With a tree prior the backbone's center is the task's node: its features (so its prototypes) come from it."""
+    torch.manual_seed(1)
+    model = nn.Sequential(OrderedDict(body=nn.Linear(4, 6), act=nn.Tanh(), head=nn.Linear(6, WAYS))).double()
+    hm = metaprox.HierarchicalMMP(model, "cross_entropy", lam=2.0, lam_group=1.0,
+                                  inner=metaprox.SGD(lr=0.5, steps=3), outer_lr=0.3)
+    tasks = [metaprox.Task(t.x.double(), t.y, t.x_query.double(), t.y_query) for t in _episodes(4, 2, (4,), 2)]
+    groups = ["a", "b", "a", "b"]
+    for _ in range(3):
+        hm.step(tasks, where=groups)
+    nodes, _, _ = hm.test_prior(tasks, None, groups)
+    body_w, body_b = (nodes[hm.names.index(n)] for n in ("body.weight", "body.bias"))
+    assert not torch.allclose(body_w[0], body_w[1])  # the nodes' backbones differ
+    hm.test_head_init = "prototypes"
+    for sg in hm.adapt_tasks(tasks, steps=0, where=groups):
+        center = dict(zip(hm.names, sg.center, strict=True))
+        for j, i in enumerate(sg.indices):
+            t = tasks[i]
+            hs = torch.tanh(t.x @ body_w[i].T + body_b[i])
+            mu = torch.stack([hs[t.y == c].mean(0) for c in range(WAYS)])
+            torch.testing.assert_close(center["head.weight"][j], 2 * mu, rtol=0, atol=1e-12)
+            assert torch.equal(center["body.weight"][j], body_w[i])
+
+
 def test_prior_is_the_old_path_bitwise_and_prototypes_differ():
     learner = _cosine_learner()
     tasks = _episodes(3, shots=1, image=(1, 16, 16))

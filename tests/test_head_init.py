@@ -172,6 +172,8 @@ def test_refusals():
     gap = metaprox.Task(t.x[t.y != 1], t.y[t.y != 1], t.x_query, t.y_query)
     with pytest.raises(ValueError, match="no support example of class 1"):
         learner.adapt(gap)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        learner.adapt(metaprox.Task(t.x, t.y + 1, t.x_query, t.y_query))
     for sets, what in (({"task.family": "sine"}, "needs few-shot"), ({"eval.head_init": "zero"}, "choose 'prior'")):
         overrides = {"eval.head_init": "prototypes", **sets}
         with pytest.raises(ConfigError, match=what):

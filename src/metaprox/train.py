@@ -59,13 +59,16 @@ from tqdm import tqdm
 from metaprox import joint_ridge, sharded
 from metaprox.algorithms.base import MetaLearner, NonFiniteError
 from metaprox.algorithms.finite import FiniteMMP
+from metaprox.algorithms.multihead import FiniteMultiHeadMMP
 from metaprox.build import build_family, build_finite, build_learner, finite_model
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation, evaluate_run
 from metaprox.finite_data import load_finite_data
-from metaprox.finite_eval import check_auc_classes, finite_result, write_eval
+from metaprox.finite_eval import check_auc_classes, finite_result, kinds_result, write_eval
+from metaprox.finite_kinds import FiniteKinds, load_kinds, open_kinds_learner
+from metaprox.memory import keeper_of
 from metaprox.nonfinite import TrainingDiverged, diverged_message, first_nonfinite, nonfinite_evaluation
 from metaprox.pretrain import pretrain_backbone, start_from_backbone
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
@@ -222,30 +225,43 @@ class FiniteSetting:
         if resume_from is not None:  # its task stores hold the last checkpoint's step only
             raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
         self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
-        self.fd = fd = load_finite_data(cfg)
-        check_auc_classes(fd, cfg["eval"]["metrics"])
+        kinds = bool(cfg["task"]["kinds"])  # tables of several kinds around a shared trunk (metaprox.finite_kinds)
+        self.fd = fd = load_kinds(cfg) if kinds else load_finite_data(cfg)
+        for part in fd.parts if isinstance(fd, FiniteKinds) else [fd]:
+            check_auc_classes(part, cfg["eval"]["metrics"])
         if cfg["log"]["eval_every"] and not fd.has("val"):
             raise ConfigError(f"log.eval_every = {cfg['log']['eval_every']}: {fd.source} has no validation rows; set "
                               f"task.val_frac > 0 (or a split column with 'val' rows), or log.eval_every = 0.")
-        train = fd.tasks("train")
-        layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
-        store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=resume)
-        self.learner = learner = build_finite(cfg, train, fd, store)
+        if isinstance(fd, FiniteKinds):
+            self.learner = learner = open_kinds_learner(cfg, fd, run_dir, reducer, resume)
+        else:
+            train = fd.tasks("train")
+            layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
+            store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=resume)
+            self.learner = learner = build_finite(cfg, train, fd, store)
         learner.reducer = reducer
-        if isinstance(learner, FiniteMMP):  # MMP's envelope step: ηλ ≥ 2 overshoots (metaprox.stability)
+        if isinstance(learner, (FiniteMMP, FiniteMultiHeadMMP)):  # MMP's envelope step: ηλ ≥ 2 overshoots
             check_outer_step(cfg, float(learner.task_scale.double().mean()))  # per-task pulls λ_t = s_t·λ
         self.guard = DivergenceGuard(cfg["finite"]["divergence_growth"])
         self.drives = cfg["finite"]["center_update"] == "gradient"  # else the meta-gradient may sit at round-off
-        self.tasks_per_step = len(train) if cfg["finite"]["sample"] == "all" else cfg["outer"]["meta_batch"]
+        every = len(keeper_of(learner).tasks)
+        self.tasks_per_step = every if cfg["finite"]["sample"] == "all" else cfg["outer"]["meta_batch"]
         self.meta = sharded.load(run_dir, learner) if resume else {}
         self.j_star = self._closed_form(start=not resume)
         self.validate: Callable[[], dict[str, Any]] | None = None
         if cfg["log"]["eval_every"]:
             self.validate = self._validation
 
+    def _result(self, split: str) -> dict[str, Any]:
+        """The evaluation record of ``split`` (a set of kinds: per kind)."""
+        if isinstance(self.fd, FiniteKinds):
+            return kinds_result(self.cfg, self.learner, self.fd, split)
+        return finite_result(self.cfg, self.learner, self.fd, split)
+
     def _validation(self) -> dict[str, Any]:
-        """J, the headline number and the pooled and task-mean metrics of the validation rows (no per-task list)."""
-        r = finite_result(self.cfg, self.learner, self.fd, "val")
+        """J, the headline number and the pooled and task-mean metrics of the validation rows (no per-task list;
+        a set of kinds: each keyed by kind)."""
+        r = self._result("val")
         return {"J": r["J"], "val": r["val"], "pooled": r["eval"]["pooled"], "task_mean": r["eval"]["task_mean"]}
 
     def _closed_form(self, start: bool) -> float | None:
@@ -285,7 +301,7 @@ class FiniteSetting:
         sharded.save(self.run_dir, self.learner, extra)  # a collective: every rank commits its shard
 
     def evaluate(self) -> dict[str, Any]:
-        result = finite_result(self.cfg, self.learner, self.fd, "val" if self.fd.has("val") else "test")
+        result = self._result("val" if self.fd.has("val") else "test")
         if self.reducer.rank != 0:
             return {}
         write_eval(self.run_dir, result)

@@ -106,6 +106,7 @@ def test_train_and_eval_report_every_kind(tables, tmp_path):
     with open(run / "tasks-test.csv") as f:
         per_task = list(csv.DictReader(f))
     assert [r["kind"] for r in per_task] == ["shop"] * SHOP_TASKS + ["clinic"] * CLINIC_TASKS
+    assert main(["plot", str(run)]) == 0 and (run / "plots" / "tasks-test.png").is_file()
 
     # ground truth of the per-kind evaluation: clinic's task t1 scored by hand from its stored row
     clinic = MemmapStore.open(sharded.shard_path(run, 0, 1, "clinic"))

@@ -8,6 +8,9 @@ its tasks in its own :class:`~metaprox.store.MemmapStore` of ``hi − lo`` rows,
     DIR/checkpoint.json, DIR/checkpoint-STEP.safetensors   ← meta state (center, optimizer, step, generator,
                                                              sampler), written by rank 0 only — the commit point
     DIR/store-rank{r}-of-{p}/                              ← rank r's shard (MemmapStore)
+    DIR/store-{kind}-rank{r}-of-{p}/                       ← … of one kind, when the tasks come in kinds of
+                                                             different shapes (FiniteMultiHeadMMP: one store
+                                                             per kind, all committed together)
 
 A checkpoint (:func:`save`, a collective) is a two-phase commit: every rank *prepares* its shard (rows flushed,
 ``index.pending.json`` written, undo journal kept); a barrier; rank 0 writes the meta state (atomic rename of

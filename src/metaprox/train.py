@@ -30,7 +30,9 @@ J and, where the joint optimum has a closed form (:mod:`metaprox.joint_ridge`), 
 step with ηλ ≥ 2 is refused up front (unless ``outer.allow_unstable``), and J or the meta-gradient norm growing
 by ``finite.divergence_growth`` stops the run (:mod:`metaprox.stability`). Validation and the final evaluation
 score each task's own v_t on its validation (else test) rows (:mod:`metaprox.finite_eval`: ``eval*.json``,
-``eval*.md``, ``tasks-*.csv``); test rows are never used for training or selection.
+``eval*.md``, ``tasks-*.csv``); test rows are never used for training or selection. Tasks of several kinds
+(``[[task.kinds]]``: one table or preset per kind, each with its own encoder and head around a shared trunk,
+:mod:`metaprox.finite_kinds`) run the same way in one process, with one store per kind and metrics per kind.
 
 ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint and starts otherwise — what workers
 restarted by ``torchrun --max-restarts`` need (docs/distributed.md). Only rank 0 writes files (a finite set's
@@ -216,7 +218,9 @@ class FiniteSetting:
     only the last one can be resumed). Metrics rows add J (and J*, J − J* where there is a closed form); the
     :class:`~metaprox.stability.DivergenceGuard` watches J and, for gradient center steps, the meta-gradient norm.
     Validation and the final evaluation: :func:`metaprox.finite_eval.finite_result` on the validation rows (the
-    final one on the test rows when there are none). Every rank takes part in them (they all-reduce)."""
+    final one on the test rows when there are none). Every rank takes part in them (they all-reduce). With
+    ``task.kinds`` the learner is :func:`metaprox.finite_kinds.open_kinds_learner`'s and the records are
+    :func:`metaprox.finite_eval.kinds_result`'s (per kind)."""
 
     log_first_step = False  # rows every log.every steps (a guard reference from the first of them)
 

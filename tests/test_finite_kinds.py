@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from metaprox import sharded
 from metaprox.cli import main
-from metaprox.config import ConfigError, resolve
+from metaprox.config import ConfigError, kind_config, resolve
+from metaprox.finite_data import load_finite_data
 from metaprox.finite_eval import evaluate_finite_run
+from metaprox.finite_kinds import kinds_model, load_kinds
 from metaprox.store import MemmapStore, pending_meta
 from metaprox.train import train
 from metaprox.validate import config_problems
@@ -26,8 +28,9 @@ from metaprox.validate import config_problems
 SHOP_TASKS, CLINIC_TASKS = 4, 3
 
 
-def write_table(path: Path, tasks: int, rows: int, features: int, targets: list[str], seed: int) -> None:
-    """Per-task nonlinear targets of shared features: y_j = tanh(x·a + b_t) · c_j + noise."""
+def write_table(path: Path, tasks: int, rows: int, features: int, targets: list[str], seed: int,
+                binary: bool = False) -> None:
+    """Per-task nonlinear targets of shared features: y_j = tanh(x·a + b_t) · j + noise (binary: y > 0)."""
     rng = np.random.default_rng(seed)
     a = rng.normal(size=features)
     names = [f"f{i}" for i in range(features)]
@@ -39,8 +42,8 @@ def write_table(path: Path, tasks: int, rows: int, features: int, targets: list[
             for _ in range(rows):
                 x = rng.normal(size=features)
                 h = np.tanh(x @ a + b)
-                w.writerow([f"t{t}", *x.round(4), *(round(h * (j + 1) + 0.1 * rng.normal(), 4)
-                                                     for j in range(len(targets)))])
+                y = [h * (j + 1) + 0.1 * rng.normal() for j in range(len(targets))]
+                w.writerow([f"t{t}", *x.round(4), *(int(v > 0) if binary else round(v, 4) for v in y)])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,9 @@ def tables(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("kinds")
     write_table(d / "shop.csv", SHOP_TASKS, 30, 3, ["y"], seed=0)
     write_table(d / "clinic.csv", CLINIC_TASKS, 25, 5, ["y1", "y2"], seed=1)
-    return {"shop": d / "shop.csv", "clinic": d / "clinic.csv"}
+    write_table(d / "flags.csv", 2, 40, 2, ["hit"], seed=2, binary=True)
+    write_table(d / "alarms.csv", 3, 40, 4, ["hit"], seed=3, binary=True)
+    return {k: d / f"{k}.csv" for k in ("shop", "clinic", "flags", "alarms")}
 
 
 def kinds_cfg(tables: dict[str, Path], **sections: dict) -> dict:
@@ -113,9 +118,6 @@ def test_train_and_eval_report_every_kind(tables, tmp_path):
     row = clinic.read([1], torch.zeros(clinic.layout.numel, dtype=torch.float64))[0]
     params = dict(zip(clinic.layout.names, [p[0] for p in clinic.layout.unflatten(row)], strict=True))
     test = json.loads((run / "eval.json").read_text())
-    from metaprox.config import kind_config
-    from metaprox.finite_data import load_finite_data
-    from metaprox.finite_kinds import kinds_model, load_kinds
 
     model = kinds_model(cfg, load_kinds(cfg)).member("clinic")
     task = load_finite_data(kind_config(cfg, cfg["task"]["kinds"][1])).tasks("test")[1]
@@ -124,6 +126,15 @@ def test_train_and_eval_report_every_kind(tables, tmp_path):
     rmse = float(torch.sqrt(((pred - task.y.view(len(task.y), -1)) ** 2).mean()))
     t1 = [r for r in test["eval"]["per_task"] if r["kind"] == "clinic" and r["task"] == "t1"][0]
     assert t1["rmse"] == pytest.approx(rmse, rel=1e-9)
+
+
+def test_classification_kinds_report_auc_per_kind(tables, tmp_path):
+    binary = [{"name": k, "file": str(tables[k]), "target": "hit", "task_type": "binary"} for k in ("flags", "alarms")]
+    cfg = kinds_cfg(tables, task={"kinds": binary, "val_frac": 0.0, "test_frac": 0.4})
+    result = train(cfg, tmp_path / "run")
+    assert result["eval"]["split"] == "test" and {h["metric"] for h in result["test"].values()} == {"auc"}
+    assert set(result["eval"]["task_mean"]) == {"flags", "alarms"}
+    assert all(0.0 <= h["value"] <= 1.0 for h in result["test"].values())
 
 
 def test_resume_equals_uninterrupted(tables, tmp_path):
@@ -150,8 +161,6 @@ def test_full_batch_step_of_one_over_lambda_puts_w_at_the_mean_of_the_trunk_rows
     cfg = kinds_cfg(tables, prox={"lam": lam}, finite={"sample": "all"}, outer={"lr": 1 / lam, "steps": 1},
                     log={"every": 1, "checkpoint_every": 1})
     start = kinds_cfg(tables, finite={"sample": "all"}, outer={"lr": 1 / lam, "steps": 1})
-    from metaprox.finite_kinds import kinds_model, load_kinds
-
     w0 = dict(kinds_model(start, load_kinds(start)).trunk.named_parameters())
     train(cfg, tmp_path / "run", evaluate=False)
     state = stored(tmp_path / "run")
@@ -182,8 +191,10 @@ def test_what_kinds_cannot_do_is_refused_with_the_reason(tables, sections, match
 def test_config_problems_of_kinds(tables, monkeypatch):
     cfg = kinds_cfg(tables)
     mixed = copy.deepcopy(cfg)
-    mixed["task"]["kinds"][1]["task_type"] = "binary"
+    mixed["task"]["kinds"][1] = {"name": "flags", "file": str(tables["flags"]), "target": "hit", "task_type": "binary"}
     assert any("mixes regression and classification" in p for p in config_problems(mixed))
+    with pytest.raises(ConfigError, match="mixes regression and classification"):
+        load_kinds(mixed)  # also where the tables are read (a Python caller skips config_problems)
     narrow = kinds_cfg(tables, model={"sizes": [0, 0]}, heads={"width": 0})
     problems = " ".join(config_problems(narrow))
     assert "give ≥ 1 hidden width" in problems and "heads.width = 0" in problems

@@ -75,9 +75,14 @@ def refusal(rule: str, prior: str = "flat", pull: str = "l2", memory: str = "non
 
 
 def kinds_refusal(rule: str = "mmp", prior: str = "flat", center_update: str = "gradient",
-                  world_size: int = 1) -> str | None:
+                  world_size: int = 1, task_types: dict[str, str] | None = None) -> str | None:
     """Why a finite set whose tasks come in *kinds* (per-kind encoder and head around a shared trunk,
-    :class:`~metaprox.algorithms.multihead.FiniteMultiHeadMMP`) cannot run with these settings, or None."""
+    :class:`~metaprox.algorithms.multihead.FiniteMultiHeadMMP`) cannot run with these settings, or None
+    (``task_types``: kind → ``"regression"`` / ``"binary"`` / ``"multiclass"``)."""
+    types = task_types or {}
+    if len({t == "regression" for t in types.values()}) > 1:
+        return (f"it mixes regression and classification kinds ({types}): the kinds share one trunk and one loss "
+                f"(squared error or cross-entropy) in one joint objective; train them as separate runs")
     if rule != "mmp":
         return (f"a finite set of kinds runs through FiniteMultiHeadMMP (MMP's envelope step on the trunk); a "
                 f"TaskMemory holds rows of one shape, so {rule} over kinds is not built: use finite.rule = 'mmp'")

@@ -284,7 +284,7 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
                               f"in its [[task.kinds]] entry.")
         why = kinds_refusal(out["finite"]["rule"], out["prior"]["kind"], out["finite"]["center_update"])
         if why is not None:
-            raise ConfigError(f"task.kinds is set: {why}.")
+            raise ConfigError(f"task.kinds: {why}.")
     f, pr = out["finite"], out["prior"]
     if pr["kind"] not in ("flat", "tree", "graph"):
         raise ConfigError(f"prior.kind = {pr['kind']!r}: choose 'flat', 'tree' or 'graph'.")

@@ -81,11 +81,9 @@ def load_kinds(cfg: dict[str, Any]) -> FiniteKinds:
     """Every kind of ``task.kinds``, read and split (refusing kinds of different losses)."""
     entries = cfg["task"]["kinds"]
     parts = [load_finite_data(kind_config(cfg, entry)) for entry in entries]
-    types = {e["name"]: p.task_type for e, p in zip(entries, parts, strict=True)}
-    if len({t == "regression" for t in types.values()}) > 1:
-        raise ConfigError(f"task.kinds mixes regression and classification kinds ({types}): the kinds share one "
-                          f"trunk and one loss (squared error or cross-entropy) in one joint objective, whose "
-                          f"terms must be commensurable; train them as separate runs.")
+    why = kinds_refusal(task_types={e["name"]: p.task_type for e, p in zip(entries, parts, strict=True)})
+    if why is not None:
+        raise ConfigError(f"task.kinds: {why}.")
     return FiniteKinds([e["name"] for e in entries], parts)
 
 

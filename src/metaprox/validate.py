@@ -18,6 +18,7 @@ import torch
 
 from metaprox.composition import RULES, kinds_refusal, refusal
 from metaprox.config import ConfigError, kind_config
+from metaprox.models.mlp import ACTIVATIONS
 from metaprox.stability import UnstableOuterStep, check_outer_step
 
 __all__ = ["config_problems", "validate_run", "validate_eval"]
@@ -154,19 +155,20 @@ def _kinds(cfg: dict[str, Any], out: list[str]) -> None:
     if not kinds:
         return
     m, h = cfg["model"], cfg["heads"]
-    why = kinds_refusal(world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))  # the rest: config.resolve
+    # the rule, prior and center update are config.resolve's; here the declared task types and the world size
+    why = kinds_refusal(task_types={e["name"]: _kind_type(cfg, e) for e in kinds},
+                        world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if why is not None:
-        out.append(f"task.kinds is set: {why}.")
-    types = {e["name"]: _kind_type(cfg, e) for e in kinds}
-    if len({t == "regression" for t in types.values()}) > 1:
-        out.append(f"task.kinds mixes regression and classification kinds ({types}): the kinds share one trunk and "
-                   f"one loss (squared error or cross-entropy) in one joint objective; train them as separate runs.")
+        out.append(f"task.kinds: {why}.")
     if h["ways"]:
         out.append("task.kinds and heads.ways are both set: heads.ways is for few-shot episodes; the kinds' heads "
                    "come from their tables.")
-    if m["kind"] != "mlp" or m["activation"] not in ("tanh", "relu"):
-        out.append(f"task.kinds is set: the shared trunk is an MLP; set model.kind = 'mlp' and model.activation = "
-                   f"'tanh' or 'relu' (got {m['kind']!r}, {m['activation']!r}).")
+    if m["kind"] != "mlp" or m["activation"] not in ACTIVATIONS:
+        out.append(f"task.kinds is set: the shared trunk is an MLP; set model.kind = 'mlp' and model.activation to "
+                   f"one of {sorted(ACTIVATIONS)} (got {m['kind']!r}, {m['activation']!r}).")
+    if cfg["precision"] != "fp32":
+        out.append(f"precision = {cfg['precision']!r}: a finite set of kinds computes in float64 (no "
+                   f"reduced-precision path); remove the precision setting.")
     sizes = m["sizes"]
     if len(sizes) < 3 or not all(_is_number(s) and s == int(s) and s >= 1 for s in sizes[1:-1]):
         out.append(f"model.sizes = {sizes!r}: with task.kinds the trunk is the hidden layers of model.sizes (its "

@@ -139,13 +139,16 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
     return ShardedStore(new, lo, hi, n)
 
 
-def _stores(keeper: Any) -> dict[str | None, ShardedStore]:
-    """The keeper's shards by kind: ``{None: store}``, or one per kind (``stores``, a FiniteMultiHeadMMP's)."""
+def _shards(keeper: Any) -> list[tuple[str | None, ShardedStore, MemmapStore]]:
+    """(kind, store, its memmap) of the keeper's shard: kind None, or one per kind (a FiniteMultiHeadMMP's
+    ``stores``)."""
     stores = keeper.stores if isinstance(getattr(keeper, "stores", None), dict) else {None: keeper.store}
-    for store in stores.values():
+    out = []
+    for kind, store in stores.items():
         if not isinstance(store, ShardedStore) or not isinstance(store.base, MemmapStore):
             raise TypeError("save() needs the learner's stores from open_shard().")
-    return stores
+        out.append((kind, store, store.base))
+    return out
 
 
 def save(root: str | Path, learner: Any, extra: dict[str, Any] | None = None) -> None:
@@ -154,21 +157,21 @@ def save(root: str | Path, learner: Any, extra: dict[str, Any] | None = None) ->
     meta state commit together (two-phase commit, see the module doc)."""
     root, reducer = Path(root), learner.reducer
     keeper = keeper_of(learner)
-    stores = _stores(keeper)
+    shards = _shards(keeper)
     step, n = learner.step_count, len(keeper.tasks)
-    for store in stores.values():
-        store.base.prepare({"step": step, "rank": reducer.rank, "world": reducer.world_size, "lo": store.lo,
-                            "hi": store.hi, "num_tasks": store.num_tasks})
+    for _, store, memmap in shards:
+        memmap.prepare({"step": step, "rank": reducer.rank, "world": reducer.world_size, "lo": store.lo,
+                        "hi": store.hi, "num_tasks": store.num_tasks})
     _barrier(reducer, step, "the checkpoint step")  # every shard is prepared
     if reducer.rank == 0:
         finite: dict[str, Any] = {"world": reducer.world_size, "num_tasks": n}
-        if None not in stores:
-            finite["kinds"] = {kind: store.num_tasks for kind, store in stores.items()}
+        if shards[0][0] is not None:
+            finite["kinds"] = {kind: store.num_tasks for kind, store, _ in shards}
         sampler = keeper.sampler.state_dict() if hasattr(keeper.sampler, "state_dict") else None
         save_checkpoint(root, learner.state_dict(), {"finite": finite, "sampler": sampler, **(extra or {})})
     _barrier(reducer, step, "the checkpoint step (committed)")  # checkpoint.json names this step
-    for store in stores.values():
-        store.base.finalize()
+    for _, _, memmap in shards:
+        memmap.finalize()
 
 
 def load(root: str | Path, learner: Any) -> dict[str, Any]:

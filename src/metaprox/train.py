@@ -67,7 +67,7 @@ from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_ch
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation, evaluate_run
-from metaprox.finite_data import load_finite_data
+from metaprox.finite_data import FiniteData, load_finite_data
 from metaprox.finite_eval import check_auc_classes, finite_result, kinds_result, write_eval
 from metaprox.finite_kinds import FiniteKinds, load_kinds, open_kinds_learner
 from metaprox.memory import keeper_of
@@ -229,8 +229,9 @@ class FiniteSetting:
         if resume_from is not None:  # its task stores hold the last checkpoint's step only
             raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
         self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
-        kinds = bool(cfg["task"]["kinds"])  # tables of several kinds around a shared trunk (metaprox.finite_kinds)
-        self.fd = fd = load_kinds(cfg) if kinds else load_finite_data(cfg)
+        # tables of several kinds around a shared trunk (metaprox.finite_kinds), or one table
+        self.fd: FiniteData | FiniteKinds = load_kinds(cfg) if cfg["task"]["kinds"] else load_finite_data(cfg)
+        fd = self.fd
         for part in fd.parts if isinstance(fd, FiniteKinds) else [fd]:
             check_auc_classes(part, cfg["eval"]["metrics"])
         if cfg["log"]["eval_every"] and not fd.has("val"):

@@ -130,7 +130,8 @@ def test_train_and_eval_report_every_kind(tables, tmp_path):
 
 def test_classification_kinds_report_auc_per_kind(tables, tmp_path):
     binary = [{"name": k, "file": str(tables[k]), "target": "hit", "task_type": "binary"} for k in ("flags", "alarms")]
-    cfg = kinds_cfg(tables, task={"kinds": binary, "val_frac": 0.0, "test_frac": 0.4})
+    cfg = kinds_cfg(tables, task={"kinds": binary, "val_frac": 0.0, "test_frac": 0.4},
+                    finite={"task_lam": "size"})  # λ_t = λ·n̄/n_t: tasks of either kind
     result = train(cfg, tmp_path / "run")
     assert result["eval"]["split"] == "test" and {h["metric"] for h in result["test"].values()} == {"auc"}
     assert set(result["eval"]["task_mean"]) == {"flags", "alarms"}

@@ -114,8 +114,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "heads": {                     # multi-head few-shot (metaprox.MultiHeadMMP over a SharedTrunk): one kind and head
         "ways": [],                # per way, e.g. [5, 20] (kinds "5way", "20way" mixed in every meta-batch); []: off
-        "head_lam": 0.0,           # ridge μ of each head toward its start (0: private heads)
-        "head_init": "zero",       # heads start at "zero" each task, or at their seeded "module" values
+        "head_lam": 0.0,           # ridge μ of each head toward its start (0: private heads); also task.kinds
+        "head_init": "zero",       # heads start at "zero" each task, or at their seeded "module" values; also
+                                   # task.kinds (a finite set's heads and encoders around a shared MLP trunk)
         "width": 0,                # task.kinds: output width of each kind's input encoder = the trunk's input
     },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)

@@ -81,14 +81,14 @@ def train(kind: str, cfg: dict, world: World, seed: int, args):
         if kind == "flat":
             ln.step(tasks, monitor=False)
         else:
-            ln.step(tasks, [f"train{i}" for i in picks], monitor=False)
+            ln.step(tasks, where=[f"train{i}" for i in picks], monitor=False)
     return ln
 
 
 def query_mse(ln, kind: str, tasks, names) -> np.ndarray:
     out = []
     for t, g in zip(tasks, names):
-        p = ln.adapt(t) if kind == "flat" else ln.adapt(t, g)
+        p = ln.adapt(t) if kind == "flat" else ln.adapt(t, where=g)
         with torch.no_grad():
             out.append(float((ln.predict(p, t.x_query) - t.y_query).square().mean()))
     return np.array(out)

@@ -104,7 +104,7 @@ def train(kind: str, lam: float, lam_group: float, interp: float, episodes: Alph
         if kind == "flat":
             ln.step(tasks, monitor=False)
         else:
-            ln.step(tasks, groups, monitor=False)
+            ln.step(tasks, where=groups, monitor=False)
     return ln
 
 
@@ -114,7 +114,7 @@ def evaluate(ln: metaprox.MetaLearner, kind: str, episodes: AlphabetEpisodes, n:
     tasks, groups = episodes.sample(n, gen)
     accs = []
     for t, g in zip(tasks, groups):
-        p = ln.adapt(t, steps=args.eval_steps) if kind == "flat" else ln.adapt(t, g, steps=args.eval_steps)
+        p = ln.adapt(t, steps=args.eval_steps) if kind == "flat" else ln.adapt(t, where=g, steps=args.eval_steps)
         accs.append(query_accuracy(ln, p, t))
     return metaprox.mean_ci(accs)
 

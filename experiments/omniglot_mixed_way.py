@@ -78,7 +78,7 @@ def train(variant: str, lam: float, data: LabelledImages, classes: list[int], ar
         for w in ways:
             tasks += flat_tasks(samplers[w], per, gen)
             kinds += [f"{w}way"] * per
-        ln.step(tasks, kinds, monitor=False)
+        ln.step(tasks, where=kinds, monitor=False)
     return ln
 
 
@@ -90,7 +90,7 @@ def evaluate(ln: MultiHeadMMP, data: LabelledImages, classes: list[int], episode
         gen = torch.Generator().manual_seed(seed + w)
         accs = []
         for t in flat_tasks(sampler, episodes, gen):
-            p = ln.adapt(t, f"{w}way", steps=args.eval_steps)
+            p = ln.adapt(t, where=f"{w}way", steps=args.eval_steps)
             pred = ln.predict(p, t.x_query, f"{w}way").argmax(1)
             accs.append(float((pred == t.y_query).float().mean()))
         out[w] = metaprox.mean_ci(accs)

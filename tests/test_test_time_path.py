@@ -70,10 +70,10 @@ def test_tree_nodes_reach_the_curve(lin_tasks):
     tasks = [metaprox.Task(t.x[:6], t.y[:6], t.x[6:], t.y[6:]) for t in lin_tasks]
     groups = ["a", "a", "b", "new"]
     for _ in range(3):
-        hm.step(tasks[:3], groups[:3])
+        hm.step(tasks[:3], where=groups[:3])
     curve = adaptation_curve(hm, tasks, 4, where=groups)
     for i, (t, g) in enumerate(zip(tasks, groups, strict=True)):
-        p = hm.adapt(t, g)
+        p = hm.adapt(t, where=g)
         with torch.no_grad():
             want = float(hm.loss.single(hm.predict(p, t.x_query), t.y_query))
         assert float(curve.loss[4, i]) == pytest.approx(want, rel=1e-12)

@@ -4,6 +4,8 @@
 # the .venv active. Everything is chosen on validation episodes; test runs once per setting and BN protocol.
 #   pretrain  the 1-shot run: Conv-4 (32 filters) pretrained 50 min (2 threads), 0 MMP steps = the prior
 #   prior5    the 5-shot run from that backbone (0 MMP steps)
+#   pretrain64  stop 19's run: Conv-4 with 64 filters pretrained 90 min on one thread (runs/cpu_c64_5w1s_prior)
+#   prior5_64   the 5-shot run from that backbone
 #   mmp1      MMP meta-training from the backbone, 1-shot, a weak head pull (λ_head = 0.001: its center stays near zero), ηλ = 0.1 elsewhere, 15 min
 #   val RUN BN          validation curve of a run (200 episodes, steps 0/8/16/32), BN = batch | transductive
 #   test RUN BN STEPS   test accuracy at the validation-chosen step count (TEST episodes, default 2000)
@@ -18,6 +20,14 @@ case "$1" in
   prior5)
     OMP_NUM_THREADS=1 metaprox train configs/miniimagenet_5w5s_mmp_pretrain.toml --out runs/cpu_cos_5w5s_prior \
       --no-eval --threads 1 "${data[@]}" --set pretrain.backbone='"runs/cpu_cos_5w1s_prior"' \
+      --set outer.minutes=1e-6 --set log.eval_tasks=200 --set log.eval_every=0 ;;
+  pretrain64)
+    OMP_NUM_THREADS=1 metaprox train configs/miniimagenet_5w1s_mmp_pretrain.toml --out runs/cpu_c64_5w1s_prior \
+      --no-eval --threads 1 "${data[@]}" --set model.filters=64 --set pretrain.minutes=90 --set outer.minutes=1e-6 \
+      --set log.eval_tasks=200 --set log.eval_every=0 ;;
+  prior5_64)
+    OMP_NUM_THREADS=1 metaprox train configs/miniimagenet_5w5s_mmp_pretrain.toml --out runs/cpu_c64_5w5s_prior \
+      --no-eval --threads 1 "${data[@]}" --set model.filters=64 --set pretrain.backbone='"runs/cpu_c64_5w1s_prior"' \
       --set outer.minutes=1e-6 --set log.eval_tasks=200 --set log.eval_every=0 ;;
   mmp1)
     OMP_NUM_THREADS=1 metaprox train configs/miniimagenet_5w1s_mmp_pretrain.toml --out runs/cpu_cos_5w1s_mmp \

@@ -31,7 +31,8 @@ from metaprox.tasks.task import Task
 from metaprox.tasks.taskset import TaskSampler, TaskSet
 
 __all__ = ["build_model", "build_inner", "build_learner", "build_family", "build_prior", "rule_options", "FAMILIES",
-           "ALGORITHMS", "optimizer_factory", "finite_model", "build_finite"]
+           "ALGORITHMS", "optimizer_factory", "finite_model", "build_finite", "finite_lam",
+           "finite_sampler"]
 
 class SineTasks:
     """The sine family bound to a run config."""
@@ -302,9 +303,17 @@ def finite_model(cfg: dict[str, Any], features: int, outputs: int) -> nn.Module:
     raise ConfigError(f"model.kind = {kind!r} for a multitask run: use 'linear' or 'mlp'.")
 
 
-def _finite_lam(cfg: dict[str, Any]) -> Any:
+def finite_lam(cfg: dict[str, Any]) -> Any:
+    """``prox.lam`` of a finite run: one λ, or a table {glob: λ | "shared" | "private"}."""
     lam = cfg["prox"]["lam"]
     return dict(lam) if isinstance(lam, dict) else float(lam)
+
+
+def finite_sampler(cfg: dict[str, Any], num_tasks: int) -> TaskSampler:
+    """The task minibatches of a finite run: ``finite.sample`` over ``num_tasks`` (``outer.meta_batch`` each)."""
+    sample = cfg["finite"]["sample"]
+    batch = None if sample == "all" else cfg["outer"]["meta_batch"]
+    return TaskSampler(num_tasks, batch, replacement=sample == "with_replacement", seed=cfg["seed"])
 
 
 def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: Any = None) -> Any:
@@ -314,16 +323,14 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
     if cfg["precision"] != "fp32":
         raise ConfigError(f"precision = {cfg['precision']!r}: finite_mmp has no reduced-precision path (its "
                           f"linear and MLP models compute in float64); remove the precision setting.")
-    n = len(train)
-    batch = None if f["sample"] == "all" else o["meta_batch"]
-    sampler = TaskSampler(n, batch, replacement=f["sample"] == "with_replacement", seed=cfg["seed"])
+    sampler = finite_sampler(cfg, len(train))
     torch.manual_seed(cfg["seed"])
     model = finite_model(cfg, train[0].x.shape[1], fd.outputs)
     tasks = TaskSet(train)
     if f["rule"] != "mmp":
         lam = cfg["prox"]["lam"]
         learner = ALGORITHMS[f["rule"]](
-            model, "cross_entropy" if fd.classify else "mse", lam=None if lam == 0 else _finite_lam(cfg),
+            model, "cross_entropy" if fd.classify else "mse", lam=None if lam == 0 else finite_lam(cfg),
             inner=build_inner(cfg), meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],
             schedule=o["schedule"], execution=cfg["execution"], seed=cfg["seed"], **rule_options(cfg, f["rule"]))
         try:
@@ -332,7 +339,7 @@ def build_finite(cfg: dict[str, Any], train: list[Task], fd: FiniteData, store: 
             raise ConfigError(f"finite.rule = {f['rule']!r}: {e}") from e
         return learner
     center = "fixed" if f["center_update"] == "solve" else f["center_update"]  # solve: set once, then kept
-    return FiniteMMP(model, tasks, "cross_entropy" if fd.classify else "mse", lam=_finite_lam(cfg),
+    return FiniteMMP(model, tasks, "cross_entropy" if fd.classify else "mse", lam=finite_lam(cfg),
                      **build_prior(cfg, len(tasks), tasks.weights), task_lam=f["task_lam"], inner=build_inner(cfg),
                      store=store, center_update=center,
                      sampler=sampler, meta_optimizer=optimizer_factory(cfg), outer_lr=o["lr"], total_steps=o["steps"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RULES", "PRIORS", "PULLS", "MEMORIES", "refusal", "refuse", "support_matrix"]
+__all__ = ["RULES", "PRIORS", "PULLS", "MEMORIES", "refusal", "refuse", "support_matrix", "kinds_refusal"]
 
 RULES = ("mmp", "reptile", "fomaml", "maml", "imaml")
 PRIORS = ("flat", "tree", "graph")
@@ -71,6 +71,31 @@ def refusal(rule: str, prior: str = "flat", pull: str = "l2", memory: str = "non
     if memory == "sharded" and rule != "mmp":
         return ("rank-sharded stores run through FiniteMMP (each rank owns a block of tasks); TaskMemory is "
                 "single-process: use memory 'memory' or 'memmap'")
+    return None
+
+
+def kinds_refusal(rule: str = "mmp", prior: str = "flat", center_update: str = "gradient",
+                  world_size: int = 1, task_types: dict[str, str] | None = None) -> str | None:
+    """Why a finite set whose tasks come in *kinds* (per-kind encoder and head around a shared trunk,
+    :class:`~metaprox.algorithms.multihead.FiniteMultiHeadMMP`) cannot run with these settings, or None
+    (``task_types``: kind → ``"regression"`` / ``"binary"`` / ``"multiclass"``)."""
+    types = task_types or {}
+    if len({t == "regression" for t in types.values()}) > 1:
+        return (f"it mixes regression and classification kinds ({types}): the kinds share one trunk and one loss "
+                f"(squared error or cross-entropy) in one joint objective; train them as separate runs")
+    if rule != "mmp":
+        return (f"a finite set of kinds runs through FiniteMultiHeadMMP (MMP's envelope step on the trunk); a "
+                f"TaskMemory holds rows of one shape, so {rule} over kinds is not built: use finite.rule = 'mmp'")
+    if prior != "flat":
+        return (f"FiniteMultiHeadMMP pulls every kind's trunk toward one flat center w (heads and encoders are "
+                f"private); a {prior} prior over tasks of different shapes is not built: use prior.kind = 'flat'")
+    if center_update != "gradient":
+        return (f"FiniteMultiHeadMMP moves its center by the envelope gradient step only ('{center_update}' "
+                f"centers are FiniteMMP's); with one λ, finite.sample = 'all' and outer.lr = 1/λ that step puts "
+                f"w at the weighted mean of the trunk rows, the exact update")
+    if world_size > 1:
+        return ("FiniteMultiHeadMMP keeps one store per kind in one process (no rank-sharded stores): run it "
+                "without torchrun")
     return None
 
 

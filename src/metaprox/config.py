@@ -14,12 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from metaprox.composition import kinds_refusal
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve", "apply_overrides", "parse_value"]
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve", "apply_overrides", "parse_value", "KIND_KEYS",
+           "kind_config"]
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
         "task_type": None,         # "regression" | "binary" | "multiclass" (None: regression, or the preset's)
         "split_column": None,      # a column of train/val/test per row instead of test_frac/val_frac
         "standardize": "global",   # features scaled with training-row statistics: "global" | "per_task" | "none"
+        "kinds": [],               # [[task.kinds]]: one table (or preset) per task kind, each with `name` and the
+                                   # keys above (KIND_KEYS; unset ones from [task]); a shared trunk, per-kind
+                                   # encoder and head (metaprox.finite_kinds, FiniteMultiHeadMMP); []: one table
     },
     "model": {
         "kind": "mlp",             # "mlp" | "conv4" | "resnet12" | "linear" (multitask)
@@ -108,8 +114,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "heads": {                     # multi-head few-shot (metaprox.MultiHeadMMP over a SharedTrunk): one kind and head
         "ways": [],                # per way, e.g. [5, 20] (kinds "5way", "20way" mixed in every meta-batch); []: off
-        "head_lam": 0.0,           # ridge μ of each head toward its start (0: private heads)
-        "head_init": "zero",       # heads start at "zero" each task, or at their seeded "module" values
+        "head_lam": 0.0,           # ridge μ of each head toward its start (0: private heads); also task.kinds
+        "head_init": "zero",       # heads start at "zero" each task, or at their seeded "module" values; also
+                                   # task.kinds (a finite set's heads and encoders around a shared MLP trunk)
+        "width": 0,                # task.kinds: output width of each kind's input encoder = the trunk's input
     },
     "rule": {                       # options of the meta-gradient rule (see metaprox.ALGORITHMS)
         "inner_data": "support",    # MMP, Reptile: solve on "support" or "support+query"
@@ -191,6 +199,36 @@ def _check_types(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str =
                 raise ConfigError(f"config key {path!r} must be a list, got {value!r}.")
 
 
+#: the keys a ``[[task.kinds]]`` entry may set besides its ``name``: those of one finite table or preset
+KIND_KEYS = ("file", "dataset", "data_path", "task_column", "target", "features", "task_type", "split_column",
+             "train_frac", "test_frac", "val_frac", "split_seed", "standardize")
+
+
+def _check_kinds(kinds: list[Any]) -> None:
+    """``[[task.kinds]]``: tables with a unique ``name`` (no '.') and file or dataset, each key one of KIND_KEYS."""
+    seen: set[str] = set()
+    for i, entry in enumerate(kinds):
+        where = f"task.kinds[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} = {entry!r}: each kind is a table [[task.kinds]] with name = \"...\" and "
+                              f"file = \"...\" or dataset = \"...\".")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or "." in name or name in seen:
+            raise ConfigError(f"{where}.name = {name!r}: each kind needs a unique, non-empty name without '.' "
+                              f"(it names the kind's head and encoder).")
+        seen.add(name)
+        _check_types({k: v for k, v in entry.items() if k != "name"},
+                     {k: DEFAULTS["task"][k] for k in KIND_KEYS}, where + ".")
+        if ("file" in entry) == ("dataset" in entry):
+            raise ConfigError(f"{where} ({name!r}): give exactly one of file = \"<table>\" or dataset = \"<preset>\".")
+
+
+def kind_config(cfg: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The one-table config of kind ``entry``: the run's ``[task]`` with the entry's keys over it (no kinds)."""
+    task = {**cfg["task"], "file": None, **{k: v for k, v in entry.items() if k != "name"}, "kinds": []}
+    return {**cfg, "task": task}
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -237,6 +275,19 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("algorithm = 'finite_mmp' and task.family = 'multitask' go together (a finite set of "
                           "known tasks with persistent parameters); got algorithm = "
                           f"{out['algorithm']!r}, task.family = {out['task']['family']!r}.")
+    kinds = out["task"]["kinds"]
+    if kinds:
+        if out["task"]["family"] != "multitask":
+            raise ConfigError(f"task.kinds is for finite task sets (task.family = 'multitask', algorithm = "
+                              f"'finite_mmp'), got task.family = {out['task']['family']!r}.")
+        _check_kinds(kinds)
+        single = [k for k in ("file", "target", "features", "task_type", "split_column") if out["task"][k] is not None]
+        if single:
+            raise ConfigError(f"task.{single[0]} is set next to task.kinds: give each kind its own table and columns "
+                              f"in its [[task.kinds]] entry.")
+        why = kinds_refusal(out["finite"]["rule"], out["prior"]["kind"], out["finite"]["center_update"])
+        if why is not None:
+            raise ConfigError(f"task.kinds: {why}.")
     f, pr = out["finite"], out["prior"]
     if pr["kind"] not in ("flat", "tree", "graph"):
         raise ConfigError(f"prior.kind = {pr['kind']!r}: choose 'flat', 'tree' or 'graph'.")

@@ -2,7 +2,8 @@
 
 - ``plots/tasks-<split>.png``: each task's metric on its ``val``/``test`` rows against its number of training
   rows (log scale), one panel per metric of ``tasks-<split>.csv`` (written by ``metaprox eval``), with the pooled
-  value as a line: do the small tasks do worse, and by how much?
+  value as a line (a set of task kinds: one colour and pooled line per kind): do the small tasks do worse, and by
+  how much?
 - ``plots/objective.png``: the joint objective J (and the gap J − J* where the closed form exists) against outer
   steps, from ``metrics.jsonl``.
 """
@@ -28,11 +29,18 @@ def plot_task_metrics(tasks_csv: Path, result: dict[str, Any], path: Path) -> No
         rows = list(csv.DictReader(f))
     metrics = [k for k in rows[0] if k in LABELS]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
-    size = [int(r["train_rows"]) for r in rows]
     ev = result["eval"]
+    # a set of kinds (column "kind"): each kind its own points and pooled line; else one group
+    pooled = ev["pooled"] if "kinds" in ev else {None: ev["pooled"]}
     for ax, m in zip(axes[0], metrics, strict=True):
-        ax.scatter(size, [float(r[m]) for r in rows], s=14)
-        ax.axhline(ev["pooled"][m], color="gray", ls="--", lw=1, label=f"pooled {ev['pooled'][m]:.3g}")
+        for i, kind in enumerate(pooled):
+            mine = [r for r in rows if r.get("kind") == kind and r[m] != ""]
+            label = "" if kind is None else f"{kind} "
+            ax.scatter([int(r["train_rows"]) for r in mine], [float(r[m]) for r in mine], s=14, color=f"C{i}",
+                       label=kind)
+            if m in pooled[kind]:
+                ax.axhline(pooled[kind][m], color="gray" if kind is None else f"C{i}", ls="--", lw=1,
+                           label=f"{label}pooled {pooled[kind][m]:.3g}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -328,9 +328,10 @@ class TreePrior:
         from metaprox.composition import refuse
 
         refuse(learner, prior="tree")
-        if getattr(learner, "kinds", None):  # its own step() never asks a prior for centers
-            raise ValueError(f"{type(learner).__name__} (per-kind heads) has its own outer step with one center w: "
-                             f"a tree prior is not built for it; use its per-group λ (lam={{pattern: λ}}).")
+        if getattr(learner, "places", None):  # where= would have to name each task's kind and its node
+            raise ValueError(f"{type(learner).__name__}: step(where=...) gives each task's {learner.places}; a tree "
+                             f"prior over it (a {learner.places} and a node per task) is not built. Use its "
+                             f"per-group λ (lam={{pattern: λ}}) or a flat MetaMinibatchProx with private head groups.")
         self.learner = learner
         self.follows = self.follows_of(learner.names, groups)
         self.lam_levels = tuple(float(v) for v in lam_levels)

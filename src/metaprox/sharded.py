@@ -8,6 +8,9 @@ its tasks in its own :class:`~metaprox.store.MemmapStore` of ``hi − lo`` rows,
     DIR/checkpoint.json, DIR/checkpoint-STEP.safetensors   ← meta state (center, optimizer, step, generator,
                                                              sampler), written by rank 0 only — the commit point
     DIR/store-rank{r}-of-{p}/                              ← rank r's shard (MemmapStore)
+    DIR/store-{kind}-rank{r}-of-{p}/                       ← … of one kind, when the tasks come in kinds of
+                                                             different shapes (FiniteMultiHeadMMP: one store
+                                                             per kind, all committed together)
 
 A checkpoint (:func:`save`, a collective) is a two-phase commit: every rank *prepares* its shard (rows flushed,
 ``index.pending.json`` written, undo journal kept); a barrier; rank 0 writes the meta state (atomic rename of
@@ -41,8 +44,9 @@ from metaprox.store import MemmapStore, ParamLayout, ShardedStore, pending_meta
 __all__ = ["shard_path", "layout_of", "open_shard", "save", "load"]
 
 
-def shard_path(root: str | Path, rank: int, world: int) -> Path:
-    return Path(root) / f"store-rank{rank}-of-{world}"
+def shard_path(root: str | Path, rank: int, world: int, kind: str | None = None) -> Path:
+    """Rank ``rank``'s shard directory (``store-<kind>-rank…`` for one kind of a set of kinds)."""
+    return Path(root) / (f"store-rank{rank}-of-{world}" if kind is None else f"store-{kind}-rank{rank}-of-{world}")
 
 
 def layout_of(model: nn.Module) -> ParamLayout:
@@ -77,8 +81,9 @@ def _settle(path: Path, step: int) -> MemmapStore:
 
 
 def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: Reducer | None = None,
-               resume: bool = False, chunk: int = 4096) -> ShardedStore:
-    """This rank's :class:`ShardedStore` of a finite task set of ``num_tasks`` in run directory ``root``.
+               resume: bool = False, chunk: int = 4096, kind: str | None = None) -> ShardedStore:
+    """This rank's :class:`ShardedStore` of a finite task set of ``num_tasks`` in run directory ``root``
+    (``kind``: the store of that kind's ``num_tasks`` tasks, when the tasks come in kinds of different shapes).
 
     New run (``resume=False``): a fresh, empty shard (an existing one of this world size is replaced). Resume:
     the shard at the step of ``root/checkpoint.json`` — re-partitioned from the old shards when the checkpoint
@@ -89,7 +94,7 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
     if n < world:
         raise ValueError(f"{n} tasks cannot be partitioned over {world} ranks (every rank needs one).")
     lo, hi = shard_bounds(n, world, rank)
-    path = shard_path(root, rank, world)
+    path = shard_path(root, rank, world, kind)
     shard_meta = {"rank": rank, "world": world, "lo": lo, "hi": hi, "num_tasks": n}
     if not resume:
         if path.exists():
@@ -98,8 +103,10 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
         return ShardedStore(base, lo, hi, n)
     meta = _checkpoint_meta(root)
     step, old_world = int(meta["step"]), int(meta["finite"]["world"])
-    if int(meta["finite"]["num_tasks"]) != n:
-        raise CheckpointError(f"the checkpoint holds {meta['finite']['num_tasks']} tasks, the task set {n}.")
+    held = meta["finite"]["num_tasks"] if kind is None else meta["finite"].get("kinds", {}).get(kind)
+    if held is None or int(held) != n:
+        what = "" if kind is None else f" of kind {kind!r}"
+        raise CheckpointError(f"the checkpoint holds {held} tasks{what}, the task set {n}.")
     if old_world == world:
         base = _settle(path, step)
         if base.layout != layout or base.num_tasks != hi - lo:
@@ -108,7 +115,7 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
     # another world size: rank 0 settles the old shards, then every rank copies its new block out of them
     if rank == 0:
         for r in range(old_world):
-            _settle(shard_path(root, r, old_world), step)
+            _settle(shard_path(root, r, old_world, kind), step)
     _barrier(reducer, step, "the checkpoint step (re-partitioning)")
     if path.exists():
         shutil.rmtree(path)
@@ -119,7 +126,7 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
         a, b = max(lo, olo), min(hi, ohi)
         if a >= b:
             continue
-        old = MemmapStore.open(shard_path(root, r, old_world), verify=False)
+        old = MemmapStore.open(shard_path(root, r, old_world, kind), verify=False)
         if old.layout != layout:
             raise CheckpointError(f"store shard {old.path} was made for other parameters.")
         for start in range(a, b, chunk):
@@ -132,25 +139,39 @@ def open_shard(root: str | Path, layout: ParamLayout, num_tasks: int, reducer: R
     return ShardedStore(new, lo, hi, n)
 
 
+def _shards(keeper: Any) -> list[tuple[str | None, ShardedStore, MemmapStore]]:
+    """(kind, store, its memmap) of the keeper's shard: kind None, or one per kind (a FiniteMultiHeadMMP's
+    ``stores``)."""
+    stores = keeper.stores if isinstance(getattr(keeper, "stores", None), dict) else {None: keeper.store}
+    out = []
+    for kind, store in stores.items():
+        if not isinstance(store, ShardedStore) or not isinstance(store.base, MemmapStore):
+            raise TypeError("save() needs the learner's stores from open_shard().")
+        out.append((kind, store, store.base))
+    return out
+
+
 def save(root: str | Path, learner: Any, extra: dict[str, Any] | None = None) -> None:
-    """Checkpoint a sharded :class:`~metaprox.algorithms.finite.FiniteMMP` (a collective: every rank calls it):
-    the shards and the meta state commit together (two-phase commit, see the module doc)."""
+    """Checkpoint a sharded :class:`~metaprox.algorithms.finite.FiniteMMP` (a collective: every rank calls it),
+    or a :class:`~metaprox.algorithms.multihead.FiniteMultiHeadMMP` with one store per kind: the shards and the
+    meta state commit together (two-phase commit, see the module doc)."""
     root, reducer = Path(root), learner.reducer
     keeper = keeper_of(learner)
-    store = keeper.store
-    if not isinstance(store, ShardedStore) or not isinstance(store.base, MemmapStore):
-        raise TypeError("save() needs the learner's store from open_shard().")
+    shards = _shards(keeper)
     step, n = learner.step_count, len(keeper.tasks)
-    shard_meta = {"step": step, "rank": reducer.rank, "world": reducer.world_size, "lo": store.lo,
-                  "hi": store.hi, "num_tasks": n}
-    store.base.prepare(shard_meta)
+    for _, store, memmap in shards:
+        memmap.prepare({"step": step, "rank": reducer.rank, "world": reducer.world_size, "lo": store.lo,
+                        "hi": store.hi, "num_tasks": store.num_tasks})
     _barrier(reducer, step, "the checkpoint step")  # every shard is prepared
     if reducer.rank == 0:
-        finite = {"world": reducer.world_size, "num_tasks": n}
+        finite: dict[str, Any] = {"world": reducer.world_size, "num_tasks": n}
+        if shards[0][0] is not None:
+            finite["kinds"] = {kind: store.num_tasks for kind, store, _ in shards}
         sampler = keeper.sampler.state_dict() if hasattr(keeper.sampler, "state_dict") else None
         save_checkpoint(root, learner.state_dict(), {"finite": finite, "sampler": sampler, **(extra or {})})
     _barrier(reducer, step, "the checkpoint step (committed)")  # checkpoint.json names this step
-    store.base.finalize()
+    for _, _, memmap in shards:
+        memmap.finalize()
 
 
 def load(root: str | Path, learner: Any) -> dict[str, Any]:

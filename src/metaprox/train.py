@@ -30,7 +30,9 @@ J and, where the joint optimum has a closed form (:mod:`metaprox.joint_ridge`), 
 step with ηλ ≥ 2 is refused up front (unless ``outer.allow_unstable``), and J or the meta-gradient norm growing
 by ``finite.divergence_growth`` stops the run (:mod:`metaprox.stability`). Validation and the final evaluation
 score each task's own v_t on its validation (else test) rows (:mod:`metaprox.finite_eval`: ``eval*.json``,
-``eval*.md``, ``tasks-*.csv``); test rows are never used for training or selection.
+``eval*.md``, ``tasks-*.csv``); test rows are never used for training or selection. Tasks of several kinds
+(``[[task.kinds]]``: one table or preset per kind, each with its own encoder and head around a shared trunk,
+:mod:`metaprox.finite_kinds`) run the same way in one process, with one store per kind and metrics per kind.
 
 ``resume="auto"`` (``--auto-resume``) resumes when there is a checkpoint and starts otherwise — what workers
 restarted by ``torchrun --max-restarts`` need (docs/distributed.md). Only rank 0 writes files (a finite set's
@@ -59,13 +61,16 @@ from tqdm import tqdm
 from metaprox import joint_ridge, sharded
 from metaprox.algorithms.base import MetaLearner, NonFiniteError
 from metaprox.algorithms.finite import FiniteMMP
+from metaprox.algorithms.multihead import FiniteMultiHeadMMP
 from metaprox.build import build_family, build_finite, build_learner, finite_model
 from metaprox.checkpoint import CheckpointError, decode_rng, encode_rng, load_checkpoint, save_checkpoint
 from metaprox.config import ConfigError
 from metaprox.distributed import AllReduceReducer, Reducer, is_restart, process_group
 from metaprox.evaluate import PeriodicValidation, evaluate_run
-from metaprox.finite_data import load_finite_data
-from metaprox.finite_eval import check_auc_classes, finite_result, write_eval
+from metaprox.finite_data import FiniteData, load_finite_data
+from metaprox.finite_eval import check_auc_classes, finite_result, kinds_result, write_eval
+from metaprox.finite_kinds import FiniteKinds, load_kinds, open_kinds_learner
+from metaprox.memory import keeper_of
 from metaprox.nonfinite import TrainingDiverged, diverged_message, first_nonfinite, nonfinite_evaluation
 from metaprox.pretrain import pretrain_backbone, start_from_backbone
 from metaprox.rundir import read_config, read_metrics, write_config, write_metrics
@@ -213,7 +218,9 @@ class FiniteSetting:
     only the last one can be resumed). Metrics rows add J (and J*, J − J* where there is a closed form); the
     :class:`~metaprox.stability.DivergenceGuard` watches J and, for gradient center steps, the meta-gradient norm.
     Validation and the final evaluation: :func:`metaprox.finite_eval.finite_result` on the validation rows (the
-    final one on the test rows when there are none). Every rank takes part in them (they all-reduce)."""
+    final one on the test rows when there are none). Every rank takes part in them (they all-reduce). With
+    ``task.kinds`` the learner is :func:`metaprox.finite_kinds.open_kinds_learner`'s and the records are
+    :func:`metaprox.finite_eval.kinds_result`'s (per kind)."""
 
     log_first_step = False  # rows every log.every steps (a guard reference from the first of them)
 
@@ -222,30 +229,44 @@ class FiniteSetting:
         if resume_from is not None:  # its task stores hold the last checkpoint's step only
             raise ConfigError("--resume-from is not supported for finite_mmp runs; use --resume.")
         self.cfg, self.run_dir, self.reducer = cfg, run_dir, reducer
-        self.fd = fd = load_finite_data(cfg)
-        check_auc_classes(fd, cfg["eval"]["metrics"])
+        # tables of several kinds around a shared trunk (metaprox.finite_kinds), or one table
+        self.fd: FiniteData | FiniteKinds = load_kinds(cfg) if cfg["task"]["kinds"] else load_finite_data(cfg)
+        fd = self.fd
+        for part in fd.parts if isinstance(fd, FiniteKinds) else [fd]:
+            check_auc_classes(part, cfg["eval"]["metrics"])
         if cfg["log"]["eval_every"] and not fd.has("val"):
             raise ConfigError(f"log.eval_every = {cfg['log']['eval_every']}: {fd.source} has no validation rows; set "
                               f"task.val_frac > 0 (or a split column with 'val' rows), or log.eval_every = 0.")
-        train = fd.tasks("train")
-        layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
-        store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=resume)
-        self.learner = learner = build_finite(cfg, train, fd, store)
+        if isinstance(fd, FiniteKinds):
+            self.learner = learner = open_kinds_learner(cfg, fd, run_dir, reducer, resume)
+        else:
+            train = fd.tasks("train")
+            layout = sharded.layout_of(finite_model(cfg, train[0].x.shape[1], fd.outputs))
+            store = sharded.open_shard(run_dir, layout, len(train), reducer, resume=resume)
+            self.learner = learner = build_finite(cfg, train, fd, store)
         learner.reducer = reducer
-        if isinstance(learner, FiniteMMP):  # MMP's envelope step: ηλ ≥ 2 overshoots (metaprox.stability)
+        if isinstance(learner, (FiniteMMP, FiniteMultiHeadMMP)):  # MMP's envelope step: ηλ ≥ 2 overshoots
             check_outer_step(cfg, float(learner.task_scale.double().mean()))  # per-task pulls λ_t = s_t·λ
         self.guard = DivergenceGuard(cfg["finite"]["divergence_growth"])
         self.drives = cfg["finite"]["center_update"] == "gradient"  # else the meta-gradient may sit at round-off
-        self.tasks_per_step = len(train) if cfg["finite"]["sample"] == "all" else cfg["outer"]["meta_batch"]
+        every = len(keeper_of(learner).tasks)
+        self.tasks_per_step = every if cfg["finite"]["sample"] == "all" else cfg["outer"]["meta_batch"]
         self.meta = sharded.load(run_dir, learner) if resume else {}
         self.j_star = self._closed_form(start=not resume)
         self.validate: Callable[[], dict[str, Any]] | None = None
         if cfg["log"]["eval_every"]:
             self.validate = self._validation
 
+    def _result(self, split: str) -> dict[str, Any]:
+        """The evaluation record of ``split`` (a set of kinds: per kind)."""
+        if isinstance(self.fd, FiniteKinds):
+            return kinds_result(self.cfg, self.learner, self.fd, split)
+        return finite_result(self.cfg, self.learner, self.fd, split)
+
     def _validation(self) -> dict[str, Any]:
-        """J, the headline number and the pooled and task-mean metrics of the validation rows (no per-task list)."""
-        r = finite_result(self.cfg, self.learner, self.fd, "val")
+        """J, the headline number and the pooled and task-mean metrics of the validation rows (no per-task list;
+        a set of kinds: each keyed by kind)."""
+        r = self._result("val")
         return {"J": r["J"], "val": r["val"], "pooled": r["eval"]["pooled"], "task_mean": r["eval"]["task_mean"]}
 
     def _closed_form(self, start: bool) -> float | None:
@@ -285,7 +306,7 @@ class FiniteSetting:
         sharded.save(self.run_dir, self.learner, extra)  # a collective: every rank commits its shard
 
     def evaluate(self) -> dict[str, Any]:
-        result = finite_result(self.cfg, self.learner, self.fd, "val" if self.fd.has("val") else "test")
+        result = self._result("val" if self.fd.has("val") else "test")
         if self.reducer.rank != 0:
             return {}
         write_eval(self.run_dir, result)

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from metaprox.composition import RULES, refusal
-from metaprox.config import ConfigError
+from metaprox.composition import RULES, kinds_refusal, refusal
+from metaprox.config import ConfigError, kind_config
+from metaprox.models.mlp import ACTIVATIONS
 from metaprox.stability import UnstableOuterStep, check_outer_step
 
 __all__ = ["config_problems", "validate_run", "validate_eval"]
@@ -110,10 +111,7 @@ def _heads(cfg: dict[str, Any], out: list[str]) -> None:
     if _is_number(cfg["outer"]["meta_batch"]) and cfg["outer"]["meta_batch"] < len(ways):
         out.append(f"outer.meta_batch = {cfg['outer']['meta_batch']} < {len(ways)} kinds (heads.ways): every kind "
                    f"needs a task in each meta-batch, or its head's tasks are never trained.")
-    if not (_is_number(h["head_lam"]) and math.isfinite(h["head_lam"]) and h["head_lam"] >= 0):
-        out.append(f"heads.head_lam = {h['head_lam']!r}: must be a finite number ≥ 0 (0: private heads).")
-    if h["head_init"] not in ("zero", "module"):
-        out.append(f"heads.head_init = {h['head_init']!r}: choose 'zero' or 'module'.")
+    _head_options(h, out)
     if cfg["pretrain"]["epochs"] or cfg["pretrain"]["backbone"]:
         out.append("heads.ways is set: pretraining (pretrain.epochs, pretrain.backbone) is for one-head models; "
                    "set pretrain.epochs = 0.")
@@ -131,6 +129,58 @@ def _heads(cfg: dict[str, Any], out: list[str]) -> None:
     if cfg["inner"]["carry_moments"]:
         out.append("heads.ways is set: MultiHeadMMP does not carry inner Adam moments; set inner.carry_moments = "
                    "false.")
+
+
+def _head_options(h: dict[str, Any], out: list[str]) -> None:
+    if not (_is_number(h["head_lam"]) and math.isfinite(h["head_lam"]) and h["head_lam"] >= 0):
+        out.append(f"heads.head_lam = {h['head_lam']!r}: must be a finite number ≥ 0 (0: private heads).")
+    if h["head_init"] not in ("zero", "module"):
+        out.append(f"heads.head_init = {h['head_init']!r}: choose 'zero' or 'module'.")
+
+
+def _kind_type(cfg: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The task type a kind declares: its task_type, its preset's, or regression (a table's default)."""
+    from metaprox.finite_data import PRESETS
+
+    task = kind_config(cfg, entry)["task"]
+    if task["task_type"] is not None:
+        return str(task["task_type"])
+    return PRESETS.get(task["dataset"], "regression") if task["file"] is None else "regression"
+
+
+def _kinds(cfg: dict[str, Any], out: list[str]) -> None:
+    """A finite set of task kinds (``[[task.kinds]]``, FiniteMultiHeadMMP around an MLP trunk): what it cannot
+    do (:func:`metaprox.composition.kinds_refusal`), one loss for all kinds, the trunk and encoder widths."""
+    kinds = cfg["task"]["kinds"]
+    if not kinds:
+        return
+    m, h = cfg["model"], cfg["heads"]
+    # the rule, prior and center update are config.resolve's; here the declared task types and the world size
+    why = kinds_refusal(task_types={e["name"]: _kind_type(cfg, e) for e in kinds},
+                        world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if why is not None:
+        out.append(f"task.kinds: {why}.")
+    if h["ways"]:
+        out.append("task.kinds and heads.ways are both set: heads.ways is for few-shot episodes; the kinds' heads "
+                   "come from their tables.")
+    if m["kind"] != "mlp" or m["activation"] not in ACTIVATIONS:
+        out.append(f"task.kinds is set: the shared trunk is an MLP; set model.kind = 'mlp' and model.activation to "
+                   f"one of {sorted(ACTIVATIONS)} (got {m['kind']!r}, {m['activation']!r}).")
+    if cfg["precision"] != "fp32":
+        out.append(f"precision = {cfg['precision']!r}: a finite set of kinds computes in float64 (no "
+                   f"reduced-precision path); remove the precision setting.")
+    sizes = m["sizes"]
+    if len(sizes) < 3 or not all(_is_number(s) and s == int(s) and s >= 1 for s in sizes[1:-1]):
+        out.append(f"model.sizes = {sizes!r}: with task.kinds the trunk is the hidden layers of model.sizes (its "
+                   f"first and last widths come from each kind's features and targets): give ≥ 1 hidden width, "
+                   f"e.g. [0, 32, 0].")
+    if not (_is_number(h["width"]) and h["width"] == int(h["width"]) and h["width"] >= 1):
+        out.append(f"heads.width = {h['width']!r}: with task.kinds set the output width of each kind's input "
+                   f"encoder (the trunk's input), an integer ≥ 1.")
+    _head_options(h, out)
+    if cfg["inner"]["carry_moments"] or cfg["inner"]["solver"] == "exact_least_squares":
+        out.append("task.kinds is set: FiniteMultiHeadMMP solves each task's nonlinear prox problem with 'sgd' or "
+                   "'adam' and does not carry Adam moments; set inner.solver and inner.carry_moments = false.")
 
 
 def _prior_groups(cfg: dict[str, Any], out: list[str]) -> None:
@@ -255,6 +305,10 @@ def _data(cfg: dict[str, Any], splits: list[str], out: list[str]) -> None:
     t = cfg["task"]
     if t["family"] not in ("fewshot", "multitask"):
         return
+    if t["kinds"]:  # each kind's table or preset
+        for entry in t["kinds"]:
+            _data(kind_config(cfg, entry), splits, out)
+        return
     if t["family"] == "multitask" and t.get("file"):  # a table of one's own (metaprox.finite_data)
         f = Path(t["file"])
         if not f.is_file():
@@ -330,6 +384,7 @@ def config_problems(cfg: dict[str, Any], run_dir: str | Path | None = None, *, e
     _training(cfg, out)
     _robust_pull(cfg, out)
     _heads(cfg, out)
+    _kinds(cfg, out)
     _prior_groups(cfg, out)
     _stream_tree(cfg, out)
     _evaluation(cfg, out)

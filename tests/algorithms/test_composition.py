@@ -168,18 +168,18 @@ def test_hierarchical_mmp_gets_weights_monitors_and_inner_data_from_the_one_step
         return metaprox.HierarchicalMMP(linear_model(), "mse", lam=1.5, lam_group=0.5,
                                         inner=metaprox.SGD(lr=0.05, steps=3), outer_lr=0.4, **kw)
     weighted, copies = hm(), hm()
-    diag = weighted.step(tasks, ["a", "b"], weights=[1.0, 3.0])
-    copies.step([tasks[0]] + [tasks[1]] * 3, ["a", "b", "b", "b"])
+    diag = weighted.step(tasks, where=["a", "b"], weights=[1.0, 3.0])
+    copies.step([tasks[0]] + [tasks[1]] * 3, where=["a", "b", "b", "b"])
     assert torch.allclose(_theta(weighted.model), _theta(copies.model), atol=1e-12, rtol=0)
     for path in (("a",), ("b",)):
         for p, q in zip(weighted.nodes[path], copies.nodes[path], strict=True):
             assert torch.allclose(p, q, atol=1e-12, rtol=0)
     assert {"phi", "sigma2", "inner_stationarity", "groups"} <= set(diag)
     union = hm(inner_data="support+query")
-    union.step(tasks, ["a", "b"])
+    union.step(tasks, where=["a", "b"])
     full = [metaprox.Task(torch.cat([t.x, t.x_query]), torch.cat([t.y, t.y_query])) for t in tasks]
     ref = hm()
-    ref.step(full, ["a", "b"])
+    ref.step(full, where=["a", "b"])
     assert torch.allclose(_theta(union.model), _theta(ref.model), atol=1e-12, rtol=0)
     for p, q in zip(union.nodes[("a",)], ref.nodes[("a",)], strict=True):
         assert torch.allclose(p, q, atol=1e-12, rtol=0)

@@ -40,7 +40,7 @@ def test_unknown_group_adapts_with_marginal_pull():
     # joint minimisation over v and an unknown group center θ_g: λ/2‖v − θ‖² + λ_g/2‖θ − w‖² ⇒ pull λλ_g/(λ+λ_g)
     lam_eff = 2.0 * 0.5 / 2.5
     want = torch.linalg.solve(a + lam_eff * torch.eye(3, dtype=DT), b + lam_eff * w)
-    assert torch.allclose(flat(hm.adapt(t, "never-seen")), want, atol=1e-10)
+    assert torch.allclose(flat(hm.adapt(t, where="never-seen")), want, atol=1e-10)
 
 
 def test_known_group_adapts_from_group_center_and_training_moves_centers():
@@ -48,7 +48,7 @@ def test_known_group_adapts_from_group_center_and_training_moves_centers():
     tasks = [task(i, 3.0) for i in range(4)] + [task(10 + i, -3.0) for i in range(4)]
     groups = ["up"] * 4 + ["down"] * 4
     for _ in range(60):
-        hm.step(tasks, groups, monitor=False)
+        hm.step(tasks, where=groups, monitor=False)
     up, down = hm.groups["up"][1], hm.groups["down"][1]
     assert float(up) > 1.0 and float(down) < -1.0  # group biases follow their tasks
     assert abs(float(hm.model.bias.detach())) < 0.5 * float(up)  # the root sits between the groups
@@ -56,7 +56,7 @@ def test_known_group_adapts_from_group_center_and_training_moves_centers():
     a, b = quad(t)
     c = torch.cat([hm.groups["up"][0].flatten(), hm.groups["up"][1]])
     want = torch.linalg.solve(a + 2.0 * torch.eye(3, dtype=DT), b + 2.0 * c)
-    assert torch.allclose(flat(hm.adapt(t, "up")), want, atol=1e-10)
+    assert torch.allclose(flat(hm.adapt(t, where="up")), want, atol=1e-10)
 
 
 def test_node_centers_survive_a_checkpoint(tmp_path):
@@ -72,15 +72,15 @@ def test_node_centers_survive_a_checkpoint(tmp_path):
                for s in range(6)]
     full, first = make(), make()
     for ts, gs in batches:
-        full.step(ts, gs, monitor=False)
+        full.step(ts, where=gs, monitor=False)
     for ts, gs in batches[:3]:
-        first.step(ts, gs, monitor=False)
+        first.step(ts, where=gs, monitor=False)
     save_checkpoint(tmp_path, first.state_dict(), {})
     resumed = make()
     resumed.load_state_dict(load_checkpoint(tmp_path)[0])
     assert list(resumed.nodes) == list(first.nodes) == [("a",), ("a", "x"), ("b",), ("b", "y"), ("a", "z")]
     for ts, gs in batches[3:]:
-        resumed.step(ts, gs, monitor=False)
+        resumed.step(ts, where=gs, monitor=False)
     assert list(resumed.nodes) == list(full.nodes)
     for path in full.nodes:
         assert all(torch.equal(a, b) for a, b in zip(resumed.nodes[path], full.nodes[path], strict=True))

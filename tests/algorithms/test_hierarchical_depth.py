@@ -84,7 +84,7 @@ def test_full_batch_iteration_converges_to_the_closed_form_stationary_point():
     want = stationary_point(tasks, PATHS, LEVELS)
     hm = learner(LEVELS, outer_lr=1.5, group_lr=(0.5, 2.0))  # contracts by ~0.91 a step
     for _ in range(400):
-        hm.step(tasks, PATHS, monitor=False)
+        hm.step(tasks, where=PATHS, monitor=False)
     assert torch.allclose(flat(hm.center()), want[()], atol=1e-10)
     for n, c in hm.nodes.items():
         assert torch.allclose(flat(c), want[n], atol=1e-10), n
@@ -97,14 +97,14 @@ def test_the_stationary_point_is_a_fixed_point_of_one_step():
     tasks = [task(i, s) for i, s in enumerate(SHIFTS)]
     want = stationary_point(tasks, PATHS, LEVELS)
     hm = learner(LEVELS, outer_lr=1.5, group_lr=(0.5, 2.0))
-    hm.step(tasks, PATHS, monitor=False)  # creates the nodes
+    hm.step(tasks, where=PATHS, monitor=False)  # creates the nodes
     with torch.no_grad():
         hm.model.weight.copy_(want[()][:2].view(1, 2))
         hm.model.bias.copy_(want[()][2:])
     for n, c in hm.nodes.items():
         c[0].copy_(want[n][:2].view(1, 2))
         c[1].copy_(want[n][2:])
-    hm.step(tasks, PATHS, monitor=False)
+    hm.step(tasks, where=PATHS, monitor=False)
     assert torch.allclose(flat(hm.center()), want[()], atol=1e-12)
     for n, c in hm.nodes.items():
         assert torch.allclose(flat(c), want[n], atol=1e-12), n
@@ -144,12 +144,12 @@ def test_adaptation_below_the_deepest_known_node_is_the_joint_minimiser(group, k
     hm = learner(levels, outer_lr=0.5, group_lr=1.0)
     tr = [task(i, 2.0 + i) for i in range(3)]
     for _ in range(5):
-        hm.step(tr, [("g", "s", "leaf"), ("g", "s", "leaf"), ("g", "t", "leaf")], monitor=False)
+        hm.step(tr, where=[("g", "s", "leaf"), ("g", "s", "leaf"), ("g", "t", "leaf")], monitor=False)
     t = task(99, 1.0)
     center = flat(hm.node_center(known))
     assert float((center - flat(hm.center())).abs().max()) > 0.1 or known == ()
     want = joint_minimiser(t, center, [LAM] + [levels[d] for d in unknown_levels])
-    assert torch.allclose(flat(hm.adapt(t, group)), want, atol=1e-10)
+    assert torch.allclose(flat(hm.adapt(t, where=group)), want, atol=1e-10)
     lam_eff = 1.0 / sum(1.0 / k for k in [LAM] + [levels[d] for d in unknown_levels])
     assert hm.prior(group)[1] == pytest.approx(lam_eff, rel=1e-14)
 
@@ -161,12 +161,12 @@ def test_node_names_of_a_tree_are_their_paths():
     by_name, by_path = learner(LEVELS, tree=tree, group_lr=2.0), learner(LEVELS, group_lr=2.0)
     paths = [("a", "ax"), ("a", "ax"), ("a", "ay"), ("a", "ay"), ("a",), ("b", "bx"), ("b", "bx")]
     for _ in range(3):
-        by_name.step(tasks, names, monitor=False)
-        by_path.step(tasks, paths, monitor=False)
+        by_name.step(tasks, where=names, monitor=False)
+        by_path.step(tasks, where=paths, monitor=False)
     assert torch.equal(flat(by_name.center()), flat(by_path.center()))
-    assert torch.equal(flat(by_name.adapt(tasks[0], "ay")), flat(by_path.adapt(tasks[0], ("a", "ay"))))
+    assert torch.equal(flat(by_name.adapt(tasks[0], where="ay")), flat(by_path.adapt(tasks[0], where=("a", "ay"))))
     with pytest.raises(ValueError, match="not a node of the tree"):
-        by_name.step(tasks[:1], ["az"])
+        by_name.step(tasks[:1], where=["az"])
 
 
 @pytest.mark.parametrize("kwargs, groups, match", [
@@ -181,7 +181,7 @@ def test_node_names_of_a_tree_are_their_paths():
 def test_bad_arguments_name_the_problem(kwargs, groups, match):
     with pytest.raises(ValueError, match=match):
         hm = learner(**kwargs)
-        hm.step([task(0, 1.0)], groups)
+        hm.step([task(0, 1.0)], where=groups)
 
 
 # root, group centers u, v, w and two adaptations after the 6 steps below, printed (``got.tolist()``) by the
@@ -200,9 +200,9 @@ def test_two_levels_match_the_previous_implementation():
     hm = HierarchicalMMP(torch.nn.Linear(2, 1).to(DT), "mse", lam=LAM, lam_group=0.7, group_lr=1.3,
                          inner=metaprox.ExactLeastSquares(), outer_lr=0.4)
     for k in range(6):
-        hm.step(tasks[k % 3:], groups[k % 3:], monitor=False)
+        hm.step(tasks[k % 3:], where=groups[k % 3:], monitor=False)
     got = torch.cat([flat(hm.center())] + [flat(hm.groups[g]) for g in "uvw"]
-                    + [flat(hm.adapt(tasks[0], g)) for g in ("u", "unseen")])
+                    + [flat(hm.adapt(tasks[0], where=g)) for g in ("u", "unseen")])
     want = torch.tensor(PREVIOUS, dtype=DT)
     assert torch.allclose(got[:15], want[:15], rtol=0, atol=1e-12)
     # the previous adapt() rounded the marginal pull factor λ_eff/λ to float32 (torch.tensor([scale])); it is

@@ -110,7 +110,7 @@ def test_mixed_meta_batch_equals_weighted_average_of_shape_groups():
     model = _cls_model()
     w0 = [p.detach().clone() for p in model.trunk.parameters()]
     mixed = MultiHeadMMP(copy.deepcopy(model), lam=0.7, inner=inner)
-    mixed.step(tasks, kinds, weights)
+    mixed.step(tasks, weights, where=kinds)
     delta = [p.detach() - q for p, q in zip(mixed.shared_model.trunk.parameters(), w0, strict=True)]
     groups = {}
     for i, (t, kd) in enumerate(zip(tasks, kinds, strict=True)):
@@ -119,7 +119,7 @@ def test_mixed_meta_batch_equals_weighted_average_of_shape_groups():
     expect = [torch.zeros_like(d) for d in delta]
     for idx in groups.values():
         sep = MultiHeadMMP(copy.deepcopy(model), lam=0.7, inner=inner)
-        sep.step([tasks[i] for i in idx], [kinds[i] for i in idx], weights[idx])
+        sep.step([tasks[i] for i in idx], weights[idx], where=[kinds[i] for i in idx])
         frac = float(weights[idx].sum() / weights.sum())
         for e, p, q in zip(expect, sep.shared_model.trunk.parameters(), w0, strict=True):
             e.add_(frac * (p.detach() - q))
@@ -135,9 +135,9 @@ def test_meta_gradient_is_the_envelope_gradient_of_the_trunk():
     """One task, plain GD outer step lr=1: Δw = −λ(w − trunk*), trunk* the inner solution (adapt gives it)."""
     tasks, kinds = _cls_tasks(1)
     learner = MultiHeadMMP(_cls_model(), lam=0.5, inner=SGD(lr=0.3, steps=12))
-    v = learner.adapt(tasks[1], "w5")
+    v = learner.adapt(tasks[1], where="w5")
     w0 = [p.detach().clone() for p in learner.center()]
-    learner.step([tasks[1]], ["w5"])
+    learner.step([tasks[1]], where=["w5"])
     for name, p, q in zip(learner.names, learner.center(), w0, strict=True):
         torch.testing.assert_close(p, q - 0.5 * (q - v["trunk." + name]), atol=1e-6, rtol=1e-5)
     assert v["head.weight"].shape == (5, 6)
@@ -178,13 +178,13 @@ def test_encoders_of_different_input_widths_and_errors():
     tasks = [Task(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)),
              Task(torch.randn(8, 7, generator=g), torch.randn(8, 2, generator=g))]
     learner = MultiHeadMMP(model, loss="mse", lam=1.0, inner=SGD(lr=0.1, steps=3))
-    d = learner.step(tasks, ["a", "b"])
+    d = learner.step(tasks, where=["a", "b"])
     assert np.isfinite(d["meta_grad_norm"]) and d["meta_grad_norm"] > 0
-    p = learner.adapt(tasks[1], "b")
+    p = learner.adapt(tasks[1], where="b")
     assert p["encoder.weight"].shape == (5, 7) and learner.predict(p, tasks[1].x).shape == (8, 2)
     assert len(model.state_dict()) == 2 + 4 + 4  # every tensor once (members are not submodules)
     with pytest.raises(KeyError):
-        learner.step(tasks, ["a", "c"])
+        learner.step(tasks, where=["a", "c"])
     with pytest.raises(ValueError):
         SharedTrunk(trunk, {"a": nn.Linear(4, 1)}, encoders={"z": nn.Linear(1, 5)})
     with pytest.raises(TypeError):
@@ -207,3 +207,27 @@ def test_finite_multihead_weighted_tasks_reach_the_weighted_optimum():
         fm.step(monitor=False)
         bias.append(float(model.trunk.bias.detach()))
     assert abs(float(np.mean(bias[100:])) - 9.0) < 0.25
+
+
+def test_the_one_step_reads_kinds_from_where_or_the_minibatch():
+    """MultiHeadMMP's step is MetaLearner.step (its solve per kind): kinds given as where= or carried by a
+    KindedTasks minibatch give bitwise the same update; a minibatch without kinds is refused naming them, and
+    a flat learner refuses where= (it has one center)."""
+    from metaprox import MetaMinibatchProx
+    from metaprox.tasks.task import KindedTasks
+
+    tasks, kinds = _cls_tasks(2)
+    inner = SGD(lr=0.3, steps=4, batch_size=3)  # the step's pre-drawn inner minibatches reach every kind's solve
+    a = MultiHeadMMP(_cls_model(), lam=0.7, inner=inner)
+    b = MultiHeadMMP(_cls_model(), lam=0.7, inner=inner)
+    for _ in range(2):
+        a.step(tasks, where=kinds)
+        b.step(KindedTasks(tasks, kinds))
+    for p, q in zip(a.center(), b.center(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(a.center()[0], _cls_model().trunk[0].weight)
+    with pytest.raises(ValueError, match="needs each task's kind"):
+        a.step(tasks)
+    flat = MetaMinibatchProx(nn.Linear(4, 3), "cross_entropy")
+    with pytest.raises(ValueError, match="one center, w"):
+        flat.step(tasks[:1], where=["w3"])

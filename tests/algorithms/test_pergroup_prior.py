@@ -112,7 +112,7 @@ def test_per_group_tree_converges_to_the_linear_system_stationary_point():
     want = stationary_point(tasks, PATHS, TREE)
     hm = learner([("weight", "tree"), ("bias", "flat")], outer_lr=1.5, group_lr=(0.5, 2.0))
     for _ in range(400):
-        hm.step(tasks, PATHS, monitor=False)
+        hm.step(tasks, where=PATHS, monitor=False)
     assert torch.allclose(flat(hm.center()), want[()], atol=1e-10)
     for n, c in hm.nodes.items():
         assert torch.allclose(flat(c), want[n], atol=1e-10), n  # the nodes store w's bias
@@ -127,8 +127,8 @@ def test_the_whole_tree_is_the_case_where_every_group_follows_it():
     tasks = [task(i, s, m) for i, (s, m) in enumerate(zip(SHIFTS, SLOPES, strict=True))]
     whole, ruled = learner(None, group_lr=1.0), learner([("*", "tree")], group_lr=1.0)
     for _ in range(3):
-        whole.step(tasks, PATHS, monitor=False)
-        ruled.step(tasks, PATHS, monitor=False)
+        whole.step(tasks, where=PATHS, monitor=False)
+        ruled.step(tasks, where=PATHS, monitor=False)
     assert torch.equal(flat(whole.center()), flat(ruled.center()))
     for n in whole.nodes:
         assert torch.equal(flat(whole.nodes[n]), flat(ruled.nodes[n]))
@@ -138,17 +138,17 @@ def test_adaptation_under_unknown_levels_weakens_only_the_tree_groups_pull():
     hm = learner([("weight", "tree")], outer_lr=0.5, group_lr=1.0)
     tasks = [task(i, s, m) for i, (s, m) in enumerate(zip(SHIFTS, SLOPES, strict=True))]
     for _ in range(5):
-        hm.step(tasks, PATHS, monitor=False)
+        hm.step(tasks, where=PATHS, monitor=False)
     t = task(99, 1.0, 0.3)
     A, b = quad(t)
     c = flat(hm.node_center(("a",)))
     lam_eff = 1.0 / (1.0 / LAM + 1.0 / LEVELS[1])  # the unknown subgroup's spring in series with the task's
     pull = torch.diag(torch.tensor([lam_eff, lam_eff, LAM], dtype=DT))
     want = torch.linalg.solve(A + pull, b + pull @ c)
-    assert torch.allclose(flat(hm.adapt(t, ("a", "new"))), want, atol=1e-10)
+    assert torch.allclose(flat(hm.adapt(t, where=("a", "new"))), want, atol=1e-10)
     known = hm.node_center(("a", "x"))
     want_known = torch.linalg.solve(A + LAM * torch.eye(3, dtype=DT), b + LAM * flat(known))
-    assert torch.allclose(flat(hm.adapt(t, ("a", "x"))), want_known, atol=1e-10)
+    assert torch.allclose(flat(hm.adapt(t, where=("a", "x"))), want_known, atol=1e-10)
     with pytest.raises(ValueError, match="separate calls"):
         hm.adapt_tasks([t, t], where=[("a", "x"), ("a", "new")])
 
@@ -168,7 +168,7 @@ def test_second_order_maml_with_a_per_group_tree_is_refused_and_bad_rules_are_na
     from metaprox.models.shared_trunk import SharedTrunk
 
     mh = MultiHeadMMP(SharedTrunk(torch.nn.Linear(2, 3), {"a": torch.nn.Linear(3, 1)}), "mse")
-    with pytest.raises(ValueError, match="tree prior is not built for it"):
+    with pytest.raises(ValueError, match="a tree prior over it .* is not built"):
         TreePrior(mh, [1.0])
 
 

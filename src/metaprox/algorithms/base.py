@@ -73,6 +73,7 @@ def check_weights(weights: Any, n: int) -> torch.Tensor:
 class MetaLearner:
     supports_shared = False  # rules that handle λ = ∞ ("shared") parameter groups set this
     supports_carried_moments = True  # MetaLearner.step keeps Adam(carry_moments=True)'s running moments
+    places: str | None = None  # what step()'s where= gives besides tree nodes (a multi-head learner: "kind")
     """Base class of meta-gradient rules; see :class:`metaprox.MetaMinibatchProx` for the arguments.
 
     ``inner_data`` says which examples of a task the inner problem is solved on during meta-training:
@@ -227,11 +228,12 @@ class MetaLearner:
         raise NotImplementedError
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
-                                monitor: bool, init: Tensors | None = None,
-                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
+                                monitor: bool, init: Tensors | None = None, scale: torch.Tensor | None = None,
+                                where: Sequence[Any] | None = None) -> tuple[list[SolvedGroup], Tensors]:
         """Steps 1–2 of an outer iteration: the inner solves at ``center`` (w, or a :class:`PerTask` stack of the
         tasks' centers; warm-started at ``init``, per-task pulls ``scale``: a task memory's), then
-        :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw)."""
+        :meth:`meta_gradient` (the gradient w.r.t. the centers the tasks saw). ``where``: each task's place
+        (its kind), for learners whose solve depends on it (:attr:`places`); None here."""
         solved = self.solve(tasks, center=center, monitor=monitor, data=self.inner_data, init=init, scale=scale)
         return solved, self.meta_gradient(tasks, solved, weights)
 
@@ -265,9 +267,12 @@ class MetaLearner:
             raise ValueError(f"{type(self).__name__} needs a query set in every task (Task(x, y, x_query, "
                              f"y_query)) because {why}, but {lacking} of {total} tasks have none.")
         tree = self.hierarchy
+        if where is None:  # a family's minibatch may know each task's place: GroupedTasks (nodes), KindedTasks
+            where = getattr(tasks, "groups", None) or getattr(tasks, "kinds", None)
+        elif tree is None and self.places is None:
+            raise ValueError(f"{type(self).__name__} has one center, w: step() takes no where= (task places are "
+                             f"for a tree prior or a multi-head learner's kinds).")
         if tree is not None:
-            if where is None:  # a family's GroupedTasks know their nodes
-                where = getattr(tasks, "groups", None)
             tree.begin(where, total)  # every rank: the same nodes, in the same order
         w = self.center()
         local, a_local = share.tasks, a[part]
@@ -277,7 +282,8 @@ class MetaLearner:
         init, scale = (None, None) if memory is None else memory.start(ids, center)
         try:
             if local:
-                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor, init, scale)
+                places = None if self.places is None else self._places(where, total)[part]
+                solved, grads = self.solve_and_meta_gradient(local, center, a_local, monitor, init, scale, places)
             else:
                 solved, grads = [], [torch.zeros_like(t) for t in w]
             if tree is not None:  # Σ a_t g_t per center (each node's tasks), in the tree's order of this step
@@ -306,9 +312,19 @@ class MetaLearner:
         if tree is not None:  # the chain rule to w and the nodes, plus the tree's own pulls
             grads, also = tree.outer(grads, a / a.sum())
         diag = self.apply_meta_gradient(grads, also=also)
+        if tree is not None:
+            diag["groups"] = float(len(tree.nodes))
         if monitor:
             diag.update(self.monitors(sums))
         return diag
+
+    def _places(self, where: Sequence[Any] | None, total: int) -> list[Any]:
+        """Each task's place (:attr:`places`: e.g. its kind) for the whole minibatch of ``total`` tasks."""
+        if where is None or len(where) != total:
+            got = "none" if where is None else f"{len(where)}"
+            raise ValueError(f"{type(self).__name__} needs each task's {self.places}: step(tasks, where=[...]) with "
+                             f"one per task ({total}), or tasks as KindedTasks(tasks, kinds); got {got}.")
+        return list(where)
 
     def apply_meta_gradient(self, grads: Tensors, *, step_w: bool = True,
                             also: Callable[[float], None] | None = None) -> dict[str, float]:
@@ -450,16 +466,20 @@ class MetaLearner:
                           on_group=on_group)
 
     def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
-              inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
-        """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters.
+              inner: InnerSolver | None = None, where: Any = None) -> dict[str, torch.Tensor]:
+        """Solve the prox problem of ``task`` centred at the learned prior; returns its parameters by name.
 
-        ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ); the head
-        starts from, and is pulled to, w's head or the support set's prototypes (:attr:`test_head_init`).
+        ``steps`` overrides the solver's step count, ``lam`` the prox weight (default: the training λ);
+        ``where``: the task's place in a prior with several centers (its tree node or group, a multi-head
+        learner's kind; None: the root). The head starts from, and is pulled to, w's head or the support set's
+        prototypes (:attr:`test_head_init`).
         """
-        return self._first(self.adapt_tasks([task], steps, lam, inner))
+        places = None if where is None and self.hierarchy is None and self.places is None else [where]
+        return self._first(self.adapt_tasks([task], steps, lam, inner, where=places), where)
 
-    def _first(self, solved: list[SolvedGroup]) -> dict[str, torch.Tensor]:
-        """The parameters of the one task of ``solved``, by name."""
+    def _first(self, solved: list[SolvedGroup], where: Any = None) -> dict[str, torch.Tensor]:
+        """The parameters of the one task of ``solved``, by name (``where``: its place, for learners whose
+        parameter names depend on it)."""
         return {n: t[0] for n, t in zip(self.names, solved[0].result.params, strict=True)}
 
     def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

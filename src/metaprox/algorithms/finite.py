@@ -488,7 +488,7 @@ class FiniteMMP(MetaLearner):
 
     # ----- a new task, adapted from the prior ----------------------------------------------------------------
     def adapt(self, task: Task, steps: int | None = None, lam: float | None = None,
-              inner: InnerSolver | None = None, *, node: str | None = None,
+              inner: InnerSolver | None = None, where: str | None = None, *, node: str | None = None,
               parent: str | None = None) -> dict[str, torch.Tensor]:
         """Parameters of a new ``task`` (not one of the task set): its prox problem solved from the prior.
 
@@ -499,7 +499,12 @@ class FiniteMMP(MetaLearner):
         and that center of J's two terms for the task (θ fixed). A ``node`` the tree does not have is an error
         (a typo must not silently adapt from the root). Without a prior: from w with λ_g, or with ``lam`` for
         every non-shared group. Shared groups stay at w, private ones are free. ``steps``/``inner`` override the
-        inner solver; ``node``/``parent`` are keyword-only, the positional order is :meth:`MetaLearner.adapt`'s."""
+        inner solver; ``where`` is ``node`` (:meth:`MetaLearner.adapt`'s name for a task's place; give one of them),
+        ``node``/``parent`` are keyword-only, the positional order is :meth:`MetaLearner.adapt`'s."""
+        if where is not None:
+            if node is not None:
+                raise ValueError("give the task's node as where= or node=, not both.")
+            node = where
         return self._first(self.adapt_tasks([task], steps, lam, inner, where=(node, parent)))
 
     def test_prior(self, tasks: Any, lam: float | None = None, where: Any = None) -> tuple[Tensors, Penalty, None]:

@@ -28,6 +28,11 @@ solved from θ_k with the *marginal* pull of the unknown levels integrated out. 
 λ/2‖v − θ_D‖² + Σ_{d=k+1}^{D} λ_d/2‖θ_d − θ_{d−1}‖² over the unknown centers θ_{k+1..D} (θ_k fixed) is a chain
 of springs in series: the minimum is λ_eff/2‖v − θ_k‖² with 1/λ_eff = 1/λ + Σ_{d=k+1}^{D} 1/λ_d — the exact
 infimal convolution of the quadratic pulls. Needs a squared-ℓ2 penalty with one λ (``lam`` a number).
+
+Use: ``hm.step(tasks, where=groups)`` (one path or node name per task; a :class:`~metaprox.tasks.grouped.GroupedTasks`
+minibatch carries them), ``hm.adapt(task, where=group)`` (an unseen group: from its deepest seen ancestor;
+``where=None``: from the root with every level integrated out; with a ``tree``, a name that is not one of its nodes
+is an error). Both are :class:`~metaprox.algorithms.base.MetaLearner`'s, unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +44,6 @@ import torch
 
 from metaprox.algorithms.mmp import MetaMinibatchProx
 from metaprox.priors import Path, Tree, TreePrior
-from metaprox.solvers import InnerSolver
-from metaprox.tasks.task import Task
 
 __all__ = ["HierarchicalMMP", "TreePrior"]
 
@@ -99,20 +102,3 @@ class HierarchicalMMP(MetaMinibatchProx):
         """(center, pull of the tree's parameters) a new task of ``group`` is adapted with (:meth:`TreePrior.prior`)."""
         center, scale = self.tree_prior.prior(group)
         return center, float(self.prox.uniform) * scale  # type: ignore[arg-type]
-
-    def step(self, tasks: Sequence[Task] | Any = None, groups: Sequence[Any] | None = None,  # type: ignore[override]
-             monitor: bool = True, weights: Sequence[float] | torch.Tensor | None = None,
-             where: Sequence[Any] | None = None) -> dict[str, float]:
-        """One outer step on ``tasks`` with their groups ``groups`` (paths or names, one per task of the whole
-        minibatch; ``where`` is the same, as :meth:`MetaLearner.step` calls it)."""
-        diag = super().step(tasks, weights, monitor, where=groups if where is None else where)
-        diag["groups"] = float(len(self.nodes))
-        return diag
-
-    def adapt(self, task: Task, group: Any = None, steps: int | None = None,  # type: ignore[override]
-              inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
-        """Parameters for ``task``: solved from the deepest known node on its path with the marginal pull of the
-        levels below it (:meth:`prior`): a group whose path nobody has seen yet → from its deepest seen
-        ancestor (the root if none); ``group=None`` → from the root with every level integrated out. With a
-        ``tree``, a name that is not one of its nodes is an error."""
-        return self._first(self.adapt_tasks([task], steps, None, inner, where=[group]))

@@ -23,6 +23,7 @@ unrolls with ``torch.func.grad`` inside ``torch.func.vmap`` (any module); ``loop
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -166,8 +167,8 @@ class MAML(MetaLearner):
     meta_gradient = FOMAML.meta_gradient
 
     def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
-                                monitor: bool, init: Tensors | None = None,
-                                scale: torch.Tensor | None = None) -> tuple[list[SolvedGroup], Tensors]:
+                                monitor: bool, init: Tensors | None = None, scale: torch.Tensor | None = None,
+                                where: Sequence[Any] | None = None) -> tuple[list[SolvedGroup], Tensors]:
         # MAML starts at the center by definition (a memory never warm-starts it; per-task pulls are refused)
         if self.first_order:
             return super().solve_and_meta_gradient(tasks, center, weights, monitor, init, scale)

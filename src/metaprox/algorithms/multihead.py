@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec, check_weights
+from metaprox.algorithms.base import MetaLearner, NonFiniteError, OptimizerSpec
 from metaprox.execution import Execution, FunctionalModel
 from metaprox.losses import Loss, LossFn
 from metaprox.models.shared_trunk import SharedTrunk
@@ -89,8 +89,9 @@ class MultiHeadMMP(MetaLearner):
         Others as in :class:`metaprox.MetaMinibatchProx` (default schedule: constant).
     """
 
-    supports_carried_moments = False  # its own step(): the running moments would never be updated
+    supports_carried_moments = False  # the running moments are the trunk's only; heads have none to carry
     supports_shared = True
+    places = "kind"  # step(tasks, where=kinds) / adapt(task, where=kind): which head each task uses
     prox: GroupL2  # the trunk's penalty, built as a GroupL2 in __init__
 
     def __init__(self, model: SharedTrunk, loss: str | LossFn | Loss = "cross_entropy",
@@ -155,15 +156,18 @@ class MultiHeadMMP(MetaLearner):
         return out  # type: ignore[return-value]
 
     def _solve_kind(self, k: _Kind, groups: Any, init: Tensors | None, scale: torch.Tensor | None,
-                    monitor: bool, inner: InnerSolver | None = None, on_group: Any = None) -> list[SolvedGroup]:
-        """Solve groups of tasks of kind ``k`` (the one solve loop, on the kind's member model); ``init`` and
-        ``scale`` run over the tasks of ``groups`` (a :class:`PerTask` stack, pull factors)."""
+                    monitor: bool, inner: InnerSolver | None = None, on_group: Any = None,
+                    keys: torch.Tensor | None = None) -> list[SolvedGroup]:
+        """Solve groups of tasks of kind ``k`` (the one solve loop, on the kind's member model); ``init``,
+        ``scale`` and ``keys`` run over the tasks of ``groups`` (a :class:`PerTask` stack, pull factors, the
+        step's inner-minibatch uniforms)."""
         c = self.kind_center(k.name)
         if init is not None and k.prox.any_shared:  # shared groups always start (and stay) at the center
             init = PerTask(ci.expand_as(t).clone() if sh else t
                            for ci, t, sh in zip(c, init, k.prox.shared, strict=True))
         return solve_groups(k.execution, groups, inner or self.inner, k.prox, c, init=init, scale=scale,
-                            shared=k.prox.shared, generator=self.generator, monitor=monitor, on_group=on_group)
+                            shared=k.prox.shared, keys=keys, generator=self.generator, monitor=monitor,
+                            on_group=on_group)
 
     def _trunk_grad(self, k: _Kind, solved: SolvedGroup, a: torch.Tensor) -> Tensors:
         """Σ_t a_t g_t over one group: λ_g s_t (w − trunk_t) on pulled groups, ∇L_t on shared ones."""
@@ -183,42 +187,27 @@ class MultiHeadMMP(MetaLearner):
             by.setdefault(str(kd), []).append(i)
         return by
 
-    # ----- one outer step (infinite setting) -----------------------------------------------------------
-    def step(self, tasks: Sequence[Task], kinds: Sequence[str] | None = None,  # type: ignore[override]
-             weights: Sequence[float] | torch.Tensor | None = None, monitor: bool = True) -> dict[str, float]:
-        """One outer step on new ``tasks`` of the given ``kinds`` (one each; default: ``tasks.kinds``), mixed."""
-        kinds = getattr(tasks, "kinds", None) if kinds is None else kinds
-        if kinds is None:
-            raise ValueError("give each task's kind: step(tasks, kinds) or tasks as KindedTasks(tasks, kinds).")
-        if isinstance(tasks, Task):
-            tasks, kinds = [tasks], [kinds]  # type: ignore[list-item]
-        if len(tasks) != len(kinds) or not tasks:
-            raise ValueError("give one kind per task (and at least one task).")
-        a = check_weights(weights if weights is not None else [1.0] * len(tasks), len(tasks))
-        total = [torch.zeros_like(p) for p in self.center()]
+    # ----- one outer step (infinite setting): MetaLearner.step with this solve --------------------------------
+    def solve_and_meta_gradient(self, tasks: Sequence[Task], center: Tensors, weights: torch.Tensor,
+                                monitor: bool, init: Tensors | None = None, scale: torch.Tensor | None = None,
+                                where: Sequence[Any] | None = None) -> tuple[list[SolvedGroup], Tensors]:
+        """:meth:`MetaLearner.step`'s inner solves and ``Σ_t a_t g_t`` of the trunk, per kind (``where``): each
+        kind's tasks on its member model, centred at (w, the private start); new tasks, so no ``init``."""
+        assert where is not None and init is None and scale is None
+        total = [torch.zeros_like(p) for p in center]
         solved = []
-        for kd, pos in self._by_kind_positions(kinds).items():
+        for kd, pos in self._by_kind_positions(where).items():
             k = self._kind(kd)
-            kt = [tasks[i] for i in pos]
-            for sg in self._solve_kind(k, stacked(k.execution, kt), None, None, monitor):
-                torch._foreach_add_(total, self._trunk_grad(k, sg, a[[pos[j] for j in sg.indices]]))
+            keys = None if self._step_keys is None else self._step_keys[pos]
+            for sg in self._solve_kind(k, stacked(k.execution, [tasks[i] for i in pos]), None, None, monitor,
+                                       keys=keys):
+                torch._foreach_add_(total, self._trunk_grad(k, sg, weights[[pos[j] for j in sg.indices]]))
                 solved.append(sg)
-        return self._outer(total, float(a.sum()), solved if monitor else [], len(tasks))
+        return solved, total
 
-    def _outer(self, total: Tensors, weight: float, solved: list[SolvedGroup], tasks: int) -> dict[str, float]:
-        """The outer step on ``Σ a_t g_t / weight``; monitors of ``solved`` against each kind's center (heads
-        included: ‖v − c‖² counts their distance from their start)."""
-        diag = self.apply_meta_gradient([g / weight for g in total])
-        diag["tasks"] = float(tasks)
-        if solved:
-            diag.update(self.monitors(self.monitor_sums(solved)))
-        return diag
-
-    def adapt(self, task: Task, kind: str, steps: int | None = None,  # type: ignore[override]
-              inner: InnerSolver | None = None) -> dict[str, torch.Tensor]:
-        """Solve a new task's prox problem from the center (private part from its start); member-named params."""
-        (sg,) = self.adapt_tasks([task], steps, None, inner, where=[kind])
-        return {n: t[0] for n, t in zip(self._kind(kind).names, sg.result.params, strict=True)}
+    def _first(self, solved: list[SolvedGroup], where: Any = None) -> dict[str, torch.Tensor]:
+        """:meth:`adapt`'s result: the kind's member-named parameters (trunk and private part)."""
+        return {n: t[0] for n, t in zip(self._kind(where).names, solved[0].result.params, strict=True)}
 
     def adapt_tasks(self, tasks: Sequence[Task], steps: int | None = None, lam: float | None = None,
                     inner: InnerSolver | None = None, where: Any = None, on_group: Any = None) -> list[SolvedGroup]:
@@ -311,8 +300,15 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
     def predict_task(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.predict(self.task_params(i), x, str(self.task_kinds[i]))
 
-    def step(self, indices: Any = None, monitor: bool = True) -> dict[str, float]:  # type: ignore[override]
-        """One outer step on task indices ``indices`` (default: the sampler's next batch), kinds mixed."""
+    def step(self, tasks: Any = None, weights: Any = None, monitor: bool = True,
+             where: Any = None) -> dict[str, float]:
+        """One outer step on the task indices ``tasks`` (default: the sampler's next batch), kinds mixed;
+        :meth:`MetaLearner.step`'s signature, as for :class:`FiniteMMP` (the weights are the estimator's, the
+        kinds the task set's: ``weights`` and ``where`` must stay None)."""
+        if weights is not None or where is not None:
+            raise ValueError("a finite multi-head set has its own task weights (TaskSet, sampler) and kinds (given "
+                             "at construction): step(indices) takes no weights= or where=.")
+        indices = tasks
         idx = self.sampler() if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
             raise ValueError("empty batch of tasks.")
@@ -337,7 +333,13 @@ class FiniteMultiHeadMMP(MultiHeadMMP):
             if not bool(torch.isfinite(solved).all()):
                 raise NonFiniteError(f"non-finite task solution at outer step {self.step_count}.")
             store.write(self.row[kidx], solved)
-        return self._outer(total, 1.0, done if monitor else [], len(idx))
+        # â_t are the unbiased estimator's: no normalising by the batch; monitors against each kind's center
+        # (heads included: ‖v − c‖² counts their distance from their start)
+        diag = self.apply_meta_gradient(total)
+        diag["tasks"] = float(len(idx))
+        if monitor:
+            diag.update(self.monitors(self.monitor_sums(done)))
+        return diag
 
     def objective(self) -> float:
         """J = Σ_t w_t [L_t(v_t) + s_t·D(v_t, c)] over all tasks, from the stored rows (no updates)."""

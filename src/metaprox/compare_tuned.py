@@ -89,6 +89,7 @@ def test_losses(run_dir: Path) -> dict[str, Any]:
 
     learner, cfg, _ = load_learner(run_dir)
     e = cfg["eval"]
+    learner.test_head_init = e["head_init"]  # a fresh learner: nothing to restore
     steps = sorted(set(e["steps"]))
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     metric = "loss" if learner.loss.name == "mse" else "accuracy"

@@ -8,7 +8,8 @@
 #   prior5_64   the 5-shot run from that backbone
 #   mmp1      MMP meta-training from the backbone, 1-shot, a weak head pull (λ_head = 0.001: its center stays near zero), ηλ = 0.1 elsewhere, 15 min
 #   val RUN BN          validation curve of a run (200 episodes, steps 0/8/16/32), BN = batch | transductive
-#   test RUN BN STEPS   test accuracy at the validation-chosen step count (TEST episodes, default 2000)
+#   test RUN BN STEPS [--set K=V ...]   test accuracy at the validation-chosen step count (TEST episodes, default
+#                       2000), e.g. stop 19's prototype head: --set eval.head_init='"prototypes"' --set eval.lr=0.001
 set -euo pipefail
 DATA=${DATA:-/root/data/miniimagenet}
 data=(--set "task.data_path=\"$DATA\"" --set model.cosine_scale=10.0)
@@ -39,6 +40,6 @@ case "$1" in
       --set eval.tasks=200 --set 'eval.steps=[0,8,16,32]' --set "eval.bn=\"$3\"" ;;
   test)
     OMP_NUM_THREADS=1 metaprox eval "$2" --threads 1 --set "task.data_path=\"$DATA\"" \
-      --set "eval.tasks=${TEST:-2000}" --set "eval.steps=[$4]" --set "eval.bn=\"$3\"" ;;
+      --set "eval.tasks=${TEST:-2000}" --set "eval.steps=[$4]" --set "eval.bn=\"$3\"" "${@:5}" ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

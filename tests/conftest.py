@@ -84,3 +84,24 @@ def poison_outer_step(monkeypatch):
         monkeypatch.setattr(MetaLearner, "apply_meta_gradient", poisoned)
 
     return poison
+
+
+def stored_checkpoint(run, shards):
+    """The center of ``run``'s last checkpoint and every row (and initialised flag) of the store shards
+    ``{label: path}`` (keys ``params/…``, ``label/rows``, ``label/seen``); a prepared commit left behind fails,
+    and opening a shard verifies its chunk checksums."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from metaprox.store import MemmapStore, pending_meta
+
+    meta = json.loads((run / "checkpoint.json").read_text())
+    out = {k: v for k, v in load_file(run / meta["tensors"]).items() if k.startswith("params/")}
+    for label, path in shards.items():
+        assert pending_meta(path) is None, f"{path}: a prepared commit was left behind"
+        store = MemmapStore.open(path)
+        rows, seen = store.read(np.arange(store.num_tasks), torch.zeros(store.layout.numel, dtype=torch.float64))
+        out[f"{label}/rows"], out[f"{label}/seen"] = rows, seen
+    return out

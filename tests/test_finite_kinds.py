@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import stored_checkpoint
 from metaprox import sharded
 from metaprox.cli import main
 from metaprox.config import ConfigError, kind_config, resolve
 from metaprox.finite_data import load_finite_data
 from metaprox.finite_eval import evaluate_finite_run
 from metaprox.finite_kinds import kinds_model, load_kinds
-from metaprox.store import MemmapStore, pending_meta
+from metaprox.store import MemmapStore
 from metaprox.train import train
 from metaprox.validate import config_problems
 
@@ -74,15 +74,8 @@ def kinds_cfg(tables: dict[str, Path], **sections: dict) -> dict:
 
 def stored(run: Path) -> dict[str, torch.Tensor]:
     """The center of the last checkpoint and every row (and initialised flag) of every kind's store."""
-    meta = json.loads((run / "checkpoint.json").read_text())
-    out = {k: v for k, v in load_file(run / meta["tensors"]).items() if k.startswith("params/")}
-    for kind in meta["finite"]["kinds"]:
-        path = sharded.shard_path(run, 0, 1, kind)
-        assert pending_meta(path) is None, f"{path}: a prepared commit was left behind"
-        store = MemmapStore.open(path)  # verifies the chunk checksums
-        rows, seen = store.read(np.arange(store.num_tasks), torch.zeros(store.layout.numel, dtype=torch.float64))
-        out[f"{kind}/rows"], out[f"{kind}/seen"] = rows, seen
-    return out
+    kinds = json.loads((run / "checkpoint.json").read_text())["finite"]["kinds"]
+    return stored_checkpoint(run, {kind: sharded.shard_path(run, 0, 1, kind) for kind in kinds})
 
 
 def test_train_and_eval_report_every_kind(tables, tmp_path):

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from _torchrun_helpers import checkpoint_step, finish, kill_rank_after, torchrun_train
+from conftest import stored_checkpoint
 from metaprox import sharded
 from metaprox.config import ConfigError, apply_overrides, resolve
-from metaprox.store import MemmapStore, pending_meta
 from metaprox.train import train
 
 TASKS, PROFILES, D = 9, 20, 3
@@ -90,15 +89,7 @@ def test_independent_limit_is_per_task_least_squares(data_dir, tmp_path):
 
 def _state(run: Path, world: int = 1) -> dict[str, torch.Tensor]:
     """The center of the last checkpoint and every row (and initialised flag) of every store shard."""
-    meta = json.loads((run / "checkpoint.json").read_text())
-    out = {k: v for k, v in load_file(run / meta["tensors"]).items() if k.startswith("params/")}
-    for r in range(world):
-        path = sharded.shard_path(run, r, world)
-        assert pending_meta(path) is None, f"{path}: a prepared commit was left behind"
-        store = MemmapStore.open(path)  # verifies the chunk checksums
-        rows, seen = store.read(np.arange(store.num_tasks), torch.zeros(store.layout.numel, dtype=torch.float64))
-        out[f"rows{r}"], out[f"seen{r}"] = rows, seen
-    return out
+    return stored_checkpoint(run, {f"rank{r}": sharded.shard_path(run, r, world) for r in range(world)})
 
 
 def test_resume_equals_uninterrupted_and_metrics(data_dir, tmp_path):

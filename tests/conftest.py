@@ -52,6 +52,16 @@ def omniglot_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    """A miniImageNet-layout folder: 4 training, 3 validation and 3 test classes of 8 images 12×12."""
+    from _tiny_miniimagenet import make_miniimagenet
+
+    root = tmp_path_factory.mktemp("mini") / "miniimagenet"
+    make_miniimagenet(root, per_class=8, side=12, classes={"train": 4, "val": 3, "test": 3})
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _image_cache(tmp_path_factory, monkeypatch):
     """Decoded-image caches of a test go to a temporary folder, never to ~/.cache."""

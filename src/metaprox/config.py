@@ -139,6 +139,7 @@ DEFAULTS: dict[str, Any] = {
         "crop_pad": 8,             # random crops of the images zero-padded by this many pixels (0: none)
         "backbone": "",            # a run directory: start from the backbone it pretrained (epochs then unused)
         "eval_every": 0,           # validation (prototype accuracy, log.eval_tasks tasks) every N steps, 0: per epoch
+        "precision": "float32",    # "bfloat16": training steps under bf16 autocast (fp32 weights, fp32 validation)
     },
     "eval": {
         "shots": [5, 10],
@@ -149,7 +150,9 @@ DEFAULTS: dict[str, Any] = {
         "lr": None,                # test-time inner lr (None: the training inner lr)
         "batch_size": 0,           # test-time inner minibatch (0: all support points, full batch)
         "bn": "",                  # test-time BatchNorm protocol (Conv-4): "" = model.bn, "batch" (plain: each query
-                                   # normalised with the support set) or "transductive" (query batch statistics)
+                                   # normalised with the support set), "transductive" (query batch statistics) or
+                                   # "population" (statistics of w on training images; metaprox.population_bn)
+        "bn_images": 2048,         # eval.bn = "population": training images of the estimate
         "head_init": "prior",      # test-time head center and start: "prior" (w's head) or "prototypes" (each
                                    # episode's support class means: step 0 = nearest centroid; metaprox.head_init)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
@@ -320,9 +323,14 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("inner.steps must be ≥ 0.")
     if out["log"]["eval_every"] < 0 or out["log"]["eval_tasks"] < 1:
         raise ConfigError("log.eval_every must be ≥ 0 (0: no periodic validation) and log.eval_tasks ≥ 1.")
-    if out["eval"]["bn"] not in ("", "batch", "transductive"):
-        raise ConfigError(f"eval.bn = {out['eval']['bn']!r}: choose '' (the model's), 'batch' (plain) or "
-                          f"'transductive'.")
+    if out["eval"]["bn"] not in ("", "batch", "transductive", "population"):
+        raise ConfigError(f"eval.bn = {out['eval']['bn']!r}: choose '' (the model's), 'batch' (plain), "
+                          f"'transductive' or 'population' (statistics of training images).")
+    if out["eval"]["bn"] == "population" and out["task"]["family"] != "fewshot":
+        raise ConfigError(f"eval.bn = 'population' estimates BatchNorm statistics on the training images of a "
+                          f"few-shot family (task.family = 'fewshot'), not {out['task']['family']!r}.")
+    if out["eval"]["bn_images"] < 2:
+        raise ConfigError(f"eval.bn_images = {out['eval']['bn_images']}: needs ≥ 2 training images.")
     head_init = out["eval"]["head_init"]
     if head_init not in ("prior", "prototypes"):
         raise ConfigError(f"eval.head_init = {head_init!r}: choose 'prior' (w's head) or 'prototypes' (the support "
@@ -334,6 +342,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
                           f"use 'prior'.")
     if out["pretrain"]["epochs"] < 0 or out["pretrain"]["minutes"] < 0 or out["outer"]["minutes"] < 0:
         raise ConfigError("pretrain.epochs, pretrain.minutes and outer.minutes must be ≥ 0.")
+    if out["pretrain"]["precision"] not in ("float32", "bfloat16"):
+        raise ConfigError(f"pretrain.precision = {out['pretrain']['precision']!r}: choose 'float32' or 'bfloat16' "
+                          f"(bf16 autocast of the training steps; weights and validation stay float32).")
     if (out["pretrain"]["epochs"] or out["pretrain"]["backbone"]) and out["task"]["family"] != "fewshot":
         raise ConfigError("pretrain.epochs > 0 needs task.family = 'fewshot' (it classifies the training classes).")
     if any(s < 0 for s in out["eval"]["steps"]) or not out["eval"]["steps"]:

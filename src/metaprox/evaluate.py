@@ -5,11 +5,14 @@ For a test task the same prox problem is solved as in training, by the same code
 carried inner Adam moments when the solver carries them (test-time λ and solver may differ from training; the
 head's center is w's or, with ``eval.head_init = "prototypes"``, the support set's class means), and
 after 0, 1, …, k steps the query loss (and accuracy for classification) is recorded. Reports carry the mean,
-the 95% confidence interval (1.96·sd/√n) and the number of tasks.
+the 95% confidence interval (1.96·sd/√n) and the number of tasks. BatchNorm backbones are evaluated under
+``eval.bn``: the model's own protocol, ``"batch"`` (plain), ``"transductive"``, or ``"population"`` (statistics
+of the training classes, :mod:`metaprox.population_bn`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -22,11 +25,12 @@ import torch
 
 from metaprox.algorithms.base import MetaLearner
 from metaprox.head_init import using_head_init
+from metaprox.population_bn import population_bn, training_images
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
 
 __all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol",
-           "eval_table"]
+           "bn_for_evaluation", "eval_table"]
 
 
 @contextmanager
@@ -52,6 +56,22 @@ def bn_protocol(module: torch.nn.Module, bn: str) -> Iterator[str]:
         yield bn
     finally:
         model.bn = own
+
+
+def bn_for_evaluation(learner: MetaLearner, bn: str, population: tuple[torch.Tensor, float] | None
+                      ) -> contextlib.AbstractContextManager[str]:
+    """The test-time BatchNorm protocol ``bn`` for ``learner``: :func:`bn_protocol`, or for ``"population"``
+    :func:`metaprox.population_bn.population_bn` on ``population`` = (training images, scale)."""
+    if bn != "population":
+        return bn_protocol(learner.fmodel.module, bn)
+    if population is None:
+        raise ValueError("eval.bn = 'population' needs training images (metaprox.population_bn.training_images).")
+    return population_bn(learner, *population)
+
+
+def _population_images(e: dict[str, Any], family: Any) -> tuple[torch.Tensor, float] | None:
+    """The training images of ``eval.bn = "population"`` (None for any other protocol)."""
+    return training_images(family, int(e["bn_images"]), int(e["val_seed"])) if e["bn"] == "population" else None
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -202,7 +222,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if getattr(family, "builds_parts", False) and e["tasks"] > EVAL_PART:
         parts = [slice(lo, min(lo + EVAL_PART, e["tasks"])) for lo in range(0, e["tasks"], EVAL_PART)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-    with bn_protocol(learner.fmodel.module, e["bn"]) as bn, using_head_init(learner, e["head_init"]):
+    population = _population_images(e, family)
+    with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]):
         curves: dict[str, list[AdaptationCurve]] = {}
         for part in parts:
             for set_name, tasks in (family.eval_sets(split) if part is None else
@@ -249,6 +270,7 @@ class PeriodicValidation:
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
         self.bn = e["bn"]
+        self.population = _population_images(e, build_family(cfg)) if e["bn"] == "population" else None
         self.head_init = e["head_init"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
@@ -257,7 +279,8 @@ class PeriodicValidation:
         try:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
-            with bn_protocol(learner.fmodel.module, self.bn), using_head_init(learner, self.head_init):
+            with bn_for_evaluation(learner, self.bn, self.population), \
+                    using_head_init(learner, self.head_init):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
                                              record=record, where=set_kinds(learner, name, tasks))

@@ -265,12 +265,13 @@ class PeriodicValidation:
 
         e = cfg["eval"]
         small = {**cfg, "eval": {**e, "tasks": cfg["log"]["eval_tasks"]}}
-        self.sets = build_family(small).eval_sets("val")
+        family = build_family(small)
+        self.sets = family.eval_sets("val")
         self.steps = sorted(set(e["steps"]))
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
         self.bn = e["bn"]
-        self.population = _population_images(e, build_family(cfg)) if e["bn"] == "population" else None
+        self.population = _population_images(e, family)  # the training split, loaded once with the sets
         self.head_init = e["head_init"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:

@@ -78,8 +78,7 @@ def population_bn(learner: Any, images: torch.Tensor, scale: float) -> Iterator[
                     break
                 module.momentum = 1.0 / (k + 1)  # cumulative average of the per-batch statistics
                 module.update_running_stats(x, params)
-        module.momentum = momentum
-        module.eval()
+        module.eval()  # momentum is restored below; eval mode never reads it
         learner.fmodel.buffers = dict(module.named_buffers())  # functional_call (strict) sees the statistics
         yield "population"
     finally:

@@ -84,8 +84,9 @@ def test_losses(run_dir: Path) -> dict[str, Any]:
     """Per-task test loss (or accuracy) of a run at each of ``eval.steps``: the protocol of
     :func:`metaprox.evaluate.evaluate_run`, keeping the per-task values that paired comparisons need."""
     from metaprox.build import build_family, build_inner
-    from metaprox.evaluate import adaptation_curve
+    from metaprox.evaluate import adaptation_curve, bn_for_evaluation, population_images
     from metaprox.rundir import load_learner
+    from metaprox.test_views import using_views
 
     learner, cfg, _ = load_learner(run_dir)
     e = cfg["eval"]
@@ -94,11 +95,13 @@ def test_losses(run_dir: Path) -> dict[str, Any]:
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     metric = "loss" if learner.loss.name == "mse" else "accuracy"
     sets = {}
-    for name, tasks in build_family(cfg).eval_sets("test").items():
-        curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner,
-                                 record=None if metric == "loss" else steps)
-        values = curve.loss if metric == "loss" else curve.accuracy
-        sets[name] = {str(s): [float(v) for v in values[s]] for s in steps}  # type: ignore[index]
+    family = build_family(cfg)
+    with bn_for_evaluation(learner, e["bn"], population_images(e, family)), using_views(learner, e["views"]):
+        for name, tasks in family.eval_sets("test").items():
+            curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner,
+                                     record=None if metric == "loss" else steps)
+            values = curve.loss if metric == "loss" else curve.accuracy
+            sets[name] = {str(s): [float(v) for v in values[s]] for s in steps}  # type: ignore[index]
     return {"metric": metric, "steps": steps, "sets": sets}
 
 

@@ -155,6 +155,8 @@ DEFAULTS: dict[str, Any] = {
         "bn_images": 2048,         # eval.bn = "population": training images of the estimate
         "head_init": "prior",      # test-time head center and start: "prior" (w's head) or "prototypes" (each
                                    # episode's support class means: step 0 = nearest centroid; metaprox.head_init)
+        "views": "image",          # "flip": each image's features averaged with its mirror image's (test-time
+                                   # augmentation, per image: plain; metaprox.test_views)
         "seed": 2019,              # test tasks; validation uses eval.val_seed (tune there, never on test)
         "val_seed": 7,
         "metrics": None,           # finite task sets: e.g. ["rmse", "mae", "r2"] (None: per task type)
@@ -340,6 +342,14 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
                           f"= 'fewshot', heads.ways unset), got task.family = {out['task']['family']!r}"
                           f"{', heads.ways = ' + repr(out['heads']['ways']) if out['heads']['ways'] else ''}; "
                           f"use 'prior'.")
+    if out["eval"]["views"] not in ("image", "flip"):
+        raise ConfigError(f"eval.views = {out['eval']['views']!r}: choose 'image' (each image as it is) or 'flip' "
+                          f"(its features averaged with its mirror image's).")
+    if out["eval"]["views"] != "image" and (out["task"]["family"] != "fewshot" or out["model"]["kind"] not in
+                                             ("conv4", "resnet12")):
+        raise ConfigError(f"eval.views = {out['eval']['views']!r} mirrors images: it needs few-shot images "
+                          f"(task.family = 'fewshot') and a Conv-4 or ResNet-12 model, got task.family = "
+                          f"{out['task']['family']!r}, model.kind = {out['model']['kind']!r}; use 'image'.")
     if out["pretrain"]["epochs"] < 0 or out["pretrain"]["minutes"] < 0 or out["outer"]["minutes"] < 0:
         raise ConfigError("pretrain.epochs, pretrain.minutes and outer.minutes must be ≥ 0.")
     if out["pretrain"]["precision"] not in ("float32", "bfloat16"):

@@ -7,7 +7,8 @@ head's center is w's or, with ``eval.head_init = "prototypes"``, the support set
 after 0, 1, …, k steps the query loss (and accuracy for classification) is recorded. Reports carry the mean,
 the 95% confidence interval (1.96·sd/√n) and the number of tasks. BatchNorm backbones are evaluated under
 ``eval.bn``: the model's own protocol, ``"batch"`` (plain), ``"transductive"``, or ``"population"`` (statistics
-of the training classes, :mod:`metaprox.population_bn`).
+of the training classes, :mod:`metaprox.population_bn`), and image backbones see each image as it is or, with
+``eval.views = "flip"``, averaged with its mirror image (:mod:`metaprox.test_views`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from metaprox.head_init import using_head_init
 from metaprox.population_bn import population_bn, training_images
 from metaprox.solvers import InnerSolver
 from metaprox.tasks.task import Task
+from metaprox.test_views import using_views
 
 __all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol",
-           "bn_for_evaluation", "eval_table"]
+           "bn_for_evaluation", "population_images", "eval_table"]
 
 
 @contextmanager
@@ -69,7 +71,7 @@ def bn_for_evaluation(learner: MetaLearner, bn: str, population: tuple[torch.Ten
     return population_bn(learner, *population)
 
 
-def _population_images(e: dict[str, Any], family: Any) -> tuple[torch.Tensor, float] | None:
+def population_images(e: dict[str, Any], family: Any) -> tuple[torch.Tensor, float] | None:
     """The training images of ``eval.bn = "population"`` (None for any other protocol)."""
     return training_images(family, int(e["bn_images"]), int(e["val_seed"])) if e["bn"] == "population" else None
 
@@ -185,6 +187,8 @@ def eval_table(result: dict[str, Any]) -> str:
         label = f"{set_name} ({'plain' if bn == 'batch' else bn} BN)" if bn else set_name
         if how.get("head_init", "prior") != "prior":
             label += f", head from {how['head_init']}"
+        if how.get("views", "image") != "image":
+            label += f", {how['views']} views"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(rows[str(steps[0])]['tasks'])} |")
     return "\n".join(lines) + "\n"
 
@@ -200,7 +204,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     Test-time adaptation uses ``eval.lam`` / ``eval.lr`` when set, else the training λ and inner lr, and the head
     init ``eval.head_init``; the curve runs to the largest of ``eval.steps`` and is reported at each of them, with
     95% CIs over the tasks. Files of a protocol other than the defaults carry it in their name
-    (``eval-val-bn_transductive-head_prototypes.json``).
+    (``eval-val-bn_transductive-head_prototypes.json``, ``eval-bn_population-head_prototypes-views_flip.json``).
     """
     from metaprox.build import build_family, build_inner
     from metaprox.checkpoint import atomic_write
@@ -222,8 +226,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if getattr(family, "builds_parts", False) and e["tasks"] > EVAL_PART:
         parts = [slice(lo, min(lo + EVAL_PART, e["tasks"])) for lo in range(0, e["tasks"], EVAL_PART)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-    population = _population_images(e, family)
-    with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]):
+    population = population_images(e, family)
+    with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]), \
+            using_views(learner, e["views"]):
         curves: dict[str, list[AdaptationCurve]] = {}
         for part in parts:
             for set_name, tasks in (family.eval_sets(split) if part is None else
@@ -241,11 +246,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     result = {"split": split, "step": learner.step_count, "steps": steps,
               "metric": "accuracy" if learner.loss.name == "cross_entropy" else "mse",
               "test_time": {"lam": lam, "lr": inner.__dict__.get("lr"), "solver": cfg["inner"]["solver"],
-                            "head_init": e["head_init"], **({"bn": bn} if bn else {})},
+                            "head_init": e["head_init"], **({"bn": bn} if bn else {}),
+                            **({"views": e["views"]} if e["views"] != "image" else {})},
               "sets": sets}
     if write:
         stem = ("eval" if split == "test" else "eval-val") + (f"-bn_{e['bn']}" if e["bn"] else "") + \
-            (f"-head_{e['head_init']}" if e["head_init"] != "prior" else "")
+            (f"-head_{e['head_init']}" if e["head_init"] != "prior" else "") + \
+            (f"-views_{e['views']}" if e["views"] != "image" else "")
         atomic_write(run_dir / f"{stem}.json", json.dumps(result, indent=1))
         atomic_write(run_dir / f"{stem}.md", eval_table(result))
     return result
@@ -254,7 +261,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
 class PeriodicValidation:
     """Cheap validation during training (``log.eval_every``): mean query loss (and accuracy) on
     ``log.eval_tasks`` validation tasks per shot setting, after each of ``eval.steps`` test-time steps (same
-    test-time λ, lr, BatchNorm protocol and head init as :func:`evaluate_run`). The tasks are drawn once, with
+    test-time λ, lr, BatchNorm protocol, head init and views as :func:`evaluate_run`). The tasks are drawn once, with
     ``eval.val_seed`` (never test tasks).
 
     The learner's generator is restored afterwards, so training is bitwise the same with or without it.
@@ -271,8 +278,9 @@ class PeriodicValidation:
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
         self.bn = e["bn"]
-        self.population = _population_images(e, family)  # the training split, loaded once with the sets
+        self.population = population_images(e, family)  # the training split, loaded once with the sets
         self.head_init = e["head_init"]
+        self.views = e["views"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
         """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""
@@ -281,7 +289,7 @@ class PeriodicValidation:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
             with bn_for_evaluation(learner, self.bn, self.population), \
-                    using_head_init(learner, self.head_init):
+                    using_head_init(learner, self.head_init), using_views(learner, self.views):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
                                              record=record, where=set_kinds(learner, name, tasks))

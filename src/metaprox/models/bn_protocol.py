@@ -3,21 +3,37 @@
 A backbone that derives from :class:`BatchNormProtocol` provides ``bn`` (``"batch"``, ``"transductive"`` or
 ``"running"``), ``_params(params)``, ``_check(x, dims)``, ``_forward(params, x, update_stats=False)`` (one task)
 and ``forward_batched(params, x)`` (a leading task axis); this class adds :meth:`predict` and
-:meth:`update_running_stats` with the semantics documented in :mod:`metaprox.models.conv4`.
+:meth:`update_running_stats` with the semantics documented in :mod:`metaprox.models.conv4`, and the test-time
+views (``test_views``, :meth:`_viewed`; set through :mod:`metaprox.test_views`, ``eval.views``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-__all__ = ["BatchNormProtocol", "BN_MODES"]
+__all__ = ["BatchNormProtocol", "BN_MODES", "TEST_VIEWS"]
 
 BN_MODES = ("batch", "transductive", "running")
+TEST_VIEWS = ("image", "flip")
 
 
 class BatchNormProtocol(nn.Module):
     bn: str
+    test_views: str = "image"  # "flip": the head sees the mean features of each image and its mirror image
+
+    def _viewed(self, features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                update_stats: bool = False) -> torch.Tensor:
+        """``features(x)``; with ``test_views == "flip"`` the mean of ``features(x)`` and ``features(x mirrored)``
+        (the last axis of ``x`` is the image width). The two views pass the trunk separately, so each keeps the
+        BatchNorm statistics its batch would have alone; estimating running statistics always sees ``x`` once."""
+        if self.test_views == "image" or update_stats:
+            return features(x)
+        if self.test_views != "flip":
+            raise ValueError(f"unknown test_views {self.test_views!r}; choose one of {TEST_VIEWS}.")
+        return (features(x) + features(x.flip(-1))) / 2
 
     def _params(self, params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return dict(self.named_parameters()) if params is None else params

@@ -150,10 +150,9 @@ class Conv4(BatchNormProtocol):
         return h.contiguous(memory_format=torch.channels_last) if self.channels_last else h
 
     # ----- one task --------------------------------------------------------------------------------------
-    def _forward(
-        self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool = False
-    ) -> torch.Tensor:
-        h = self._layout(self._check(x, 4))
+    def _trunk(self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool) -> torch.Tensor:
+        """The flattened features (n, filters·s²) of checked images ``x`` (n, C, H, W)."""
+        h = self._layout(x)
         for i in range(4):
             h = F.conv2d(h, p[f"conv{i}.weight"], None, padding=1)
             norm = getattr(self, f"norm{i}")
@@ -184,9 +183,16 @@ class Conv4(BatchNormProtocol):
                     self.eps,
                 )
             h = F.relu(F.max_pool2d(h, 2))
+        return h.flatten(1)
+
+    def _forward(
+        self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool = False
+    ) -> torch.Tensor:
+        x = self._check(x, 4)
+        h = self._features(self._viewed(lambda v: self._trunk(p, v, update_stats), x, update_stats))
         if self.head is None:
-            return self._features(h.flatten(1))
-        return F.linear(self._features(h.flatten(1)), p["head.weight"], p["head.bias"])
+            return h
+        return F.linear(h, p["head.weight"], p["head.bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, num_classes)`` for images ``(n, C, H, W)`` (``(n, H, W)`` when C = 1)."""
@@ -199,9 +205,20 @@ class Conv4(BatchNormProtocol):
         Equal, up to float round-off, to a loop of ``functional_call`` per task (tested, with gradients).
         """
         x = self._check(x, 5)
-        b, n, c, hh, ww = x.shape
         if self._per_task(x):
-            return torch.stack([self._forward({k: v[i] for k, v in params.items()}, x[i]) for i in range(b)])
+            return torch.stack([self._forward({k: v[i] for k, v in params.items()}, x[i])
+                                for i in range(x.shape[0])])
+        feats = self._features(self._viewed(lambda v: self._grouped_trunk(params, v), x))
+        if self.head is None:
+            return feats
+        return torch.baddbmm(
+            params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)
+        )
+
+    def _grouped_trunk(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The flattened features (B, n, filters·s²) of B tasks' images ``x`` (B, n, C, H, W), as one grouped
+        network (the tasks' channels side by side)."""
+        b, n, c, hh, ww = x.shape
         batch_stats = self._use_batch_stats()
         for i in range(4):
             w = params[f"conv{i}.weight"]
@@ -231,9 +248,4 @@ class Conv4(BatchNormProtocol):
                     self.eps,
                 )
             h = F.relu(F.max_pool2d(h, 2))
-        feats = self._features(h.reshape(n, b, -1).transpose(0, 1))
-        if self.head is None:
-            return feats
-        return torch.baddbmm(
-            params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2)
-        )
+        return h.reshape(n, b, -1).transpose(0, 1)

@@ -98,14 +98,18 @@ class ResNet12(BatchNormProtocol):
         return F.batch_norm(h, mean.repeat(b), var.repeat(b), gamma, beta, False, 0.0, self.eps)
 
     def _grouped(self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+        feats = self._viewed(lambda v: self._grouped_features(p, v, update_stats), x, update_stats)
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), feats, p["head.weight"].transpose(1, 2))
+
+    def _grouped_features(self, p: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool) -> torch.Tensor:
+        """The pooled features (B, n, width) of B tasks' images ``x`` (B, n, C, H, W)."""
         b, n, c, hh, ww = x.shape
         h = x.transpose(0, 1).reshape(n, b * c, hh, ww)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         for i in range(4):
             h = self._block(p, h, i, b, update_stats)
-        feats = h.mean((2, 3)).reshape(n, b, -1).transpose(0, 1)  # (B, n, width)
-        return torch.baddbmm(p["head.bias"].unsqueeze(1), feats, p["head.weight"].transpose(1, 2))
+        return h.mean((2, 3)).reshape(n, b, -1).transpose(0, 1)
 
     def _block(self, p: dict[str, torch.Tensor], h: torch.Tensor, i: int, b: int, update_stats: bool):
         def conv_bn(src: torch.Tensor, name: str, k: int) -> torch.Tensor:

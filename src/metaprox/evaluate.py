@@ -223,10 +223,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     # a family that builds parts of its episodes alone is adapted EVAL_PART episodes at a time: 2,000
     # miniImageNet 5-way episodes with 15 queries per class at once are 13.5 GB of float32 images
     # (half as many with flip views: each image passes the trunk twice, 17 GB for 50 5-shot episodes, 8 steps)
-    part = EVAL_PART // 2 if e["views"] == "flip" else EVAL_PART
+    per_part = EVAL_PART // 2 if e["views"] == "flip" else EVAL_PART
     parts: list[slice | None] = [None]
-    if getattr(family, "builds_parts", False) and e["tasks"] > part:
-        parts = [slice(lo, min(lo + part, e["tasks"])) for lo in range(0, e["tasks"], part)]
+    if getattr(family, "builds_parts", False) and e["tasks"] > per_part:
+        parts = [slice(lo, min(lo + per_part, e["tasks"])) for lo in range(0, e["tasks"], per_part)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
     population = population_images(e, family)
     with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]), \

@@ -84,19 +84,17 @@ def test_losses(run_dir: Path) -> dict[str, Any]:
     """Per-task test loss (or accuracy) of a run at each of ``eval.steps``: the protocol of
     :func:`metaprox.evaluate.evaluate_run`, keeping the per-task values that paired comparisons need."""
     from metaprox.build import build_family, build_inner
-    from metaprox.evaluate import adaptation_curve, bn_for_evaluation, population_images
+    from metaprox.evaluate import adaptation_curve, evaluation_protocol, population_images
     from metaprox.rundir import load_learner
-    from metaprox.test_views import using_views
 
     learner, cfg, _ = load_learner(run_dir)
     e = cfg["eval"]
-    learner.test_head_init = e["head_init"]  # a fresh learner: nothing to restore
     steps = sorted(set(e["steps"]))
     inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])
     metric = "loss" if learner.loss.name == "mse" else "accuracy"
     sets = {}
     family = build_family(cfg)
-    with bn_for_evaluation(learner, e["bn"], population_images(e, family)), using_views(learner, e["views"]):
+    with evaluation_protocol(learner, e, population_images(e, family)):
         for name, tasks in family.eval_sets("test").items():
             curve = adaptation_curve(learner, tasks, max(steps), lam=e["lam"], inner=inner,
                                      record=None if metric == "loss" else steps)

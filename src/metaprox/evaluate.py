@@ -32,7 +32,7 @@ from metaprox.tasks.task import Task
 from metaprox.test_views import using_views
 
 __all__ = ["AdaptationCurve", "adaptation_curve", "mean_ci", "evaluate_run", "PeriodicValidation", "bn_protocol",
-           "bn_for_evaluation", "population_images", "eval_table"]
+           "bn_for_evaluation", "population_images", "evaluation_protocol", "eval_table"]
 
 
 @contextmanager
@@ -74,6 +74,17 @@ def bn_for_evaluation(learner: MetaLearner, bn: str, population: tuple[torch.Ten
 def population_images(e: dict[str, Any], family: Any) -> tuple[torch.Tensor, float] | None:
     """The training images of ``eval.bn = "population"`` (None for any other protocol)."""
     return training_images(family, int(e["bn_images"]), int(e["val_seed"])) if e["bn"] == "population" else None
+
+
+@contextmanager
+def evaluation_protocol(learner: MetaLearner, e: dict[str, Any], population: tuple[torch.Tensor, float] | None
+                       ) -> Iterator[str]:
+    """Within the block ``learner`` evaluates under the config's ``eval`` section ``e``: its BatchNorm protocol
+    (:func:`bn_for_evaluation`, ``population`` from :func:`population_images`), head init and views; all are
+    restored after. Yields the BatchNorm protocol in effect."""
+    with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]), \
+            using_views(learner, e["views"]):
+        yield bn
 
 
 def mean_ci(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
@@ -228,9 +239,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", learner: MetaLearner 
     if getattr(family, "builds_parts", False) and e["tasks"] > per_part:
         parts = [slice(lo, min(lo + per_part, e["tasks"])) for lo in range(0, e["tasks"], per_part)]
     record = None if learner.loss.name == "mse" else steps  # classification: predict only where reported
-    population = population_images(e, family)
-    with bn_for_evaluation(learner, e["bn"], population) as bn, using_head_init(learner, e["head_init"]), \
-            using_views(learner, e["views"]):
+    with evaluation_protocol(learner, e, population_images(e, family)) as bn:
         curves: dict[str, list[AdaptationCurve]] = {}
         for part in parts:
             for set_name, tasks in (family.eval_sets(split) if part is None else
@@ -279,10 +288,8 @@ class PeriodicValidation:
         self.steps = sorted(set(e["steps"]))
         self.lam = e["lam"]
         self.inner = build_inner(cfg, lr=e["lr"], batch_size=e["batch_size"])  # as evaluate_run adapts
-        self.bn = e["bn"]
+        self.protocol = e  # its BatchNorm protocol, head init and views (evaluation_protocol)
         self.population = population_images(e, family)  # the training split, loaded once with the sets
-        self.head_init = e["head_init"]
-        self.views = e["views"]
 
     def __call__(self, learner: MetaLearner) -> dict[str, dict[str, dict[str, float]]]:
         """``{"sets": {set: {step: mean query loss}}}``, plus ``"accuracy"`` (same shape) for classification."""
@@ -290,8 +297,7 @@ class PeriodicValidation:
         try:
             losses, accuracy = {}, {}
             record = None if learner.loss.name == "mse" else self.steps  # classification: predict only where logged
-            with bn_for_evaluation(learner, self.bn, self.population), \
-                    using_head_init(learner, self.head_init), using_views(learner, self.views):
+            with evaluation_protocol(learner, self.protocol, self.population):
                 for name, tasks in self.sets.items():
                     curve = adaptation_curve(learner, tasks, max(self.steps), lam=self.lam, inner=self.inner,
                                              record=record, where=set_kinds(learner, name, tasks))
